@@ -1,0 +1,3 @@
+from peftplan.cli import main
+
+main()

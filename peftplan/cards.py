@@ -1,0 +1,268 @@
+"""Model cards: every architecture fact that fixes a model's parameter count and tensor shapes.
+
+A card is a frozen dataclass read from `profiles/models/NAME.toml` or from a Hugging Face `config.json`
+on disk (never downloaded). Facts are explicit fields, never inferred from ratios: a Llama-2-70B and a
+Qwen2.5-72B differ in kv heads, biases and tying, and each of those is a field here.
+
+    d_model      d      hidden size
+    n_layers     L      transformer blocks
+    n_heads      h      query heads; n_kv_heads = h is MHA, 1 < n_kv_heads < h is GQA, 1 is MQA
+    head_dim     d_h    usually d / h (Gemma-2 differs)
+    d_ff                FFN inner size (per gate for a gated MLP)
+    vocab_size   V
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+
+from peftplan.errors import PlanError, suggest
+
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+MODELS_DIR = PROFILES / "models"
+
+# The transformers model types whose module layout peftplan knows (see `params.layout`).
+DECODERS = ("opt", "llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2")
+ENCODERS = ("bert", "roberta")
+MODEL_TYPES = DECODERS + ENCODERS
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    source: str  # URL (or path) of the config.json these facts come from
+    model_type: str  # transformers' model_type; fixes module names and layout
+    # -- sizes
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    max_positions: int
+    # -- structure
+    gated_mlp: bool  # SwiGLU/GeGLU: gate and up projections, d_ff each
+    activation: str
+    tie_embeddings: bool  # lm_head shares the token embedding matrix
+    attention_bias: bool  # biases on q, k, v
+    attention_out_bias: bool  # bias on the attention output projection
+    mlp_bias: bool
+    norm: str  # "layernorm" (weight + bias) or "rmsnorm" (weight only)
+    positions: str  # "learned" (a table of max_positions rows) or "rotary" (no parameters)
+    # -- family specifics; the defaults are the common case
+    position_offset: int = 0  # OPT and RoBERTa reserve 2 extra rows in the position table
+    embed_proj_dim: int = 0  # OPT-350m: embeddings live in 512 dims, projected in/out of d
+    final_norm: bool = True  # OPT-350m (post-norm) has no final norm
+    sandwich_norms: bool = False  # Gemma-2: extra norms after attention and around the MLP
+    type_vocab_size: int = 0  # BERT token-type embeddings
+    # -- dropout in training (each active dropout keeps a 1-byte mask per element for backward)
+    hidden_dropout: float = 0.0  # on each sublayer output before the residual add
+    attention_dropout: float = 0.0  # on the attention probabilities
+    embed_dropout: float = 0.0  # on the embedding output
+    hf: dict = field(default_factory=dict, compare=False, hash=False)  # config.json fields that fix no shape
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise PlanError(
+                f"model type '{self.model_type}' is not supported (supported: {', '.join(MODEL_TYPES)})"
+            )
+        for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size"):
+            if getattr(self, f) <= 0:
+                raise PlanError(f"model card '{self.name}': {f} must be positive, got {getattr(self, f)}")
+        if self.n_heads % self.n_kv_heads:
+            raise PlanError(f"model card '{self.name}': n_heads {self.n_heads} is not a multiple of n_kv_heads")
+
+    @property
+    def encoder(self) -> bool:
+        return self.model_type in ENCODERS
+
+    @property
+    def d_q(self) -> int:
+        """Width of the query projection, h·d_h."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def d_kv(self) -> int:
+        """Width of each of the key and value projections, h_kv·d_h."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def d_embed(self) -> int:
+        return self.embed_proj_dim or self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- card files
+
+
+def _card_from_mapping(data: dict, origin: str) -> ModelCard:
+    known = {f.name for f in fields(ModelCard)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PlanError(f"{origin}: unknown card field(s) {', '.join(unknown)}")
+    try:
+        return ModelCard(**data)
+    except TypeError as e:
+        raise PlanError(f"{origin}: {e}") from None
+
+
+@cache
+def registry() -> dict[str, ModelCard]:
+    """All shipped cards by name."""
+    cards = {}
+    for path in sorted(MODELS_DIR.glob("*.toml")):
+        with path.open("rb") as f:
+            card = _card_from_mapping(tomllib.load(f), path.name)
+        cards[card.name] = card
+    return cards
+
+
+def load_card(model: str) -> ModelCard:
+    """A card by registry name, or from a config.json path or a folder holding one."""
+    path = Path(model)
+    if model.endswith(".json") or path.is_dir() or path.is_file():
+        return card_from_config_path(path)
+    cards = registry()
+    if model in cards:
+        return cards[model]
+    lowered = {k.lower(): v for k, v in cards.items()}
+    if model.lower() in lowered:
+        return lowered[model.lower()]
+    raise suggest(model, list(cards), "model")
+
+
+# ---------------------------------------------------------------- config.json <-> card
+
+
+def card_from_config_path(path: Path) -> ModelCard:
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(f"no config.json at '{path}'")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"'{path}' is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"'{path}' does not hold a JSON object")
+    name = config.get("_name_or_path") or path.parent.name or path.stem
+    return card_from_hf_config(config, name=str(name), source=str(path))
+
+
+def _need(config: dict, key: str, model_type: str):
+    if key not in config or config[key] is None:
+        raise PlanError(f"config.json of a '{model_type}' model lacks '{key}'")
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"config.json field '{key}' must be a number, got {value!r}")
+    return int(value)
+
+
+def card_from_hf_config(config: dict, name: str, source: str) -> ModelCard:
+    """Read the shape facts of a transformers config dict; say clearly what cannot be read."""
+    mt = config.get("model_type")
+    if not mt:
+        raise PlanError("config.json has no 'model_type'")
+    if mt not in MODEL_TYPES:
+        raise PlanError(f"model type '{mt}' is not supported (supported: {', '.join(MODEL_TYPES)})")
+    if config.get("quantization_config"):
+        pass  # a pre-quantized checkpoint still has the same shapes; the plan decides the storage
+    n = lambda key: _need(config, key, mt)  # noqa: E731
+    get = config.get
+    if mt == "gpt2":
+        d = n("n_embd")
+        return ModelCard(
+            name=name, source=source, model_type=mt, d_model=d, n_layers=n("n_layer"), n_heads=n("n_head"),
+            n_kv_heads=n("n_head"), head_dim=d // n("n_head"), d_ff=get("n_inner") or 4 * d,
+            vocab_size=n("vocab_size"), max_positions=n("n_positions"), gated_mlp=False,
+            activation=get("activation_function", "gelu_new"), tie_embeddings=get("tie_word_embeddings", True),
+            attention_bias=True, attention_out_bias=True, mlp_bias=True, norm="layernorm", positions="learned",
+            hidden_dropout=get("resid_pdrop", 0.1), attention_dropout=get("attn_pdrop", 0.1),
+            embed_dropout=get("embd_pdrop", 0.1), hf={"layer_norm_epsilon": get("layer_norm_epsilon", 1e-5)},
+        )
+    d, h = n("hidden_size"), n("num_attention_heads")
+    common = dict(
+        name=name, source=source, model_type=mt, d_model=d, n_layers=n("num_hidden_layers"), n_heads=h,
+        vocab_size=n("vocab_size"), max_positions=n("max_position_embeddings"),
+    )
+    if mt == "opt":
+        proj = get("word_embed_proj_dim") or d
+        pre_norm = get("do_layer_norm_before", True)
+        bias = get("enable_bias", True)
+        return ModelCard(
+            **common, n_kv_heads=h, head_dim=d // h, d_ff=n("ffn_dim"), gated_mlp=False,
+            activation=get("activation_function", "relu"), tie_embeddings=get("tie_word_embeddings", True),
+            attention_bias=bias, attention_out_bias=bias, mlp_bias=bias, norm="layernorm", positions="learned",
+            position_offset=2, embed_proj_dim=proj if proj != d else 0,
+            final_norm=bool(pre_norm and not get("_remove_final_layer_norm", False)),
+            hidden_dropout=get("dropout", 0.1), attention_dropout=get("attention_dropout", 0.0),
+            hf={"do_layer_norm_before": pre_norm},
+        )
+    if mt in ENCODERS:
+        return ModelCard(
+            **common, n_kv_heads=h, head_dim=d // h, d_ff=n("intermediate_size"), gated_mlp=False,
+            activation=get("hidden_act", "gelu"), tie_embeddings=get("tie_word_embeddings", True),
+            attention_bias=True, attention_out_bias=True, mlp_bias=True, norm="layernorm", positions="learned",
+            position_offset=2 if mt == "roberta" else 0,  # RoBERTa's positions start past padding_idx 1
+            type_vocab_size=get("type_vocab_size", 2), hidden_dropout=get("hidden_dropout_prob", 0.1),
+            attention_dropout=get("attention_probs_dropout_prob", 0.1), embed_dropout=get("hidden_dropout_prob", 0.1),
+            hf={k: config[k] for k in ("layer_norm_eps", "pad_token_id") if k in config},
+        )
+    # rotary decoders: llama, mistral, qwen2, gemma2, phi3
+    kv = get("num_key_value_heads") or h
+    head_dim = get("head_dim") or d // h
+    tie_default = mt == "gemma2"
+    hf_keys = ("rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
+               "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "pad_token_id")
+    return ModelCard(
+        **common, n_kv_heads=kv, head_dim=head_dim, d_ff=n("intermediate_size"), gated_mlp=True,
+        activation=get("hidden_act") or get("hidden_activation") or "silu",
+        tie_embeddings=get("tie_word_embeddings", tie_default),
+        attention_bias=(mt == "qwen2") or bool(get("attention_bias", False)),
+        attention_out_bias=bool(get("attention_bias", False)) and mt in ("llama", "gemma2"),
+        mlp_bias=bool(get("mlp_bias", False)) and mt == "llama", norm="rmsnorm", positions="rotary",
+        sandwich_norms=mt == "gemma2", attention_dropout=get("attention_dropout") or 0.0,
+        hidden_dropout=get("resid_pdrop") or 0.0, embed_dropout=get("embd_pdrop") or 0.0,
+        hf={k: config[k] for k in hf_keys if config.get(k) is not None},
+    )
+
+
+def to_hf_config(card: ModelCard) -> dict:
+    """The transformers config fields (with model_type) that rebuild this card's architecture."""
+    c = card
+    if c.model_type == "gpt2":
+        cfg = dict(n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
+                   vocab_size=c.vocab_size, n_positions=c.max_positions, activation_function=c.activation,
+                   tie_word_embeddings=c.tie_embeddings, resid_pdrop=c.hidden_dropout,
+                   attn_pdrop=c.attention_dropout, embd_pdrop=c.embed_dropout)
+    else:
+        cfg = dict(hidden_size=c.d_model, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                   vocab_size=c.vocab_size, max_position_embeddings=c.max_positions,
+                   tie_word_embeddings=c.tie_embeddings)
+        if c.model_type == "opt":
+            cfg.update(ffn_dim=c.d_ff, word_embed_proj_dim=c.d_embed, activation_function=c.activation,
+                       enable_bias=c.attention_bias, do_layer_norm_before=c.final_norm,
+                       _remove_final_layer_norm=False, dropout=c.hidden_dropout,
+                       attention_dropout=c.attention_dropout)
+        elif c.encoder:
+            cfg.update(intermediate_size=c.d_ff, hidden_act=c.activation, type_vocab_size=c.type_vocab_size,
+                       hidden_dropout_prob=c.hidden_dropout, attention_probs_dropout_prob=c.attention_dropout)
+        else:
+            cfg.update(intermediate_size=c.d_ff, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+                       hidden_act=c.activation)
+            cfg["attention_dropout"] = c.attention_dropout
+            if c.model_type == "phi3":
+                cfg.update(resid_pdrop=c.hidden_dropout, embd_pdrop=c.embed_dropout)
+            if c.model_type == "gemma2":
+                cfg["hidden_activation"] = c.activation
+            if c.model_type == "llama":
+                cfg.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    cfg.update(c.hf)
+    cfg["model_type"] = c.model_type
+    return cfg

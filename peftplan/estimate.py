@@ -1,0 +1,35 @@
+"""`estimate()`: parameters, per-phase peak memory and time/cost for one plan. No torch import."""
+from __future__ import annotations
+
+from peftplan.cards import ModelCard, load_card
+from peftplan.memory import phases
+from peftplan.params import count
+from peftplan.plan import Plan
+from peftplan.results import Estimate
+from peftplan.timing import step_time
+
+
+def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None = None, tokens: int = 0,
+             **plan_fields) -> Estimate:
+    """Plan a fine-tuning run: `estimate("opt-6.7b", method="qlora", r=16, gpu="a100-40gb")`.
+
+    Raises PlanError (one line) for bad input.
+    """
+    card = model if isinstance(model, ModelCard) else load_card(model)
+    plan = plan.with_(**plan_fields) if plan is not None and plan_fields else (plan or Plan(**plan_fields))
+    p = count(card, plan)
+    mem = phases(card, plan, p)
+    warnings = []
+    if plan.seq_len > card.max_positions:
+        kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
+        warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
+    time = gpu_memory = None
+    gpu_name = None
+    if gpu is not None:
+        from peftplan.gpus import load_gpu, peak_tflops
+
+        g = load_gpu(gpu)
+        gpu_name, gpu_memory = g.name, g.usable_memory_bytes
+        time = step_time(card, plan, p, peak_tflops(g, plan.dtype), g.price_per_hour_usd, g.name, tokens)
+    return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
+                    time=time, warnings=tuple(warnings))

@@ -1,0 +1,187 @@
+"""Apply a plan to a transformers model: wrap, quantize, freeze by declared names.
+
+    lora     LoRALinear around each target (peft's matching rules: exact name or ".suffix", "all-linear" =
+             every Linear/Conv1D but the output head, "re:REGEX" matched in full); only A and B train.
+    qlora    every Linear/Conv1D but the output head becomes a bitsandbytes NF4 Linear4bit (double quantization
+             per plan, bf16 compute), LoRA wraps the targets; with `plan.kbit_prep` the k-bit preparation
+             users run (peft's prepare_model_for_kbit_training) stores every other parameter in fp32.
+    adapter  a Houlsby adapter after the attention output projection and after the FFN output projection of
+             every block, before the residual add ("ffn" placement: after the FFN only); adapters and all
+             LayerNorm/RMSNorm parameters train (Houlsby et al. 2019, §2.1 and §3).
+    top      the last top_k blocks train.
+    full     everything trains.
+
+Works on a meta model (the usual path: `peftplan.measure.step.build_model` materializes afterwards) and on a
+model with real weights. Validation goes through `params.count`, so bad input fails with the estimate's messages.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftplan.cards import ModelCard
+from peftplan.errors import PlanError
+from peftplan.layers import (Adapter, AdapterAfter, LoRALinear, in_out_features, is_linear, is_linear4bit,
+                             to_linear4bit)
+from peftplan.layout import layout
+from peftplan.params import count, parse_targets
+from peftplan.plan import Plan
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The two output projections of a block (attention, FFN), relative to the block. Wrapping them puts an adapter
+# on the sublayer output before the residual add, Houlsby's place, in each family.
+ADAPTER_SITES: dict[str, tuple[str, str]] = {
+    "opt": ("self_attn.out_proj", "fc2"),
+    "llama": ("self_attn.o_proj", "mlp.down_proj"),
+    "mistral": ("self_attn.o_proj", "mlp.down_proj"),
+    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
+    "gemma2": ("self_attn.o_proj", "mlp.down_proj"),
+    "phi3": ("self_attn.o_proj", "mlp.down_proj"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "bert": ("attention.output.dense", "output.dense"),
+    "roberta": ("attention.output.dense", "output.dense"),
+}
+
+
+@dataclass(frozen=True)
+class Injection:
+    method: str
+    wrapped: tuple[str, ...]  # modules now a LoRALinear (lora/qlora) or an AdapterAfter (adapter)
+    quantized: tuple[str, ...]  # modules now a bitsandbytes NF4 Linear4bit (qlora; a LoRA target's is "<name>.base")
+    trainable: tuple[str, ...]  # parameter names (model.named_parameters) that train
+    upcast: tuple[str, ...]  # base parameter names that k-bit preparation stores in fp32 instead of plan.dtype
+    adapter_dtype: str  # dtype of the LoRA/adapter parameters ("fp32" under k-bit preparation)
+
+
+# ---------------------------------------------------------------- matching (peft's rules, on the real model)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm, by class as transformers itself recognises them (their names vary by family)."""
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or "LayerNorm" in name or "RMSNorm" in name
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv1D of the model but the output head, by full module name."""
+    head = model.get_output_embeddings()
+    return {name: m for name, m in model.named_modules() if is_linear(m) and m is not head}
+
+
+def match_targets(names: list[str], spec: str | None, model_type: str) -> list[str]:
+    """The module names peft's LoRA would wrap: exact name or ".suffix", "all-linear", or a full regex match."""
+    kind, targets = parse_targets(spec, model_type)
+    if kind == "all-linear":
+        hits = list(names)
+    elif kind == "regex":
+        pattern = re.compile(targets[0])
+        hits = [n for n in names if pattern.fullmatch(n)]
+    else:
+        hits = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    if not hits:
+        candidates = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise PlanError(f"LoRA targets '{spec if spec is not None else ','.join(targets)}' match no Linear of the "
+                        f"model (candidates: {', '.join(candidates)})")
+    return hits
+
+
+# ---------------------------------------------------------------- injection
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _check(model: nn.Module, card: ModelCard, plan: Plan) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTER_SITES:
+        raise PlanError(f"the injector does not know architecture '{model_type}' "
+                        f"(known: {', '.join(ADAPTER_SITES)})")
+    if model_type != card.model_type:
+        raise PlanError(f"the model is a '{model_type}' but the card '{card.name}' describes a '{card.model_type}'")
+    if any(isinstance(m, (LoRALinear, AdapterAfter)) for m in model.modules()):
+        raise PlanError("the model already holds LoRA or adapter layers")
+    count(card, plan)  # r, targets, adapter size, top-k: the estimate's checks and messages
+
+
+def kbit_prepare(model: nn.Module) -> tuple[str, ...]:
+    """peft's prepare_model_for_kbit_training cast: every fp16/bf16 parameter but the 4-bit weights -> fp32.
+
+    Returns the names cast. (bitsandbytes casts a Linear4bit's bias back to the compute dtype on its first
+    forward, so those biases are fp32 only until then.)
+    """
+    cast = []
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+            cast.append(name)
+    return tuple(cast)
+
+
+def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
+    """Apply `plan` to `model` (built from `card`) in place and freeze all but the method's parameters.
+
+    Raises:
+        PlanError: an architecture the injector does not know, a model/card mismatch, targets matching nothing
+            (with the candidate names), r larger than a target matrix, no default targets for the model type
+            (phi3), an adapter wider than d, top_k above the number of blocks.
+    """
+    _check(model, card, plan)
+    dtype = TORCH_DTYPES[plan.dtype]
+    kbit = plan.method == "qlora" and plan.kbit_prep
+    adapter_dtype = torch.float32 if kbit else dtype
+    wrapped: list[str] = []
+    quantized: list[str] = []
+    upcast: tuple[str, ...] = ()
+    trainable: set[str] = set()
+    lay = layout(card)
+
+    if plan.uses_lora:
+        linears = linear_modules(model)
+        targets = match_targets(list(linears), plan.targets, card.model_type)
+        if plan.method == "qlora":
+            compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+            for name, lin in linears.items():
+                _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
+        for name in targets:
+            base = model.get_submodule(name)
+            _replace(model, name, LoRALinear(base, plan.r, plan.alpha, plan.dropout, dtype=adapter_dtype))
+            trainable |= {f"{name}.lora_a.weight", f"{name}.lora_b.weight"}
+            wrapped.append(name)
+        quantized = [n for n, m in model.named_modules() if is_linear4bit(m)]  # final names: "<target>.base"
+        if kbit:  # LoRA is already fp32 here, as peft creates it after the preparation
+            upcast = kbit_prepare(model)
+    elif plan.method == "adapter":
+        attn, ffn = ADAPTER_SITES[card.model_type]
+        sites = (attn, ffn) if plan.adapter_placement == "houlsby" else (ffn,)
+        for i in range(card.n_layers):
+            for rel in sites:
+                name = lay.block_name(i, rel)
+                base = model.get_submodule(name)
+                d = in_out_features(base)[1]
+                adapter = Adapter(d, plan.adapter_size, device=base.weight.device, dtype=adapter_dtype)
+                _replace(model, name, AdapterAfter(base, adapter))
+                trainable |= {f"{name}.adapter.{p}" for p, _ in adapter.named_parameters()}
+                wrapped.append(name)
+        for mname, m in model.named_modules():
+            if is_norm(m):
+                trainable |= {f"{mname}.{p}" for p, _ in m.named_parameters(recurse=False)}
+    elif plan.method == "top":
+        blocks = tuple(f"{lay.block_prefix}.{i}." for i in range(card.n_layers - plan.top_k, card.n_layers))
+        trainable = {n for n, _ in model.named_parameters() if n.startswith(blocks)}
+    else:  # full
+        trainable = {n for n, _ in model.named_parameters()}
+
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+        if name in trainable:
+            names.append(name)
+    return Injection(method=plan.method, wrapped=tuple(wrapped), quantized=tuple(quantized),
+                     trainable=tuple(names), upcast=upcast,
+                     adapter_dtype=next(k for k, v in TORCH_DTYPES.items() if v == adapter_dtype))

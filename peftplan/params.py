@@ -1,0 +1,244 @@
+"""Exact parameter accounting per method, from a card's layout alone (no torch).
+
+    LoRA (Hu et al. 2021, §4.1): W0 + B·A with A ∈ R^{r×d_in}, B ∈ R^{d_out×r}: r·(d_in + d_out) per matrix.
+    Adapter (Houlsby et al. 2019, §2.1): down d→m and up m→d with biases: 2md + d + m per adapter.
+    NF4 + double quantization (Dettmers et al. 2023, §3): 4 + 8/64 + 32/(64·256) bits per weight,
+    plus bitsandbytes' fixed per-tensor constants.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from peftplan.cards import ModelCard
+from peftplan.errors import PlanError
+from peftplan.layout import Linear, layout
+from peftplan.plan import Plan
+
+# peft's default LoRA targets by model type (peft/utils/constants.py,
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). phi3 has none there.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "opt": ("q_proj", "v_proj"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+}
+
+NF4_BLOCK = 64  # weights per absmax (bitsandbytes blocksize for 4-bit)
+DQ_BLOCK = 256  # absmax values per second-level fp32 constant
+NF4_CODE_BYTES = 16 * 4  # the 16-entry NF4 code book, fp32
+DQ_CONST_BYTES = 256 * 4 + 4  # the 8-bit dynamic code book (fp32) and the absmax offset (fp32)
+
+
+def total_params(card: ModelCard) -> int:
+    """Parameters of the transformers model built from the card (tied weights counted once)."""
+    lay = layout(card)
+    block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+    head = 0 if lay.head_tied else lay.head_rows * lay.head_cols
+    return (
+        card.n_layers * block
+        + sum(e.numel for e in lay.embeddings)
+        + sum(x.numel for x in lay.other_linears)
+        + sum(n.numel for n in lay.other_norms)
+        + head
+        + lay.head_bias
+    )
+
+
+def nf4_bytes(n: int, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes stores for one NF4-quantized weight of n elements."""
+    blocks = math.ceil(n / NF4_BLOCK)
+    packed = math.ceil(n / 2)  # two 4-bit codes per byte
+    if double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / DQ_BLOCK) + DQ_CONST_BYTES  # uint8 absmax + fp32 second level
+    else:
+        absmax = 4 * blocks  # fp32 absmax
+    return packed + absmax + NF4_CODE_BYTES
+
+
+def nf4_bits_per_weight(double_quant: bool = True) -> float:
+    """Asymptotic bits per weight: 4 + 8/64 + 32/(64·256) with double quantization, else 4 + 32/64."""
+    return 4 + (8 / NF4_BLOCK + 32 / (NF4_BLOCK * DQ_BLOCK) if double_quant else 32 / NF4_BLOCK)
+
+
+# ---------------------------------------------------------------- LoRA target matching (peft's rules)
+
+
+def _all_linears(card: ModelCard) -> list[tuple[str, Linear, bool]]:
+    """(full name of block 0 or model-level name, linear, in_block) for every Linear but the output head."""
+    lay = layout(card)
+    out = [(lay.block_name(0, x.name), x, True) for x in lay.block_linears]
+    out += [(x.name, x, False) for x in lay.other_linears]
+    return out
+
+
+def parse_targets(spec: str | None, model_type: str) -> tuple[str, tuple[str, ...]]:
+    """("names", names) | ("regex", (pattern,)) | ("all-linear", ()) from the CLI/plan spelling."""
+    if spec is None or spec == "":
+        if model_type not in DEFAULT_TARGETS:
+            raise PlanError(
+                f"peft has no default LoRA targets for model type '{model_type}'; pass --targets "
+                "(module names, 'all-linear' or 're:REGEX')"
+            )
+        return "names", DEFAULT_TARGETS[model_type]
+    if spec.lower() == "all-linear":
+        return "all-linear", ()
+    if spec.startswith("re:"):
+        try:
+            re.compile(spec[3:])
+        except re.error as e:
+            raise PlanError(f"bad target regex '{spec[3:]}': {e}") from None
+        return "regex", (spec[3:],)
+    names = tuple(t.strip() for t in spec.split(",") if t.strip())
+    if not names:
+        raise PlanError(f"no target names in '{spec}'")
+    return "names", names
+
+
+@lru_cache(maxsize=4096)
+def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool], ...]:
+    """The Linears (and whether each is in every block) that LoRA wraps, as peft would match them.
+
+    peft: a list matches a module whose full name equals a target or ends with "." + target; a string is a
+    regex matched in full; "all-linear" is every Linear/Conv1D except the output head.
+    Block linears are matched on block 0's name (every block has the same names).
+    """
+    kind, names = parse_targets(spec, card.model_type)
+    candidates = _all_linears(card)
+    if kind == "all-linear":
+        chosen = candidates
+    elif kind == "regex":
+        lay = layout(card)
+        pat = re.compile(names[0])
+        chosen = []
+        for name, lin, in_block in candidates:
+            if not in_block:
+                if pat.fullmatch(name):
+                    chosen.append((name, lin, in_block))
+                continue
+            hits = [pat.fullmatch(lay.block_name(i, lin.name)) is not None for i in range(card.n_layers)]
+            if all(hits):
+                chosen.append((name, lin, in_block))
+            elif any(hits):
+                raise PlanError(f"target regex '{names[0]}' matches '{lin.name}' in some blocks only; "
+                                "per-block targets are not supported")
+    else:
+        chosen = [c for c in candidates if any(c[0] == t or c[0].endswith("." + t) for t in names)]
+    if not chosen:
+        avail = sorted({lin.name.rsplit(".", 1)[-1] for _, lin, _ in candidates})
+        raise PlanError(
+            f"LoRA targets '{spec if spec is not None else ','.join(names)}' match no Linear of "
+            f"{card.name} (candidates: {', '.join(avail)})"
+        )
+    return tuple((lin, in_block) for _, lin, in_block in chosen)
+
+
+# ---------------------------------------------------------------- per-method counts
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    base: int  # parameters of the pretrained model
+    added: int  # LoRA or adapter parameters added by the method
+    trainable: int
+    frozen: int
+    quantized: int  # frozen base weights stored in NF4 (QLoRA), a subset of `frozen`
+    quantized_tensors: int
+    targets: tuple[str, ...]  # module names wrapped by LoRA / where adapters sit / trained blocks
+
+    @property
+    def total(self) -> int:
+        return self.base + self.added
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+
+def lora_params(d_in: int, d_out: int, r: int) -> int:
+    """r·(d_in + d_out): A is r×d_in, B is d_out×r."""
+    return r * (d_in + d_out)
+
+
+def adapter_params(d: int, m: int) -> int:
+    """2md + d + m: down-projection (m×d + m) and up-projection (d×m + d)."""
+    return 2 * m * d + d + m
+
+
+def adapters_per_block(placement: str) -> int:
+    return 2 if placement == "houlsby" else 1
+
+
+def norm_params(card: ModelCard) -> int:
+    lay = layout(card)
+    return card.n_layers * sum(n.numel for n in lay.block_norms) + sum(n.numel for n in lay.other_norms)
+
+
+def block_params(card: ModelCard) -> int:
+    lay = layout(card)
+    return sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+
+
+def quantizable(card: ModelCard) -> list[tuple[Linear, int]]:
+    """(Linear, how many) for every Linear QLoRA stores in NF4: all but the output head."""
+    lay = layout(card)
+    return [(x, card.n_layers) for x in lay.block_linears] + [(x, 1) for x in lay.other_linears]
+
+
+_COUNTS: dict[tuple, "ParamCounts"] = {}
+
+
+def count(card: ModelCard, plan: Plan) -> ParamCounts:
+    """Parameters by role; independent of the step's shape, so cached without it."""
+    key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.top_k)
+    p = _COUNTS.get(key)
+    if p is None:
+        if len(_COUNTS) > 65536:
+            _COUNTS.clear()
+        p = _COUNTS[key] = _count(card, plan)
+    return p
+
+
+def _count(card: ModelCard, plan: Plan) -> ParamCounts:
+    base = total_params(card)
+    L = card.n_layers
+    if plan.method == "full":
+        return ParamCounts(base, 0, base, 0, 0, 0, ("*",))
+    if plan.method == "top":
+        if plan.top_k > L:
+            raise PlanError(f"top-k {plan.top_k} exceeds the {L} blocks of {card.name}")
+        trainable = plan.top_k * block_params(card)
+        names = tuple(f"{layout(card).block_prefix}.{i}" for i in range(L - plan.top_k, L))
+        return ParamCounts(base, 0, trainable, base - trainable, 0, 0, names)
+    if plan.method == "adapter":
+        if plan.adapter_size > card.d_model:
+            raise PlanError(f"adapter size {plan.adapter_size} exceeds the hidden size d = {card.d_model}")
+        added = L * adapters_per_block(plan.adapter_placement) * adapter_params(card.d_model, plan.adapter_size)
+        norms = norm_params(card)
+        names = ("adapter_attn", "adapter_ffn") if plan.adapter_placement == "houlsby" else ("adapter_ffn",)
+        return ParamCounts(base, added, added + norms, base - norms, 0, 0, names)
+    # lora / qlora
+    targets = lora_targets(card, plan.targets)
+    added = 0
+    for lin, in_block in targets:
+        if plan.r > min(lin.d_in, lin.d_out):
+            raise PlanError(f"LoRA rank r = {plan.r} exceeds the smaller side of {lin.name} "
+                            f"({lin.d_in}×{lin.d_out})")
+        added += (L if in_block else 1) * lora_params(lin.d_in, lin.d_out, plan.r)
+    quantized = tensors = 0
+    if plan.method == "qlora":
+        for lin, n in quantizable(card):
+            quantized += n * lin.weight_numel
+            tensors += n
+    return ParamCounts(base, added, added, base, quantized, tensors, tuple(lin.name for lin, _ in targets))
+
+
+def qlora_weight_bytes(card: ModelCard, double_quant: bool = True) -> int:
+    """Bytes of every NF4 weight with its quantization constants, tensor by tensor."""
+    return sum(n * nf4_bytes(lin.weight_numel, double_quant) for lin, n in quantizable(card))

@@ -1,0 +1,81 @@
+"""A fine-tuning plan: method, its hyper-parameters, and the shape of one training step.
+
+One frozen dataclass serves the estimate, the layers (injection), the tracer and the profiler,
+so every path answers for the same configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from peftplan.errors import PlanError
+
+METHODS = ("full", "top", "adapter", "lora", "qlora")
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
+OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit", "sgd", "sgd-momentum")
+ATTENTIONS = ("sdpa", "eager")
+PLACEMENTS = ("houlsby", "ffn")  # two adapters per block (after attention and after FFN) or one (after FFN)
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str = "lora"
+    # -- LoRA / QLoRA (Hu et al. 2021; Dettmers et al. 2023)
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | None = None  # None: peft's defaults for the model type; "all-linear"; "a,b,c"; "re:REGEX"
+    double_quant: bool = True  # NF4 with double quantization of the absmax constants
+    kbit_prep: bool = True  # prepare_model_for_kbit_training: non-quantized weights upcast to fp32
+    # -- Adapters (Houlsby et al. 2019)
+    adapter_size: int = 64  # bottleneck m
+    adapter_placement: str = "houlsby"
+    # -- top-k baseline
+    top_k: int = 2
+    # -- the step
+    batch_size: int = 1
+    seq_len: int = 512
+    dtype: str = "bf16"  # storage and compute dtype of the model
+    optimizer: str = "adamw"
+    foreach: bool = True  # torch AdamW/SGD default on CUDA: a multi-tensor step with params-sized temporaries
+    grad_checkpointing: bool = False
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise PlanError(msg)
+
+        need(self.method in METHODS, f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        need(self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+        need(self.attention in ATTENTIONS, f"unknown attention '{self.attention}' (choose from {', '.join(ATTENTIONS)})")
+        need(self.adapter_placement in PLACEMENTS,
+             f"unknown adapter placement '{self.adapter_placement}' (choose from {', '.join(PLACEMENTS)})")
+        need(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
+        need(self.seq_len > 0, f"sequence length must be positive, got {self.seq_len}")
+        if self.method in ("lora", "qlora"):
+            need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
+            need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "adapter":
+            need(self.adapter_size > 0, f"adapter size must be positive, got {self.adapter_size}")
+        if self.method == "top":
+            need(self.top_k > 0, f"top-k must be positive, got {self.top_k}")
+
+    @property
+    def bytes_per_element(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one step, b·s."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def with_(self, **changes) -> "Plan":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

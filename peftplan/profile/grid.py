@@ -1,0 +1,228 @@
+"""Many configurations in one run: a grid file or list-valued options become points, run one by one.
+
+A grid file (TOML or JSON) holds optional `defaults` and a list `grid` of tables; in each table a list value
+is an axis and the points are the cartesian product (defaults fill what a table leaves out):
+
+    [defaults]
+    steps = 3
+    seq_len = 512
+
+    [[grid]]
+    model = ["opt-125m", "opt-1.3b"]
+    method = ["full", "lora", "qlora"]
+    batch_size = [1, 4]
+    grad_checkpointing = [false, true]
+
+Keys are `model`, the `Plan` fields and the `Settings` fields. `run_grid` runs each point isolated (memory
+freed and peaks reset before it), hands each result to `save` as soon as it exists, goes on after a failed
+point, and on KeyboardInterrupt or past its deadline stops and returns what it finished.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from peftplan.errors import PlanError
+from peftplan.plan import Plan
+from peftplan.profile.store import Measurement, Settings, config_key
+
+PLAN_FIELDS = tuple(f.name for f in fields(Plan))
+SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
+KEYS = ("model", *PLAN_FIELDS, *SETTINGS_FIELDS)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    model: str
+    plan: Plan
+    settings: Settings = Settings()
+
+    @property
+    def key(self) -> str:
+        return config_key(self.model, self.plan, self.settings)
+
+    @property
+    def label(self) -> str:
+        p = self.plan
+        parts = [self.model, p.method, f"b{p.batch_size}", f"s{p.seq_len}"]
+        if p.grad_checkpointing:
+            parts.append("ckpt")
+        if p.optimizer != "adamw":
+            parts.append(p.optimizer)
+        if self.settings.impl != "peftplan":
+            parts.append(self.settings.impl)
+        if self.settings.tag:
+            parts.append(self.settings.tag)
+        if not self.settings.nvml:
+            parts.append("no-nvml")
+        return " ".join(parts)
+
+
+# ---------------------------------------------------------------- building points
+
+
+def point(spec: Mapping) -> GridPoint:
+    """One point from a flat mapping of model, Plan and Settings fields (no lists)."""
+    unknown = sorted(set(spec) - set(KEYS))
+    if unknown:
+        raise PlanError(f"unknown grid key(s) {', '.join(unknown)} (known: model, Plan and Settings fields)")
+    if "model" not in spec:
+        raise PlanError("a grid point needs a model")
+    plan = Plan(**{k: v for k, v in spec.items() if k in PLAN_FIELDS})
+    settings = Settings(**{k: v for k, v in spec.items() if k in SETTINGS_FIELDS})
+    return GridPoint(str(spec["model"]), plan, settings)
+
+
+def expand(spec: Mapping, defaults: Mapping | None = None) -> list[GridPoint]:
+    """The cartesian product of the list-valued entries of `defaults | spec`, in the order the keys appear."""
+    merged = {**(defaults or {}), **spec}
+    axes = [(k, v if isinstance(v, (list, tuple)) else [v]) for k, v in merged.items()]
+    for k, values in axes:
+        if not values:
+            raise PlanError(f"grid axis '{k}' is empty")
+    keys = [k for k, _ in axes]
+    return [point(dict(zip(keys, combo))) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def dedupe(points: Iterable[GridPoint]) -> list[GridPoint]:
+    seen, out = set(), []
+    for p in points:
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+    return out
+
+
+def points_from_doc(doc) -> list[GridPoint]:
+    """Points from a parsed grid file: {defaults, grid: [...]}, a list of tables, or one table."""
+    if isinstance(doc, list):
+        doc = {"grid": doc}
+    if not isinstance(doc, dict):
+        raise PlanError("a grid file holds a table (with 'grid' and optional 'defaults') or a list of tables")
+    defaults = doc.get("defaults", {})
+    tables = doc.get("grid")
+    if tables is None:
+        tables = [{k: v for k, v in doc.items() if k != "defaults"}]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise PlanError("'grid' must be a list of tables")
+    return dedupe(p for t in tables for p in expand(t, defaults))
+
+
+def load_grid(path: Path | str) -> list[GridPoint]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PlanError(f"cannot read grid file '{path}': {e.strerror or e}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PlanError(f"grid file '{path}' does not parse: {e}") from None
+    try:
+        return points_from_doc(doc)
+    except TypeError as e:
+        raise PlanError(f"grid file '{path}': {e}") from None
+
+
+def split_list(text: str, convert: Callable = str) -> list:
+    """'1,4' -> [1, 4]: a list-valued command-line option."""
+    try:
+        return [convert(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise PlanError(f"cannot read '{text}': {e}") from None
+
+
+# ---------------------------------------------------------------- running
+
+
+class Observer(Protocol):
+    """What the caller sees of a running grid (the CLI draws a progress bar with it)."""
+
+    def started(self, total: int) -> None: ...
+    def point_started(self, index: int, point: GridPoint) -> None: ...
+    def point_done(self, index: int, point: GridPoint, result: Measurement | None, error: str) -> None: ...
+
+
+class _Silent:
+    def started(self, total: int) -> None: ...
+    def point_started(self, index: int, point: GridPoint) -> None: ...
+    def point_done(self, index: int, point: GridPoint, result: Measurement | None, error: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class GridResult:
+    measurements: tuple[Measurement, ...]  # in the order they completed
+    saved: tuple[Path, ...]
+    errors: tuple[str, ...]  # "label: reason" of points that raised instead of returning a result
+    not_run: tuple[GridPoint, ...]  # left when interrupted or out of time
+    interrupted: bool = False
+    out_of_time: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "does-not-fit": 0, "error": len(self.errors)}
+        for m in self.measurements:
+            out[m.status] = out.get(m.status, 0) + 1
+        return out
+
+
+def run_grid(points: Sequence[GridPoint], run_point: Callable[[GridPoint], Measurement], *,
+             save: Callable[[Measurement], Path | None] | None = None, isolate: Callable[[], None] | None = None,
+             observer: Observer | None = None, deadline: float | None = None,
+             clock: Callable[[], float] = time.monotonic) -> GridResult:
+    """Run every point in order; each result is saved as soon as it completes.
+
+    A point whose `run_point` raises (a bug, not an OOM: those come back as results) is recorded in `errors`
+    and the grid goes on. KeyboardInterrupt stops the grid and keeps what finished; so does `deadline`
+    (a `clock()` value), checked before each point.
+    """
+    obs = observer or _Silent()
+    obs.started(len(points))
+    done: list[Measurement] = []
+    saved: list[Path] = []
+    errors: list[str] = []
+    interrupted = out_of_time = False
+    i = 0
+    try:
+        for i, p in enumerate(points):
+            if deadline is not None and clock() >= deadline:
+                out_of_time = True
+                break
+            if isolate is not None:
+                isolate()
+            obs.point_started(i, p)
+            try:
+                m = run_point(p)
+            except PlanError as e:
+                errors.append(f"{p.label}: {e}")
+                obs.point_done(i, p, None, str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - one broken point must not lose the grid
+                errors.append(f"{p.label}: {type(e).__name__}: {e}")
+                obs.point_done(i, p, None, f"{type(e).__name__}: {e}")
+                continue
+            done.append(m)
+            if save is not None:
+                path = save(m)
+                if path is not None:
+                    saved.append(path)
+            obs.point_done(i, p, m, "")
+        else:
+            i = len(points)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if isolate is not None:
+            try:
+                isolate()
+            except Exception:  # noqa: BLE001 - cleanup after the grid never hides its results
+                pass
+    return GridResult(measurements=tuple(done), saved=tuple(saved), errors=tuple(errors),
+                      not_run=tuple(points[i:]) if (interrupted or out_of_time) else (),
+                      interrupted=interrupted, out_of_time=out_of_time)

@@ -1,0 +1,119 @@
+"""`peftplan report` (the HTML capacity report) and `peftplan fit` (the fit matrix in the terminal).
+
+Both turn a PlanError into one line on stderr and exit code 2. The report is computed and rendered by
+`peftplan.report`; this module only parses options and writes the file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from peftplan.cli import AdapterSize, Attention, Dtype, Json, Optim, R, Seq, Targets, TopK, fail
+from peftplan.errors import PlanError
+from peftplan.plan import Plan
+
+DEFAULT_GPUS = "t4,rtx4090,a100-40gb,h100-sxm"
+Models = Annotated[Optional[list[str]], typer.Option(
+    "--model", "-m", help="card name, config.json or folder; repeat for several models")]
+Gpus = Annotated[str, typer.Option(help="comma-separated GPU cards (see `peftplan gpus`)")]
+Methods = Annotated[str, typer.Option(help="comma-separated methods: full, top, adapter, lora, qlora")]
+Batch = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch b of the breakdown, curves and cost")]
+Tokens = Annotated[float, typer.Option(help="token budget for GPU-hours and cost (0: cost per million tokens)")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="HTML file to write")]
+MeasuredDir = Annotated[Optional[Path], typer.Option(help="measured results to compare with (profiles/measured/)")]
+
+
+def split(csv: str) -> list[str]:
+    return [x.strip() for x in csv.split(",") if x.strip()]
+
+
+def need_models(models: list[str] | None) -> list[str]:
+    if not models:
+        raise PlanError("give at least one --model")
+    return models
+
+
+def base_plan(r: int, targets: str | None, adapter_size: int, top_k: int, dtype: str, optimizer: str,
+              attention: str) -> Plan:
+    return Plan(r=r, targets=targets, adapter_size=adapter_size, top_k=top_k, dtype=dtype, optimizer=optimizer,
+                attention=attention)
+
+
+def report(
+    model: Models = None, gpus: Gpus = DEFAULT_GPUS, methods: Methods = "full,adapter,lora,qlora",
+    seq_len: Seq = 512, batch_size: Batch = 1, tokens: Tokens = 1e8, output: Output = Path("reports/report.html"),
+    r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2, dtype: Dtype = "bf16",
+    optimizer: Optim = "adamw", attention: Attention = "sdpa", measured_dir: MeasuredDir = None,
+) -> None:
+    """One self-contained HTML page: what fits where, why, and what it costs."""
+    from peftplan.report import build_report
+    from peftplan.report.measured import MEASURED_DIR
+
+    try:
+        if tokens < 0:
+            raise PlanError(f"token budget cannot be negative, got {tokens:g}")
+        page = build_report(
+            need_models(model), split(gpus), methods=split(methods), seq_len=seq_len, batch_size=batch_size,
+            tokens=int(tokens), base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention),
+            measured_dir=measured_dir or MEASURED_DIR,
+        )
+    except PlanError as e:
+        fail(str(e))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(page, encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot write '{output}': {e.strerror or e}")
+    typer.echo(f"{output} ({len(page.encode()) / 2**20:.1f} MiB)")
+
+
+def fit(
+    model: Models = None, gpus: Gpus = DEFAULT_GPUS, methods: Methods = "full,adapter,lora,qlora",
+    seq_len: Seq = 512, r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2,
+    dtype: Dtype = "bf16", optimizer: Optim = "adamw", attention: Attention = "sdpa", json_out: Json = False,
+) -> None:
+    """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method."""
+    from peftplan.fit import fit_matrix
+
+    try:
+        fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len,
+                        base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention))
+    except PlanError as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(fm.to_dict(), indent=2))
+        return
+    render_fit(fm)
+
+
+def cell_text(c) -> str:
+    """'6 / 2,048*': largest batch / longest sequence ('✗': none fits, '*': every position fits)."""
+    batch = "✗" if not c.fits else f"{'≥' if c.batch_capped else ''}{c.largest_batch:,}"
+    seq = "✗" if c.longest_seq == 0 else f"{c.longest_seq:,}{'*' if c.seq_capped else ''}"
+    return f"{batch} / {seq}"
+
+
+def render_fit(fm, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    for method in fm.methods:
+        t = Table(title=f"{method}: largest batch at s = {fm.seq_len} / longest sequence at b = 1 "
+                        "(✗ none fits, * every position fits)", title_justify="left")
+        t.add_column("model", overflow="fold")
+        for g in fm.gpus:
+            t.add_column(escape(g), justify="right", no_wrap=True)
+        for m in fm.models:
+            name = escape(m) + (" [red](fits nowhere)[/red]" if fm.fits_nowhere(m, method) else "")
+            t.add_row(name, *(cell_text(c) if c.fits else f"[red]{cell_text(c)}[/red]" for c in fm.row(m, method)))
+        console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)
+    app.command("fit")(fit)

@@ -1,0 +1,89 @@
+"""Hold the analytic estimate to the trace: per-configuration errors and a summary over a grid."""
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass
+
+from peftplan.cards import ModelCard
+from peftplan.plan import Plan
+from peftplan.results import Estimate, Memory
+from peftplan.trace.run import Trace
+
+# estimate Memory field  <->  trace category
+COMPONENTS = {
+    "frozen_weights_bytes": "frozen_weights",
+    "trainable_weights_bytes": "trainable_weights",
+    "gradients_bytes": "gradients",
+    "optimizer_states_bytes": "optimizer_states",
+    "activations_bytes": "activations",
+    "logits_bytes": "logits",
+    "temporaries_bytes": "temporaries",
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    model: str
+    plan: Plan
+    estimate_peak_bytes: int  # tensor bytes (what the trace counts) at the estimate's peak phase
+    trace_peak_bytes: int
+    peak_error: float  # (estimate − trace) / trace
+    estimate_phase: str
+    trace_phase: str
+    phase_errors: dict[str, float]  # per phase, tensor bytes
+    component_errors: dict[str, float]  # at the trace's peak phase, relative to the trace's peak
+    trace_seconds: float
+
+
+def signed_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured else (0.0 if predicted == 0 else float("inf"))
+
+
+def compare(est: Estimate, tr: Trace) -> Comparison:
+    by_phase: dict[str, Memory] = {m.phase: m for m in est.phases}
+    est_peak = max(est.phases, key=lambda m: m.tensor_bytes)
+    tp = tr.peak
+    phase_errors = {p.phase: signed_error(by_phase[p.phase].tensor_bytes, p.peak_bytes) for p in tr.phases}
+    mem = by_phase[tp.phase]
+    # component errors as a share of the peak, so a tiny component's noise does not dominate
+    component_errors = {
+        field: (getattr(mem, field) - tp.by_category_bytes.get(cat, 0)) / tp.peak_bytes
+        for field, cat in COMPONENTS.items()
+    }
+    return Comparison(model=est.model, plan=est.plan, estimate_peak_bytes=est_peak.tensor_bytes,
+                      trace_peak_bytes=tp.peak_bytes, peak_error=signed_error(est_peak.tensor_bytes, tp.peak_bytes),
+                      estimate_phase=est_peak.phase, trace_phase=tp.phase, phase_errors=phase_errors,
+                      component_errors=component_errors, trace_seconds=tr.seconds)
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median_abs_error: float
+    p90_abs_error: float
+    max_abs_error: float
+    within_2pct: int
+    failures: tuple[str, ...]  # configurations the tracer could not run, with the reason
+
+
+def summarize(results: list[Comparison], failures: list[str] | None = None) -> Summary:
+    errs = sorted(abs(c.peak_error) for c in results)
+    if not errs:
+        return Summary(0, 0.0, 0.0, 0.0, 0, tuple(failures or ()))
+    p90 = errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+    return Summary(len(errs), statistics.median(errs), p90, errs[-1], sum(e <= 0.02 for e in errs),
+                   tuple(failures or ()))
+
+
+def grid(cards: list[ModelCard], methods=("full", "adapter", "lora", "qlora"), ranks=(8, 64), batches=(1, 4),
+         seqs=(128, 512), checkpointing=(False, True), attentions=("sdpa", "eager"),
+         optimizers=("adamw",)) -> list[tuple[ModelCard, Plan]]:
+    """The cartesian grid of (card, plan); LoRA ranks only vary for LoRA methods."""
+    out = []
+    for card, method, b, s, gc, attn, opt in itertools.product(cards, methods, batches, seqs, checkpointing,
+                                                                attentions, optimizers):
+        for r in (ranks if method in ("lora", "qlora") else ranks[:1]):
+            out.append((card, Plan(method=method, r=r, batch_size=b, seq_len=s, grad_checkpointing=gc,
+                                   attention=attn, optimizer=opt)))
+    return out

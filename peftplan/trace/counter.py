@@ -1,0 +1,151 @@
+"""Byte-exact live tensor memory of a running step, by category and phase.
+
+A TorchDispatchMode sees every tensor an op returns; each new untyped storage is recorded by identity
+with its size rounded as the CUDA caching allocator rounds it (512 B), and a `weakref.finalize` on the
+storage subtracts it when autograd or Python frees it. Under FakeTensorMode no real memory is used, so a
+full-size model's step is counted on the CPU. The peak of each phase keeps the per-category split, the
+op and the module where it happened.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from peftplan.memory import rounded
+
+CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
+              "temporaries")
+
+
+@dataclass(frozen=True)
+class PhasePeak:
+    phase: str
+    peak_bytes: int
+    by_category_bytes: dict[str, int]
+    op: str  # the aten op whose output set the peak
+    module: str  # the module running then ("" outside any)
+    op_index: int
+    start_bytes: int  # live when the phase began
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts live storages; `phase` and `module` are set by the caller's hooks."""
+
+    def __init__(self, vocab_size: int = 0, record_timeline: bool = True):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.live: dict[int, list] = {}
+        self.by_category: dict[str, int] = defaultdict(int)
+        self.total = 0
+        self.phase = "setup"
+        self.module = ""
+        self.in_head = False  # allocations after the output head started belong to the logits and loss
+        self.ops = 0
+        self.peaks: dict[str, PhasePeak] = {}
+        self._phase_start = 0
+        self.timeline: list[tuple[int, str, int]] = [] if record_timeline else None
+
+    # -- bookkeeping
+    def track(self, t: torch.Tensor, category: str) -> None:
+        st = _storage(t)
+        if st is None:
+            return
+        key = st._cdata
+        if key in self.live:
+            return
+        n = st.nbytes()
+        n = rounded(n) if n else 0
+        self.live[key] = [n, category]
+        self.by_category[category] += n
+        self.total += n
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.by_category[entry[1]] -= entry[0]
+            self.total -= entry[0]
+
+    def reclassify(self, t: torch.Tensor, category: str) -> None:
+        """Move a tracked tensor's storage to a category (tracking it if new)."""
+        st = _storage(t)
+        if st is None:
+            return
+        entry = self.live.get(st._cdata)
+        if entry is None:
+            self.track(t, category)
+            return
+        if entry[1] != category:
+            self.by_category[entry[1]] -= entry[0]
+            self.by_category[category] += entry[0]
+            entry[1] = category
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.in_head = False
+        self._phase_start = self.total
+        self.peaks[phase] = PhasePeak(phase, self.total, dict(self.by_category), "(start)", self.module, self.ops,
+                                      self.total)
+
+    def _category_for_new(self, t: torch.Tensor) -> str:
+        if self.phase == "forward":
+            return "logits" if self.in_head else "activations"
+        if self.phase == "backward":
+            if self.vocab_size and t.dim() >= 2 and t.shape[-1] == self.vocab_size and t.shape[-2] != 0:
+                return "logits"
+            return "temporaries"
+        return "temporaries"
+
+    # -- the mode
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t, self._category_for_new(t))
+        self.ops += 1
+        peak = self.peaks.get(self.phase)
+        if peak is None or self.total > peak.peak_bytes:
+            self.peaks[self.phase] = PhasePeak(self.phase, self.total, dict(self.by_category), str(func.__name__),
+                                               self.module, self.ops, self._phase_start)
+        if self.timeline is not None:
+            self.timeline.append((self.ops, self.phase, self.total))
+        return out
+
+
+def module_hooks(model: torch.nn.Module, counter: LiveBytes, head_name: str) -> list:
+    """Forward hooks that keep `counter.module` (the innermost running module) and the head flag current.
+
+    No backward hooks: full backward hooks wrap tensors and would change what autograd saves.
+    """
+    handles, stack = [], []
+
+    def pre(name):
+        def hook(mod, args):
+            stack.append(name)
+            counter.module = name
+            if name == head_name:
+                counter.in_head = True
+        return hook
+
+    def post(mod, args, out):
+        if stack:
+            stack.pop()
+        counter.module = stack[-1] if stack else ""
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(pre(name)))
+            handles.append(mod.register_forward_hook(post))
+    return handles

@@ -1,0 +1,211 @@
+"""`trace()`: run the shared training step on fake tensors and count every live byte.
+
+The model, batch and optimizer are built inside a FakeTensorMode on the CPU device (fake CUDA tensors
+abort autograd without a GPU), so a 70B step costs no real memory. Steps after the first are steady
+state: optimizer states exist and gradients were freed by zero_grad(set_to_none=True). The last step
+is reported.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+from peftplan.cards import ModelCard
+from peftplan.errors import PlanError
+from peftplan.plan import Plan
+from peftplan.results import PHASES
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TracePhase:
+    phase: str
+    peak_bytes: int
+    start_bytes: int
+    by_category_bytes: dict[str, int]
+    op: str
+    module: str
+    op_index: int
+
+
+@dataclass(frozen=True)
+class Trace:
+    model: str
+    plan: Plan
+    steps: int
+    phases: tuple[TracePhase, ...]
+    timeline: tuple[tuple[int, str, int], ...]  # (op index, phase, live bytes) over the reported step
+    ops: int
+    seconds: float
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def peak(self) -> TracePhase:
+        return max(self.phases, key=lambda p: p.peak_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak.peak_bytes
+
+
+class TraceError(PlanError):
+    """An op that fails under fake tensors: names the op and the module."""
+
+
+def _decimate(timeline: list, keep: int) -> tuple:
+    if len(timeline) <= keep:
+        return tuple(timeline)
+    stride = len(timeline) / keep
+    picked = {int(i * stride) for i in range(keep)}
+    # keep every local maximum of the kept windows so peaks survive thinning
+    out, window_max = [], None
+    for i, point in enumerate(timeline):
+        if window_max is None or point[2] > window_max[2]:
+            window_max = point
+        if i in picked:
+            out.append(window_max)
+            window_max = None
+    return tuple(out)
+
+
+@contextmanager
+def cuda_like():
+    """Make the CPU fake-tensor step keep what a CUDA step keeps.
+
+    With fake tensors transformers cannot read position ids or the cache offset, so it assumes packed
+    sequences and materialises a b×1×s×s causal mask — which also makes SDPA repeat GQA's key/value heads.
+    A real training batch (no padding, no cache) gets `is_causal=True` and `enable_gqa` instead. Dropout
+    and SDPA dropout are switched to the kernels CUDA uses (see below).
+    """
+    import torch
+    import transformers.masking_utils as mu
+
+    saved = mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices
+
+    def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        q_offset = 0 if isinstance(q_offset, torch.Tensor) else q_offset  # training: no cache, offset 0
+        kv_offset = 0 if isinstance(kv_offset, torch.Tensor) else kv_offset
+        return saved[0](padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+    import torch.nn.functional as F
+
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def cuda_dropout(input, p=0.5, training=True, inplace=False):
+        # CUDA's fused dropout keeps a 1-byte bool mask; the CPU path keeps a noise tensor of the input dtype
+        if training and 0 < p < 1:
+            return torch.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
+        # CUDA flash / memory-efficient attention keep only the RNG seed and offset for dropout; the CPU
+        # kernel falls back to the math path and materialises b·h·s² probabilities. Same memory as CUDA:
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, **kwargs)
+
+    mu._ignore_causal_mask_sdpa = ignore_causal_mask
+    mu.find_packed_sequence_indices = lambda position_ids: None  # one unpacked sequence per row
+    F.dropout, F.scaled_dot_product_attention = cuda_dropout, cuda_sdpa
+    try:
+        yield
+    finally:
+        mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = saved
+        F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+
+
+def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True) -> Trace:
+    """Count the live tensor bytes of `steps` training steps; report the last.
+
+    fake=False runs the same step on real CPU tensors (small models only): the check that fake tensors
+    count what real ones hold.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from peftplan.measure.step import build_model, make_batch, make_optimizer, train_step
+    from peftplan.trace.counter import LiveBytes, module_hooks
+
+    if steps < 1:
+        raise PlanError(f"steps must be at least 1, got {steps}")
+    t0 = time.perf_counter()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
+    counter = LiveBytes(vocab_size=card.vocab_size)
+    from peftplan.layout import layout
+
+    head = layout(card).head
+    with mode:
+        model, _ = build_model(card, plan, "cpu")
+        batch = make_batch(card, plan, "cpu")
+        optimizer = make_optimizer(model, plan)
+    handles = module_hooks(model, counter, head)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        handles.append(p.register_post_accumulate_grad_hook(lambda q: counter.reclassify(q.grad, "gradients")))
+
+    def classify_static() -> None:
+        for t in model.buffers():
+            counter.reclassify(t, "frozen_weights")
+        for p in model.parameters():
+            counter.reclassify(p, "trainable_weights" if p.requires_grad else "frozen_weights")
+            qs = getattr(p, "quant_state", None)
+            if qs is not None:
+                for t in _quant_state_tensors(qs):
+                    counter.reclassify(t, "frozen_weights")
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    counter.reclassify(v, "optimizer_states")
+        for v in batch.values():
+            counter.reclassify(v, "activations")
+
+    timeline: list = []
+    try:
+        with cuda_like(), mode, counter:
+            for step in range(steps):
+                classify_static()
+                counter.peaks.clear()
+                if counter.timeline is not None:
+                    counter.timeline.clear()
+                train_step(model, batch, optimizer, plan, on_phase=_on_phase(counter))
+        timeline = list(counter.timeline or [])
+    except PlanError:
+        raise
+    except Exception as e:  # an op fake tensors cannot run: say which, where
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(f"trace failed in {counter.phase} at module '{counter.module or '-'}' "
+                         f"(op #{counter.ops}): {type(e).__name__}: {msg}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    phases = tuple(
+        TracePhase(p.phase, p.peak_bytes, p.start_bytes, {k: v for k, v in p.by_category_bytes.items()},
+                   p.op, p.module, p.op_index)
+        for name in PHASES if (p := counter.peaks.get(name)) is not None
+    )
+    return Trace(model=card.name, plan=plan, steps=steps, phases=phases,
+                 timeline=_decimate(timeline, timeline_points), ops=counter.ops,
+                 seconds=time.perf_counter() - t0)
+
+
+def _on_phase(counter):
+    def on_phase(name: str) -> None:
+        if name in PHASES:
+            counter.set_phase(name)
+        else:
+            counter.phase = name
+    return on_phase
+
+
+def _quant_state_tensors(qs) -> list:
+    import torch
+
+    out = []
+    for name in ("absmax", "code", "offset"):
+        v = getattr(qs, name, None)
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+    nested = getattr(qs, "state2", None)
+    if nested is not None:
+        out += _quant_state_tensors(nested)
+    return out

@@ -1,0 +1,94 @@
+"""The CLI: real output, one-line errors with exit code 2, JSON schema, no torch on the planning path."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peftplan.cards import to_hf_config, registry
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "peftplan", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_estimate_json_opt67b_qlora():
+    r = run("estimate", "--model", "opt-6.7b", "--method", "qlora", "--r", "16", "--gpu", "a100-40gb",
+            "--tokens", "1e8", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["schema_version"] == 1
+    assert d["params"]["base"] == 6_658_473_984
+    assert d["params"]["trainable"] == 8_388_608
+    assert d["peak_phase"] in ("forward", "backward", "optimizer")
+    assert d["fits"] is True
+    assert d["time"]["tokens_per_s"] > 0 and d["time"]["cost_usd"] > 0
+    peak = max(d["phases"], key=lambda m: sum(v for k, v in m.items() if k.endswith("_bytes")))
+    assert d["peak_bytes"] == sum(v for k, v in peak.items() if k.endswith("_bytes"))
+
+
+def test_estimate_table_names_the_peak_phase():
+    r = run("estimate", "--model", "llama-2-7b", "--method", "lora")
+    assert r.returncode == 0, r.stderr
+    assert "6,738,415,616" in r.stdout and "peak:" in r.stdout
+
+
+def test_compare_models_gpus():
+    r = run("compare", "--model", "opt-1.3b", "--gpu", "t4", "--dtype", "fp16")
+    assert r.returncode == 0, r.stderr
+    for m in ("full", "top", "adapter", "lora", "qlora"):
+        assert m in r.stdout
+    assert "opt-6.7b" in run("models").stdout
+    assert "h100-sxm" in run("gpus").stdout
+
+
+def test_planning_path_imports_no_torch():
+    code = ("import sys, peftplan; peftplan.estimate('opt-6.7b', method='qlora', gpu='h100-sxm');"
+            "from peftplan import cli; print(any(m in sys.modules for m in ('torch', 'transformers', 'bitsandbytes')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    assert out == "False"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "opt-6.7x"], "unknown model 'opt-6.7x'; did you mean opt-6.7b"),
+    (["--r", "0"], "rank r must be positive"),
+    (["--r", "5000"], "exceeds"),
+    (["--targets", "foo"], "match no Linear"),
+    (["--method", "adapter", "--adapter-size", "0"], "adapter size must be positive"),
+    (["--batch-size", "0"], "batch size must be positive"),
+    (["--seq-len", "0"], "sequence length must be positive"),
+    (["--gpu", "h100x"], "unknown gpu 'h100x'"),
+    (["--method", "magic"], "unknown method"),
+])
+def test_bad_input_one_line_exit_2(args, needle):
+    r = run("estimate", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_config_json(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    r = run("estimate", "--model", str(bad))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    bad.write_text(json.dumps({"model_type": "mamba", "hidden_size": 4}))
+    r = run("estimate", "--model", str(tmp_path))
+    assert r.returncode == 2 and "not supported" in r.stderr
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    r = run("estimate", "--model", str(bad))
+    assert r.returncode == 2 and "lacks" in r.stderr
+
+
+def test_seq_beyond_positions_is_a_warning(tmp_path):
+    r = run("estimate", "--model", "gpt2", "--seq-len", "4096")
+    assert r.returncode == 0 and "warning" in r.stderr and "1024" in r.stderr
+
+
+def test_config_json_folder_same_counts(tmp_path):
+    cfg = to_hf_config(registry()["mistral-7b-v0.1"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = run("estimate", "--model", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["params"]["base"] == 7_241_732_096
