@@ -8,6 +8,7 @@ Rounds alternate ours/peft so machine-load drift hits both. Run: `python benchma
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -70,21 +71,27 @@ def compare(card, plan: Plan, device, rounds: int, warmup: int = 3) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: on a shared 2-core machine 2 threads wait on each other)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    # small but not trivial: d = 256, L = 4, d_ff = 1024 (gated), V = 2048, b·s = 4·128 tokens
-    card = tiny_card("llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                     intermediate_size=1024, vocab_size=2048, max_position_embeddings=256)
+    torch.set_num_threads(args.threads)
+    # small but not trivial: d = 128, L = 4, d_ff = 512 (gated), V = 1024, b·s = 4·64 tokens
+    # (bf16 matmuls, which QLoRA's compute dtype forces, run ~10× slower than fp32 on a CPU without AVX512-BF16)
+    card = tiny_card("llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=512, vocab_size=1024, max_position_embeddings=256)
+    shape = dict(r=16, alpha=32, batch_size=4, seq_len=64)
     plans = {
-        "lora  (fp32, q,v)": Plan(method="lora", r=16, alpha=32, dtype="fp32", batch_size=4, seq_len=128),
-        "lora  (fp32, all-linear)": Plan(method="lora", r=16, alpha=32, dtype="fp32", batch_size=4, seq_len=128,
+        "lora  (fp32, q,v)": Plan(method="lora", dtype="fp32", **shape),
+        "lora  (fp32, all-linear)": Plan(method="lora", dtype="fp32", **shape,
                                          targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
-        "qlora (bf16, q,v, kbit prep)": Plan(method="qlora", r=16, alpha=32, dtype="bf16", batch_size=4, seq_len=128),
+        "qlora (bf16, q,v, kbit prep)": Plan(method="qlora", dtype="bf16", **shape),
     }
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, load {load:.1f}, "
           f"model llama d={card.d_model} L={card.n_layers} V={card.vocab_size}, {args.rounds} timed rounds each")
     for label, plan in plans.items():
         r = compare(card, plan, device, args.rounds)

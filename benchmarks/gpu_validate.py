@@ -208,8 +208,9 @@ def manifest(args, env, points, result, missing, started: str, t0: float) -> dic
         "seconds": time.monotonic() - t0, "budget_s": args.budget_s, "dry_run": args.dry_run,
         "environment": asdict(env) if env else None, "missing_cards": missing,
         "points": [p.label for p in points],
-        "finished": bool(result) and not (result.interrupted or result.out_of_time),
+        "finished": bool(result) and not result.stopped_early,
         "interrupted": bool(result and result.interrupted), "out_of_time": bool(result and result.out_of_time),
+        "aborted": bool(result and result.aborted),
         "counts": result.counts if result else {}, "errors": list(result.errors) if result else [],
         "not_run": [p.label for p in result.not_run] if result else [],
         "summaries": [asdict(s) for s in grid_summary(done)], "ratios": ratio_summary(done),
@@ -228,6 +229,8 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--skip-existing", type=Path, default=None,
                     help="skip configurations already measured on this GPU in this folder (profiles/measured)")
     ap.add_argument("--list", action="store_true", help="print the grid and exit")
+    ap.add_argument("--max-errors-in-a-row", type=int, default=4,
+                    help="stop after this many failed points in a row (a broken setup; OOMs do not count)")
     ap.add_argument("--fake-memory-gib", type=float, default=80.0,
                     help="--dry-run: memory of the simulated GPU (where the real cards' estimates run out)")
     return ap.parse_args(argv)
@@ -262,8 +265,14 @@ def main(argv=None) -> int:
             fake = FakeCuda(total_bytes=int(args.fake_memory_gib * GiB))
             session = run_mod.open_session(fake, nvml=fake.nvml())
         else:
-            run_mod.check_gpu()
-            session = run_mod.open_session()
+            use_nvml = True
+            try:
+                run_mod.check_gpu()
+            except GpuUnavailable as e:  # a GPU without NVML still measures torch's peaks and the time
+                run_mod.check_gpu(need_nvml=False)
+                print(f"gpu_validate: warning: running without NVML: {e}", file=sys.stderr)
+                use_nvml = False
+            session = run_mod.open_session(use_nvml=use_nvml)
     except GpuUnavailable as e:
         print(f"gpu_validate: {e}", file=sys.stderr)
         return 2
@@ -271,7 +280,12 @@ def main(argv=None) -> int:
     if args.skip_existing is not None:
         done, _ = load_dir(args.skip_existing)
         keys = completed_keys(done, env.gpu_card or env.gpu_name)
+        before = len(points)
         points = [p for p in points if p.key not in keys]
+        print(f"gpu_validate: {before - len(points)} point(s) already measured in {args.skip_existing}",
+              file=sys.stderr)
+        if not points:
+            return 0
     out = Path(args.out)
     (out / "measured").mkdir(parents=True, exist_ok=True)
     write_atomic(out / "run.json", json.dumps(manifest(args, env, points, None, missing, started, t0), indent=1))
@@ -290,7 +304,8 @@ def main(argv=None) -> int:
     try:
         result = run_grid(points, run_point, save=lambda m: save(m, out / "measured"),
                           isolate=lambda: run_mod.isolate(session.backend), observer=observer,
-                          deadline=t0 + args.budget_s - START_MARGIN_S)
+                          deadline=t0 + args.budget_s - START_MARGIN_S,
+                          max_consecutive_errors=args.max_errors_in_a_row)
     finally:
         observer.close()
         doc = manifest(args, env, points, result, missing, started, t0)

@@ -30,6 +30,12 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
 
         g = load_gpu(gpu)
         gpu_name, gpu_memory = g.name, g.usable_memory_bytes
-        time = step_time(card, plan, p, peak_tflops(g, plan.dtype), g.price_per_hour_usd, g.name, tokens)
+        if plan.dtype == "bf16" and g.bf16_tflops <= 0:
+            warnings.append(f"{g.full_name} has no bf16 tensor cores: bf16 runs emulated, time at its fp32 rate "
+                            "(use --dtype fp16)")
+            rate = peak_tflops(g, "fp32")
+        else:
+            rate = peak_tflops(g, plan.dtype)
+        time = step_time(card, plan, p, rate, g.price_per_hour_usd, g.name, tokens)
     return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
                     time=time, warnings=tuple(warnings))

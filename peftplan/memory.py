@@ -236,7 +236,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         s = plan.seq_len
         heads = c.n_heads
         # eager: q, k (repeated to h heads), v (repeated), fp32 softmax output, its cast, and the output copy
-        total += e * (2 * q) + e * q + FP32 * heads * s + e * heads * s
+        # (the cast back to e is a no-op when activations are already fp32)
+        total += e * (2 * q) + e * q + FP32 * heads * s + (e * heads * s if e != FP32 else 0)
         total += e * q * saves(attn_out)
     # MLP
     down = saves(ffn_out)
@@ -302,6 +303,8 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
             [block_saved_per_token(c, plan, False)] * (L - 1)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     x = e if c.encoder else FP32
+    # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
+    cap = e if c.hf.get("final_logit_softcapping") else 0
     if plan.grad_checkpointing:
         kept = len(blocks) * e * d  # each checkpointed block keeps only its input
     else:
@@ -311,8 +314,8 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
         # logits, their fp32 copy (none when already fp32), the log-softmax output
-        logits_forward_bytes=int((e + (x if e != x else 0) + x) * t * V),  # logits, fp32 copy, log-softmax output
-        logits_backward_bytes=int(3 * x * t * V),  # saved log-softmax, its gradient, the input gradient
+        logits_forward_bytes=int((e + (x if e != x else 0) + x + cap) * t * V),  # logits, fp32 copy, log-softmax output
+        logits_backward_bytes=int((3 * x + cap) * t * V),  # saved log-softmax, its gradient, the input gradient
     )
 
 
@@ -387,7 +390,8 @@ def phases(card: ModelCard, plan: Plan, p: ParamCounts | None = None) -> tuple[M
     block0 = act.block_bytes + ffn_bwd
     emb = embedding_backward_bytes(card, plan)
     if emb and emb + st.gradients_bytes > max(start, late + block0 + st.largest_gradient_bytes):
-        bwd = _memory("backward", st, gradients_bytes=st.gradients_bytes, temporaries_bytes=emb)
+        vd = card.vocab_size * card.d_embed * plan.bytes_per_element
+        bwd = _memory("backward", st, gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd)
     elif start >= late + block0 + st.largest_gradient_bytes:
         bwd = _memory("backward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes)
     else:

@@ -38,8 +38,10 @@ def test_compare_models_gpus():
     assert r.returncode == 0, r.stderr
     for m in ("full", "top", "adapter", "lora", "qlora"):
         assert m in r.stdout
-    assert "opt-6.7b" in run("models").stdout
-    assert "h100-sxm" in run("gpus").stdout
+    models = json.loads(run("models", "--json").stdout)
+    assert {m["name"] for m in models} >= {"opt-6.7b", "llama-3.1-405b", "roberta-large"}
+    assert next(m for m in models if m["name"] == "opt-6.7b")["params"] == 6_658_473_984
+    assert "h100-sxm" in {g["name"] for g in json.loads(run("gpus", "--json").stdout)}
 
 
 def test_planning_path_imports_no_torch():

@@ -84,12 +84,22 @@ def test_budget_stops_cleanly(gv, tmp_path):
     assert load_dir(out / "measured")[0] == []
 
 
-def test_skip_existing_ignores_simulated_results(gv, tmp_path):
+def test_skip_existing_ignores_simulated_results(gv, tmp_path, capsys):
     need_cards("opt-125m")
     out = tmp_path / "out"
     args = ["--out", str(out), "--dry-run", "--only", "^opt-125m full b4 s512 memory$"]
     assert gv.main(args) == 0
     assert gv.main(args + ["--skip-existing", str(out / "measured")]) == 0  # simulated: measured again
+    assert "0 point(s) already measured" in capsys.readouterr().err
+    (path,) = (out / "measured").glob("*.json")
+    doc = json.loads(path.read_text())
+    # as if the real point had been measured on that GPU (a dry run measures a toy card at toy shapes)
+    doc["environment"]["simulated"] = False
+    doc["model"] = "opt-125m"
+    doc["plan"] |= {"batch_size": 4, "seq_len": 512}
+    path.write_text(json.dumps(doc))
+    assert gv.main(args + ["--skip-existing", str(out / "measured")]) == 0
+    assert "1 point(s) already measured" in capsys.readouterr().err
 
 
 def test_shell_wrapper_dry_run_without_plotly(tmp_path):

@@ -14,15 +14,24 @@ from torch import nn
 
 from peftplan.errors import PlanError
 from peftplan.inject import ADAPTER_SITES, inject, is_norm, linear_modules
-from peftplan.layers import AdapterAfter, LoRALinear, is_linear, is_linear4bit
+from peftplan.layers import LoRALinear, is_linear, is_linear4bit
 from peftplan.layout import layout
 from peftplan.measure import build_model, count_model, make_batch, make_optimizer, train_step
-from peftplan.measure.step import hf_config
+from peftplan.measure.step import step_config
 from peftplan.measure.tiny import tiny_card
 from peftplan.params import count, lora_targets
 from peftplan.plan import Plan
 
 bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core machine: 2 intra-op threads wait on each other (~100× slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 FAMILIES = ["opt", "llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "bert", "roberta"]
 PLANS = {
@@ -68,7 +77,8 @@ def meta_model(card):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     with torch.device("meta"):
-        return (AutoModelForMaskedLM if card.encoder else AutoModelForCausalLM).from_config(hf_config(card, Plan()))
+        auto = AutoModelForMaskedLM if card.encoder else AutoModelForCausalLM
+        return auto.from_config(step_config(card, Plan()))
 
 
 @pytest.mark.parametrize("family", ["opt", "llama", "gpt2", "bert"])

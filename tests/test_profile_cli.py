@@ -120,3 +120,9 @@ def test_profile_with_trace_adds_trace_rows(simulated, tmp_path):
     record = json.loads(result.output[result.output.index("["):result.output.rindex("]") + 1])[0]
     names = {r["name"] for r in record["comparison"]}
     assert "trace.peak.allocated" in names and record["traced"]["forward"] > 0
+
+
+def test_unknown_card_is_an_input_error_before_any_gpu_work():
+    result = CliRunner().invoke(make_app(), ["profile", "-m", "opt-125", "--method", "lora"])
+    assert result.exit_code == 2 and "unknown model 'opt-125'" in result.output
+    assert "cannot profile" not in result.output

@@ -222,3 +222,24 @@ def test_real_gpu_grid_measures_and_survives_an_oom(tmp_path):
     assert ok.timing.tokens_per_s > 0 and ok.comparison
     assert dnf.status == "does-not-fit" and dnf.failure.kind == "oom" and dnf.failure.requested_bytes
     assert len(load_dir(tmp_path)[0]) == 3
+
+
+def test_command_line_settings_are_the_grid_files_defaults(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[defaults]\nsteps = 7\n[[grid]]\nmodel = "a"\nmethod = ["lora", "full"]\nwarmup = 0\n')
+    pts = load_grid(path, defaults={"steps": 2, "warmup": 3, "interval_s": 0.002})
+    assert all((p.settings.steps, p.settings.warmup, p.settings.interval_s) == (7, 0, 0.002) for p in pts)
+
+
+def test_failures_in_a_row_abort_the_grid_but_ooms_do_not(rig):
+    _, _, run_point, _ = rig
+
+    def broken(p):
+        if p.plan.batch_size in (2, 3, 4):
+            raise RuntimeError("CUDA error: no kernel image is available")
+        return run_point(p)
+
+    result = run_grid(points(8, 8, 1, 2, 3, 4, 5, 6), broken, max_consecutive_errors=3)
+    assert [m.status for m in result.measurements] == ["does-not-fit", "does-not-fit", "ok"]
+    assert result.aborted and result.stopped_early and len(result.errors) == 3
+    assert [p.plan.batch_size for p in result.not_run] == [5, 6]

@@ -1,5 +1,4 @@
 """The NVML sampler against a stand-in NVML, and the timeline analysis on synthetic series."""
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ class Level:
     """A device whose memory in use the test sets."""
 
     def __init__(self, value: int) -> None:
-        self.value, self.lock = value, threading.Lock()
+        self.value = value
 
     def __call__(self) -> int:
         return self.value

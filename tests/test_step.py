@@ -21,6 +21,15 @@ from peftplan.plan import DTYPES, Plan
 
 bnb = pytest.importorskip("bitsandbytes")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core machine: 2 intra-op threads wait on each other (~100× slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 METHODS = {
     "full": Plan(method="full"),
     "top": Plan(method="top", top_k=1),

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from peftplan.cards import ENCODERS, ModelCard, to_hf_config
+from peftplan.build import hf_config
+from peftplan.cards import ENCODERS, ModelCard
 from peftplan.errors import PlanError
 from peftplan.inject import TORCH_DTYPES, Injection, inject, is_norm
 from peftplan.layers import Adapter, LoRALinear, is_linear, is_linear4bit
@@ -41,15 +42,9 @@ OnPhase = Callable[[str], None]
 # ---------------------------------------------------------------- model
 
 
-def hf_config(card: ModelCard, plan: Plan):
-    """The transformers config of the card, with use_cache off and the plan's attention implementation."""
-    from transformers import AutoConfig
-
-    fields = to_hf_config(card)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    pad = getattr(config, "pad_token_id", None)
-    if isinstance(pad, int) and not 0 <= pad < card.vocab_size:  # class defaults assume the full vocabulary
-        config.pad_token_id = None
+def step_config(card: ModelCard, plan: Plan):
+    """The card's transformers config (`build.hf_config`) with use_cache off and the plan's attention."""
+    config = hf_config(card)
     config.use_cache = False
     config._attn_implementation = plan.attention
     return config
@@ -63,7 +58,7 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0) -> 
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     with unset_fake_temporarily():
-        config = hf_config(card, plan)
+        config = step_config(card, plan)
         auto = AutoModelForMaskedLM if card.encoder else AutoModelForCausalLM
         try:
             with torch.device("meta"):

@@ -191,25 +191,27 @@ def profile(
     """Measure real training steps on this machine's GPU and compare them with the estimate."""
     from rich.console import Console
 
-    err = Console(stderr=True)
+    from peftplan.profile import run as run_mod
+
     settings = {"steps": steps, "warmup": warmup, "interval_s": interval_ms / 1e3, "nvml": nvml,
                 "phase_sync": phase_sync, "impl": impl}
     try:
         if grid is not None:
             from peftplan.profile.grid import load_grid
 
-            points = load_grid(grid)
+            points = load_grid(grid, defaults=settings)  # the file's own defaults and values win
         else:
             points = points_from_options(model, method, r, alpha, dropout, targets, adapter_size,
                                          adapter_placement, top_k, batch_size, seq_len, dtype, optimizer, foreach,
                                          grad_checkpointing, attention, double_quant, kbit_prep, settings)
         Settings(**settings)  # bad settings are an input error even for a grid file
+        for name in dict.fromkeys(p.model for p in points):
+            run_mod.load_card(name)  # an unknown card is an input error, before any GPU work
         session = make_session(device, nvml)
     except (GpuUnavailable, PlanError) as e:
         typer.echo(f"peftplan: error: {e}", err=True)
         raise typer.Exit(2)
 
-    from peftplan.profile import run as run_mod
     from peftplan.profile.grid import run_grid
     from peftplan.profile.store import save
 
@@ -233,8 +235,8 @@ def profile(
     counts = result.counts
     typer.echo(f"peftplan: {len(result.measurements)} result(s) in {out} (ok {counts['ok']}, "
                f"does not fit {counts['does-not-fit']}, failed {counts['error']})", err=True)
-    if result.interrupted or result.out_of_time:
-        why = "interrupted" if result.interrupted else "out of time"
+    if result.stopped_early:
+        why = "interrupted" if result.interrupted else "out of time" if result.out_of_time else "aborted"
         typer.echo(f"peftplan: {why}: {len(result.not_run)} point(s) not run; finished results are saved",
                    err=True)
         raise typer.Exit(130 if result.interrupted else 3)

@@ -142,8 +142,9 @@ def grid_summary(measurements: Iterable[Measurement],
     ok = [m for m in measurements if m.status == "ok"]
     out = []
     for metric in metrics:
-        errs = [(m.key, r.rel_error) for m in ok for r in m.comparison
+        errs = [(f"{m.model} {m.key}", r.rel_error) for m in ok for r in m.comparison
                 if r.name == metric and r.rel_error is not None]
         out.append(summarise(metric, errs))
-    out.append(summarise("tokens_per_s", [(m.key, m.throughput.rel_error) for m in ok if m.throughput]))
+    out.append(summarise("tokens_per_s", [(f"{m.model} {m.key}", m.throughput.rel_error) for m in ok
+                                          if m.throughput]))
     return out

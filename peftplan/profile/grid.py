@@ -99,13 +99,18 @@ def dedupe(points: Iterable[GridPoint]) -> list[GridPoint]:
     return out
 
 
-def points_from_doc(doc) -> list[GridPoint]:
-    """Points from a parsed grid file: {defaults, grid: [...]}, a list of tables, or one table."""
+def points_from_doc(doc, defaults: Mapping | None = None) -> list[GridPoint]:
+    """Points from a parsed grid file: {defaults, grid: [...]}, a list of tables, or one table.
+
+    `defaults` (e.g. the command line's settings) fill what the file's own defaults and tables leave out.
+    """
     if isinstance(doc, list):
         doc = {"grid": doc}
     if not isinstance(doc, dict):
         raise PlanError("a grid file holds a table (with 'grid' and optional 'defaults') or a list of tables")
-    defaults = doc.get("defaults", {})
+    if not isinstance(doc.get("defaults", {}), dict):
+        raise PlanError("'defaults' must be a table")
+    defaults = {**(defaults or {}), **doc.get("defaults", {})}
     tables = doc.get("grid")
     if tables is None:
         tables = [{k: v for k, v in doc.items() if k != "defaults"}]
@@ -114,7 +119,7 @@ def points_from_doc(doc) -> list[GridPoint]:
     return dedupe(p for t in tables for p in expand(t, defaults))
 
 
-def load_grid(path: Path | str) -> list[GridPoint]:
+def load_grid(path: Path | str, defaults: Mapping | None = None) -> list[GridPoint]:
     path = Path(path)
     try:
         text = path.read_text()
@@ -125,7 +130,7 @@ def load_grid(path: Path | str) -> list[GridPoint]:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise PlanError(f"grid file '{path}' does not parse: {e}") from None
     try:
-        return points_from_doc(doc)
+        return points_from_doc(doc, defaults)
     except TypeError as e:
         raise PlanError(f"grid file '{path}': {e}") from None
 
@@ -163,6 +168,11 @@ class GridResult:
     not_run: tuple[GridPoint, ...]  # left when interrupted or out of time
     interrupted: bool = False
     out_of_time: bool = False
+    aborted: bool = False  # too many failures in a row: something systematic, not one configuration
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.interrupted or self.out_of_time or self.aborted
 
     @property
     def counts(self) -> dict[str, int]:
@@ -175,38 +185,42 @@ class GridResult:
 def run_grid(points: Sequence[GridPoint], run_point: Callable[[GridPoint], Measurement], *,
              save: Callable[[Measurement], Path | None] | None = None, isolate: Callable[[], None] | None = None,
              observer: Observer | None = None, deadline: float | None = None,
-             clock: Callable[[], float] = time.monotonic) -> GridResult:
+             max_consecutive_errors: int | None = None, clock: Callable[[], float] = time.monotonic) -> GridResult:
     """Run every point in order; each result is saved as soon as it completes.
 
     A point whose `run_point` raises (a bug, not an OOM: those come back as results) is recorded in `errors`
     and the grid goes on. KeyboardInterrupt stops the grid and keeps what finished; so does `deadline`
-    (a `clock()` value), checked before each point.
+    (a `clock()` value), checked before each point, and `max_consecutive_errors` failed points in a row
+    (raised, or status "error"), which on a lent GPU means a broken setup not worth the remaining time.
     """
     obs = observer or _Silent()
     obs.started(len(points))
     done: list[Measurement] = []
     saved: list[Path] = []
     errors: list[str] = []
-    interrupted = out_of_time = False
+    interrupted = out_of_time = aborted = False
+    failed_in_a_row = 0
     i = 0
     try:
         for i, p in enumerate(points):
             if deadline is not None and clock() >= deadline:
                 out_of_time = True
                 break
+            if max_consecutive_errors is not None and failed_in_a_row >= max_consecutive_errors:
+                aborted = True
+                break
             if isolate is not None:
                 isolate()
             obs.point_started(i, p)
             try:
                 m = run_point(p)
-            except PlanError as e:
-                errors.append(f"{p.label}: {e}")
-                obs.point_done(i, p, None, str(e))
-                continue
             except Exception as e:  # noqa: BLE001 - one broken point must not lose the grid
-                errors.append(f"{p.label}: {type(e).__name__}: {e}")
-                obs.point_done(i, p, None, f"{type(e).__name__}: {e}")
+                why = str(e) if isinstance(e, PlanError) else f"{type(e).__name__}: {e}"
+                errors.append(f"{p.label}: {why}")
+                failed_in_a_row += 1
+                obs.point_done(i, p, None, why)
                 continue
+            failed_in_a_row = failed_in_a_row + 1 if m.status == "error" else 0
             done.append(m)
             if save is not None:
                 path = save(m)
@@ -224,5 +238,5 @@ def run_grid(points: Sequence[GridPoint], run_point: Callable[[GridPoint], Measu
             except Exception:  # noqa: BLE001 - cleanup after the grid never hides its results
                 pass
     return GridResult(measurements=tuple(done), saved=tuple(saved), errors=tuple(errors),
-                      not_run=tuple(points[i:]) if (interrupted or out_of_time) else (),
-                      interrupted=interrupted, out_of_time=out_of_time)
+                      not_run=tuple(points[i:]) if (interrupted or out_of_time or aborted) else (),
+                      interrupted=interrupted, out_of_time=out_of_time, aborted=aborted)

@@ -103,8 +103,7 @@ def render_fit(fm, console=None) -> None:
 
     console = console or Console()
     for method in fm.methods:
-        t = Table(title=f"{method}: largest batch at s = {fm.seq_len} / longest sequence at b = 1 "
-                        "(✗ none fits, * every position fits)", title_justify="left")
+        t = Table(title=f"{method}: largest b at s = {fm.seq_len} / longest s at b = 1", title_justify="left")
         t.add_column("model", overflow="fold")
         for g in fm.gpus:
             t.add_column(escape(g), justify="right", no_wrap=True)
@@ -112,6 +111,7 @@ def render_fit(fm, console=None) -> None:
             name = escape(m) + (" [red](fits nowhere)[/red]" if fm.fits_nowhere(m, method) else "")
             t.add_row(name, *(cell_text(c) if c.fits else f"[red]{cell_text(c)}[/red]" for c in fm.row(m, method)))
         console.print(t)
+    console.print("✗: not even 1 fits · *: every position of the model fits", style="dim")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from html import escape as esc
 from pathlib import Path
 
+from peftplan.cards import PROFILES
 from peftplan.fit import FitCell
 from peftplan.render import COMPONENTS as COMPONENT_LABELS
 from peftplan.report import figures as fig
@@ -77,6 +78,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence], classes: Iterable[Se
                         for v, c in zip(row, cls))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def shown_path(path: str) -> str:
+    """A path inside the project as relative to it: a committed report names no one's home folder."""
+    try:
+        return str(Path(path).resolve().relative_to(PROFILES.parent))
+    except ValueError:
+        return path
 
 
 def card(plot: str, *parts: str) -> str:
@@ -180,7 +189,11 @@ def throughput_section(d: ReportData, plot: Plots) -> str:
     parts = ["<h2 id='cost'>4. Throughput and cost</h2>",
              f'<p class="note">tokens/s at the assumed utilisation of each method, and {esc(budget)} at the '
              f"card's indicative hourly price. Red cells: b = {d.batch_size} at s = {d.seq_len} does not fit that "
-             "card (figures shown for comparison), or the card cannot run the plan (the cell says why).</p>", '<div class="grid">']
+             "card (figures shown for comparison); n/a: the card cannot run the plan (see the note).</p>"]
+    notes = sorted({f"{c.gpu}: {c.note}" for s in d.sections for c in s.throughput.cells if c.note})
+    if notes:
+        parts.append(f'<p class="warn">{"<br>".join(esc(n) for n in notes)}</p>')
+    parts.append('<div class="grid">')
     gpus = [x.name for x in d.gpus]
     for s in d.sections:
         t = s.throughput
@@ -194,7 +207,7 @@ def throughput_section(d: ReportData, plot: Plots) -> str:
 
 def cost_text(c: CostCell, tokens: int) -> str:
     if c.tokens_per_s is None:
-        return c.note
+        return "n/a"
     cost = f"${c.cost_usd:,.2f}" if tokens else f"${c.usd_per_million_tokens:,.3f}/M"
     return f"{c.tokens_per_s:,.0f} tok/s · {cost}"
 
@@ -226,7 +239,7 @@ def _error_summary(points: Sequence[MeasuredPoint]) -> str:
 
 def measured_section(m: Measured, plot: Plots) -> str:
     parts = ["<h2 id='measured'>5. Predicted against measured</h2>"]
-    source = esc(m.directory or str(MEASURED_DIR))
+    source = esc(shown_path(m.directory or str(MEASURED_DIR)))
     if not m.points and not m.timelines and not m.failed:
         parts.append(f'<p class="note">No measured results for these models under <code>{source}</code> '
                      f"({m.files} JSON file(s) there, {m.other_models} of other models). "
