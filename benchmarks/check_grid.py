@@ -18,7 +18,6 @@ from pathlib import Path
 from peftplan.cards import registry
 from peftplan.errors import PlanError
 from peftplan.estimate import estimate
-from peftplan.plan import Plan
 from peftplan.trace.check import compare, grid, summarize
 from peftplan.trace.run import trace
 

@@ -101,26 +101,28 @@ class ModelCard:
 # ---------------------------------------------------------------- card files
 
 
-def _card_from_mapping(data: dict, origin: str) -> ModelCard:
-    known = {f.name for f in fields(ModelCard)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise PlanError(f"{origin}: unknown card field(s) {', '.join(unknown)}")
-    try:
-        return ModelCard(**data)
-    except TypeError as e:
-        raise PlanError(f"{origin}: {e}") from None
+def load_registry(directory: Path, cls: type, what: str) -> dict:
+    """Every `*.toml` card in a folder as `cls(**fields)`, by name; unknown or missing fields are one-line errors."""
+    known = {f.name for f in fields(cls)}
+    cards = {}
+    for path in sorted(directory.glob("*.toml")):
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"{path.name}: unknown {what} field(s) {', '.join(unknown)}")
+        try:
+            card = cls(**data)
+        except TypeError as e:
+            raise PlanError(f"{path.name}: {e}") from None
+        cards[card.name] = card
+    return cards
 
 
 @cache
 def registry() -> dict[str, ModelCard]:
-    """All shipped cards by name."""
-    cards = {}
-    for path in sorted(MODELS_DIR.glob("*.toml")):
-        with path.open("rb") as f:
-            card = _card_from_mapping(tomllib.load(f), path.name)
-        cards[card.name] = card
-    return cards
+    """All shipped model cards by name."""
+    return load_registry(MODELS_DIR, ModelCard, "card")
 
 
 def load_card(model: str) -> ModelCard:

@@ -23,6 +23,9 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
+    if card.model_type == "gemma2" and plan.attention == "sdpa":
+        warnings.append("transformers runs Gemma-2 with eager attention only (its SDPA path is refused): "
+                        "pass --attention eager")
     time = gpu_memory = None
     gpu_name = None
     if gpu is not None:

@@ -14,11 +14,11 @@ which is what PyTorch's fp16/bf16 matmuls use.
 """
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from peftplan.cards import load_registry
 from peftplan.errors import PlanError, suggest
 
 GPUS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "gpus"
@@ -48,26 +48,10 @@ class GpuCard:
             raise PlanError(f"GPU card '{self.name}': bf16_tflops and price_per_hour_usd must not be negative")
 
 
-def _card(data: dict, origin: str) -> GpuCard:
-    known = {f.name for f in fields(GpuCard)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise PlanError(f"{origin}: unknown GPU card field(s) {', '.join(unknown)}")
-    try:
-        return GpuCard(**data)
-    except TypeError as e:
-        raise PlanError(f"{origin}: {e}") from None
-
-
 @cache
 def gpu_registry() -> dict[str, GpuCard]:
     """All shipped GPU cards by name."""
-    cards = {}
-    for path in sorted(GPUS_DIR.glob("*.toml")):
-        with path.open("rb") as f:
-            card = _card(tomllib.load(f), path.name)
-        cards[card.name] = card
-    return cards
+    return load_registry(GPUS_DIR, GpuCard, "GPU card")
 
 
 def load_gpu(name: str) -> GpuCard:

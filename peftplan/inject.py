@@ -123,8 +123,47 @@ def kbit_prepare(model: nn.Module) -> tuple[str, ...]:
     return tuple(cast)
 
 
+def _inject_lora(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: torch.dtype) -> dict:
+    """LoRA around the targets; for QLoRA every Linear/Conv1D but the head first becomes an NF4 Linear4bit."""
+    linears = linear_modules(model)
+    targets = match_targets(list(linears), plan.targets, card.model_type)
+    if plan.method == "qlora":
+        compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16  # QLoRA computes in bf16
+        for name, lin in linears.items():
+            _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
+    for name in targets:
+        base = model.get_submodule(name)
+        _replace(model, name, LoRALinear(base, plan.r, plan.alpha, plan.dropout, dtype=adapter_dtype))
+    upcast = ()
+    if plan.method == "qlora" and plan.kbit_prep:  # LoRA is fp32 already, as peft creates it after the preparation
+        upcast = kbit_prepare(model)
+    return dict(wrapped=tuple(targets), upcast=upcast,
+                quantized=tuple(n for n, m in model.named_modules() if is_linear4bit(m)),  # a target's: "<name>.base"
+                trainable={f"{n}.lora_{x}.weight" for n in targets for x in "ab"})
+
+
+def _inject_adapters(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: torch.dtype) -> dict:
+    """Houlsby adapters on the block's output projections; adapters and every LayerNorm/RMSNorm train."""
+    attn, ffn = ADAPTER_SITES[card.model_type]
+    sites = (attn, ffn) if plan.adapter_placement == "houlsby" else (ffn,)
+    names = [layout(card).block_name(i, rel) for i in range(card.n_layers) for rel in sites]
+    trainable: set[str] = set()
+    for name in names:
+        base = model.get_submodule(name)
+        adapter = Adapter(in_out_features(base)[1], plan.adapter_size, device=base.weight.device, dtype=adapter_dtype)
+        _replace(model, name, AdapterAfter(base, adapter))
+        trainable |= {f"{name}.adapter.{p}" for p, _ in adapter.named_parameters()}
+    for mname, m in model.named_modules():
+        if is_norm(m):
+            trainable |= {f"{mname}.{p}" for p, _ in m.named_parameters(recurse=False)}
+    return dict(wrapped=tuple(names), trainable=trainable)
+
+
 def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
     """Apply `plan` to `model` (built from `card`) in place and freeze all but the method's parameters.
+
+    New LoRA/adapter parameters take plan.dtype, fp32 under k-bit preparation; requires_grad is set by the
+    declared names (`p.requires_grad_(name in trainable)`), never by matching a substring.
 
     Raises:
         PlanError: an architecture the injector does not know, a model/card mismatch, targets matching nothing
@@ -132,56 +171,22 @@ def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
             (phi3), an adapter wider than d, top_k above the number of blocks.
     """
     _check(model, card, plan)
-    dtype = TORCH_DTYPES[plan.dtype]
-    kbit = plan.method == "qlora" and plan.kbit_prep
-    adapter_dtype = torch.float32 if kbit else dtype
-    wrapped: list[str] = []
-    quantized: list[str] = []
-    upcast: tuple[str, ...] = ()
-    trainable: set[str] = set()
-    lay = layout(card)
-
+    adapter_dtype = torch.float32 if plan.method == "qlora" and plan.kbit_prep else TORCH_DTYPES[plan.dtype]
+    names = [n for n, _ in model.named_parameters()]
     if plan.uses_lora:
-        linears = linear_modules(model)
-        targets = match_targets(list(linears), plan.targets, card.model_type)
-        if plan.method == "qlora":
-            compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
-            for name, lin in linears.items():
-                _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
-        for name in targets:
-            base = model.get_submodule(name)
-            _replace(model, name, LoRALinear(base, plan.r, plan.alpha, plan.dropout, dtype=adapter_dtype))
-            trainable |= {f"{name}.lora_a.weight", f"{name}.lora_b.weight"}
-            wrapped.append(name)
-        quantized = [n for n, m in model.named_modules() if is_linear4bit(m)]  # final names: "<target>.base"
-        if kbit:  # LoRA is already fp32 here, as peft creates it after the preparation
-            upcast = kbit_prepare(model)
+        done = _inject_lora(model, card, plan, adapter_dtype)
     elif plan.method == "adapter":
-        attn, ffn = ADAPTER_SITES[card.model_type]
-        sites = (attn, ffn) if plan.adapter_placement == "houlsby" else (ffn,)
-        for i in range(card.n_layers):
-            for rel in sites:
-                name = lay.block_name(i, rel)
-                base = model.get_submodule(name)
-                d = in_out_features(base)[1]
-                adapter = Adapter(d, plan.adapter_size, device=base.weight.device, dtype=adapter_dtype)
-                _replace(model, name, AdapterAfter(base, adapter))
-                trainable |= {f"{name}.adapter.{p}" for p, _ in adapter.named_parameters()}
-                wrapped.append(name)
-        for mname, m in model.named_modules():
-            if is_norm(m):
-                trainable |= {f"{mname}.{p}" for p, _ in m.named_parameters(recurse=False)}
+        done = _inject_adapters(model, card, plan, adapter_dtype)
     elif plan.method == "top":
+        lay = layout(card)
         blocks = tuple(f"{lay.block_prefix}.{i}." for i in range(card.n_layers - plan.top_k, card.n_layers))
-        trainable = {n for n, _ in model.named_parameters() if n.startswith(blocks)}
+        done = dict(trainable={n for n in names if n.startswith(blocks)})
     else:  # full
-        trainable = {n for n, _ in model.named_parameters()}
-
-    names = []
+        done = dict(trainable=set(names))
+    trainable = done.pop("trainable")
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-        if name in trainable:
-            names.append(name)
-    return Injection(method=plan.method, wrapped=tuple(wrapped), quantized=tuple(quantized),
-                     trainable=tuple(names), upcast=upcast,
+    return Injection(method=plan.method, wrapped=done.get("wrapped", ()), quantized=done.get("quantized", ()),
+                     trainable=tuple(n for n, _ in model.named_parameters() if n in trainable),
+                     upcast=done.get("upcast", ()),
                      adapter_dtype=next(k for k, v in TORCH_DTYPES.items() if v == adapter_dtype))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from peftplan.cards import ModelCard
 from peftplan.layout import layout
-from peftplan.params import ParamCounts, count, lora_targets, qlora_weight_bytes
+from peftplan.params import ParamCounts, count, lora_targets, qlora_weight_bytes, quantizable
 from peftplan.plan import Plan
 from peftplan.results import Memory
 
@@ -143,8 +143,11 @@ def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
     numels = trainable_tensors(card, plan, p)
     trainable = sum(rounded(n * te) for n in numels)
     if plan.method == "qlora":
-        rest = p.frozen - p.quantized  # embeddings, norms, biases, output head
-        frozen = qlora_weight_bytes(card, plan.double_quant) + rest * (FP32 if plan.kbit_prep else e)
+        # embeddings, norms, output head: fp32 after k-bit preparation. Linear4bit casts its bias back to the
+        # compute dtype in place on its first forward, so in steady state biases are e bytes.
+        biases = sum(n * lin.d_out for lin, n in quantizable(card) if lin.bias)
+        rest = p.frozen - p.quantized - biases
+        frozen = qlora_weight_bytes(card, plan.double_quant) + rest * (FP32 if plan.kbit_prep else e) + biases * e
     else:
         frozen = p.frozen * e
     return Static(

@@ -25,13 +25,6 @@ from peftplan.plan import Plan
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: 2 intra-op threads wait on each other (~100× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 FAMILIES = ["opt", "llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "bert", "roberta"]
 PLANS = {

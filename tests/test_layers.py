@@ -25,13 +25,6 @@ bnb = pytest.importorskip("bitsandbytes")
 D_IN, D_OUT, R, ALPHA = 32, 48, 4, 8.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: 2 intra-op threads wait on each other (~100× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

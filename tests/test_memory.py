@@ -26,7 +26,7 @@ def test_qlora_frozen_weights_are_nf4_plus_fp32_rest():
     card = registry()["llama-2-7b"]
     p = count(card, Plan(method="qlora"))
     est = estimate(card, Plan(method="qlora"))
-    expected = qlora_weight_bytes(card) + 4 * (p.frozen - p.quantized)
+    expected = qlora_weight_bytes(card) + 4 * (p.frozen - p.quantized)  # Llama has no biases
     assert est.phases[0].frozen_weights_bytes == expected
     no_prep = estimate(card, Plan(method="qlora", kbit_prep=False))
     assert no_prep.phases[0].frozen_weights_bytes == qlora_weight_bytes(card) + 2 * (p.frozen - p.quantized)

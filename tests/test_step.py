@@ -22,13 +22,6 @@ from peftplan.plan import DTYPES, Plan
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: 2 intra-op threads wait on each other (~100× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 METHODS = {
     "full": Plan(method="full"),
@@ -191,6 +184,21 @@ def test_linear4bit_biases_fall_back_to_the_compute_dtype_after_a_forward():
     model(**make_batch(card, plan, "cpu"))
     biases = sum(m.bias.numel() for m in model.modules() if is_linear4bit(m) and m.bias is not None)
     assert biases > 0 and count_model(model).stored_bytes == before - 2 * biases
+
+
+@pytest.mark.parametrize("kbit_prep", [True, False])
+def test_kbit_preparation_makes_the_activations_fp32(kbit_prep):
+    """A fact for the memory model: with fp32 embeddings and norms the residual stream is fp32, and Linear4bit
+    computes in bf16 but returns its input's dtype, so a QLoRA step with k-bit preparation holds fp32 activations."""
+    card = tiny_card("llama")
+    plan = small(METHODS["qlora"], dtype="bf16", kbit_prep=kbit_prep)
+    model, _ = build_model(card, plan)
+    dtypes = []
+    for name in ("model.layers.0", "model.layers.0.self_attn.q_proj.base", "model.layers.1.mlp.down_proj"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o: dtypes.append((i[0].dtype, o.dtype)))
+    logits = model(**make_batch(card, plan, "cpu")).logits
+    expected = torch.float32 if kbit_prep else torch.bfloat16
+    assert logits.dtype == expected and set(dtypes) == {(expected, expected)}
 
 
 @pytest.mark.parametrize("method", METHODS)

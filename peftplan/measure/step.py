@@ -143,7 +143,8 @@ def materialize(model: nn.Module, device, plan: Plan, *, seed: int = 0) -> nn.Mo
     Only torch.empty and in-place init ops: no .to() of meta tensors, no .item()/.tolist(). Base modules come
     first in module order from one generator, LoRA/adapter parameters after from another, so the base weights
     of a seed do not depend on the method. 4-bit layers are quantized one at a time (`attach_nf4`), so the
-    float copy of only one weight exists at once. Dtypes and requires_grad are those the injection set.
+    float copy of only one weight exists at once. Dtypes and requires_grad are those `inject` set from the plan,
+    which is taken here for the shared signature only.
     """
     device = torch.device(device)
     owned = _adapter_owned(model)

@@ -212,7 +212,7 @@ def cost_cell(card: ModelCard, plan: Plan, gpu: GpuInfo, tokens: int) -> CostCel
     t = e.time
     return CostCell(gpu=gpu.name, method=plan.method, fits=bool(e.fits), tokens_per_s=t.tokens_per_s,
                     usd_per_million_tokens=1e6 / t.tokens_per_s / 3600.0 * gpu.price_per_hour_usd,
-                    gpu_hours=t.gpu_hours, cost_usd=t.cost_usd)
+                    gpu_hours=t.gpu_hours, cost_usd=t.cost_usd, note="; ".join(e.warnings))
 
 
 def throughput(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo], tokens: int) -> Throughput:
