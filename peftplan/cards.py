@@ -65,6 +65,14 @@ class ModelCard:
     embed_dropout: float = 0.0  # on the embedding output
     hf: dict = field(default_factory=dict, compare=False, hash=False)  # config.json fields that fix no shape
 
+    def __hash__(self) -> int:
+        # cards key the planner's caches: hash the ~30 fields once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.name != "hf"))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise PlanError(
@@ -101,22 +109,29 @@ class ModelCard:
 # ---------------------------------------------------------------- card files
 
 
+def load_card_file(path: Path, cls: type, what: str):
+    """One TOML card as `cls(**fields)`; unknown or missing fields are one-line errors."""
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise PlanError(f"{path.name}: unknown {what} field(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise PlanError(f"{path.name}: {e}") from None
+
+
 def load_registry(directory: Path, cls: type, what: str) -> dict:
-    """Every `*.toml` card in a folder as `cls(**fields)`, by name; unknown or missing fields are one-line errors."""
-    known = {f.name for f in fields(cls)}
+    """Every `*.toml` card in a folder, by name."""
     cards = {}
     for path in sorted(directory.glob("*.toml")):
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PlanError(f"{path.name}: unknown {what} field(s) {', '.join(unknown)}")
-        try:
-            card = cls(**data)
-        except TypeError as e:
-            raise PlanError(f"{path.name}: {e}") from None
+        card = load_card_file(path, cls, what)
         cards[card.name] = card
     return cards
+
+
+_loaded: dict[str, ModelCard] = {}
 
 
 @cache
@@ -130,6 +145,12 @@ def load_card(model: str) -> ModelCard:
     path = Path(model)
     if model.endswith(".json") or path.is_dir() or path.is_file():
         return card_from_config_path(path)
+    own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
+    if own.is_file():
+        card = _loaded.get(model) or load_card_file(own, ModelCard, "card")
+        if card.name == model:
+            _loaded[model] = card
+            return card
     cards = registry()
     if model in cards:
         return cards[model]

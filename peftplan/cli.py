@@ -154,8 +154,13 @@ def _register_optional() -> None:
         module.register(app)
 
 
+CORE = {"estimate", "compare", "models", "gpus"}
+
+
 def main() -> None:
-    _register_optional()
+    # the planning commands start fast: the other commands' modules load only when one of them may run
+    if not (len(sys.argv) > 1 and sys.argv[1] in CORE):
+        _register_optional()
     try:
         app()
     except PlanError as e:  # a command that let one through

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from peftplan.cards import ModelCard
 from peftplan.layout import layout
@@ -187,7 +188,9 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
     """
     e, d = activation_element_bytes(plan), card.d_model
     if card.norm == "rmsnorm":
-        return FP32 * d + FP32 + (e * d if weight_trains else 0)
+        # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
+        scaled = FP32 if card.model_type == "gemma2" else e
+        return FP32 * d + FP32 + (scaled * d if weight_trains else 0)
     return e * d + 2 * FP32
 
 
@@ -238,9 +241,12 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     else:
         s = plan.seq_len
         heads = c.n_heads
-        # eager: q, k (repeated to h heads), v (repeated), fp32 softmax output, its cast, and the output copy
-        # (the cast back to e is a no-op when activations are already fp32)
-        total += e * (2 * q) + e * q + FP32 * heads * s + (e * heads * s if e != FP32 else 0)
+        # eager: q, k (repeated to h heads), v (repeated), the softmax output (fp32 in the Llama family and OPT,
+        # the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the dropout output (with its
+        # bool mask) or the softmax cast back to e (a no-op when they agree); and the output copy
+        sm = e if c.model_type in ("gpt2", "bert", "roberta") else FP32
+        probs = sm + (1 + e if c.attention_dropout > 0 else (e if sm != e else 0))
+        total += e * (2 * q) + e * q + probs * heads * s
         total += e * q * saves(attn_out)
     # MLP
     down = saves(ffn_out)
@@ -254,8 +260,6 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
     if c.hidden_dropout > 0:
         total += 2 * d  # a bool mask per sublayer output dropout
-    if c.attention_dropout > 0 and plan.attention == "eager":
-        total += c.n_heads * plan.seq_len  # bool mask over the attention probabilities
     if plan.method == "adapter":
         m = plan.adapter_size
         per = e * d + 2 * e * m  # adapter input, bottleneck pre-activation and activation
@@ -360,15 +364,15 @@ def embedding_backward_bytes(card: ModelCard, plan: Plan) -> int:
 
 
 def first_gradients_bytes(card: ModelCard, plan: Plan) -> int:
-    """Gradients that arrive last in backward: block 0's and the embeddings' (full fine-tuning)."""
-    e = plan.bytes_per_element
+    """Gradients that arrive last in backward: block 0's and the embeddings' (full fine-tuning only)."""
+    return _first_gradients_elements(card) * plan.bytes_per_element if plan.method == "full" else 0
+
+
+@lru_cache(maxsize=1024)
+def _first_gradients_elements(card: ModelCard) -> int:
     lay = layout(card)
-    if plan.method == "full":
-        block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
-        return e * (block + sum(x.numel for x in lay.embeddings))
-    if plan.method == "top":
-        return 0
-    return 0
+    block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+    return block + sum(x.numel for x in lay.embeddings)
 
 
 def phases(card: ModelCard, plan: Plan, p: ParamCounts | None = None) -> tuple[Memory, Memory, Memory]:

@@ -8,6 +8,8 @@ Gradient checkpointing runs the forward twice.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from peftplan.cards import ModelCard
 from peftplan.layout import layout
 from peftplan.params import ParamCounts
@@ -20,6 +22,7 @@ from peftplan.results import Time
 UTILISATION = {"full": 0.45, "top": 0.40, "adapter": 0.35, "lora": 0.35, "qlora": 0.25}
 
 
+@lru_cache(maxsize=1024)
 def matmul_params(card: ModelCard) -> int:
     """N: weights that take part in matmuls (block linears and the output head); lookups are free."""
     lay = layout(card)

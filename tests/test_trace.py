@@ -49,6 +49,22 @@ def test_estimate_within_2pct_of_trace(name, plan):
     assert abs(c.peak_error) <= 0.02, (c.peak_error, c.trace_phase, c.estimate_phase)
 
 
+LARGE = [("opt-6.7b", Plan(method="lora", batch_size=4, seq_len=512)),
+         ("llama-3.1-8b", Plan(method="qlora", batch_size=2, seq_len=512, grad_checkpointing=True)),
+         ("qwen2.5-7b", Plan(method="adapter", batch_size=1, seq_len=1024)),
+         ("llama-2-7b", Plan(method="full", batch_size=1, seq_len=512, optimizer="adamw8bit")),
+         ("gemma-2-2b", Plan(method="lora", batch_size=1, seq_len=512, attention="eager"))]
+
+
+@pytest.mark.parametrize("name, plan", LARGE, ids=[n for n, _ in LARGE])
+def test_full_size_estimate_within_2pct_of_trace(name, plan):
+    card = registry()[name]
+    c = compare(estimate(card, plan), trace(card, plan))
+    assert abs(c.peak_error) <= 0.02, (c.peak_error, c.trace_phase)
+    for field, err in c.component_errors.items():  # each component, as a share of the peak
+        assert abs(err) <= 0.02, (field, err)
+
+
 def test_summary_maths():
     class C:
         def __init__(self, e):
