@@ -18,7 +18,7 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     card = model if isinstance(model, ModelCard) else load_card(model)
     plan = plan.with_(**plan_fields) if plan is not None and plan_fields else (plan or Plan(**plan_fields))
     p = count(card, plan)
-    mem = phases(card, plan, p)
+    mem = phases(card, plan)
     warnings = []
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"

@@ -58,7 +58,7 @@ class Static:
     largest_gradient_bytes: int  # the first gradient to arrive in backward (output head / top block)
 
 
-def trainable_tensors(card: ModelCard, plan: Plan, p: ParamCounts) -> list[int]:
+def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
     """numel of each trainable tensor (the optimizer keeps state per tensor)."""
     lay = layout(card)
     L = card.n_layers
@@ -119,9 +119,7 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
         return 0
     if plan.optimizer in ("adamw", "paged-adamw"):
         return sum(rounded(n * e) for n in numels) if plan.foreach else rounded(max(numels) * e)
-    if plan.optimizer == "sgd-momentum":
-        return 0
-    return 0
+    return 0  # SGD updates in place; bitsandbytes' 8-bit step works block by block
 
 
 _STATIC: dict[tuple, Static] = {}
@@ -141,7 +139,7 @@ def cached_static_memory(card: ModelCard, plan: Plan) -> Static:
 
 def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
     e, te = plan.bytes_per_element, trainable_element_bytes(plan)
-    numels = trainable_tensors(card, plan, p)
+    numels = trainable_tensors(card, plan)
     trainable = sum(rounded(n * te) for n in numels)
     if plan.method == "qlora":
         # embeddings, norms, output head: fp32 after k-bit preparation. Linear4bit casts its bias back to the
@@ -375,7 +373,7 @@ def _first_gradients_elements(card: ModelCard) -> int:
     return block + sum(x.numel for x in lay.embeddings)
 
 
-def phases(card: ModelCard, plan: Plan, p: ParamCounts | None = None) -> tuple[Memory, Memory, Memory]:
+def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     st = cached_static_memory(card, plan)
     act = activations(card, plan)
     ae, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
