@@ -23,7 +23,7 @@ def cold(cmd: list[str], runs: int) -> list[float]:
 
 def api_rate(seconds: float = 2.0) -> tuple[float, int]:
     from peftplan import Plan, estimate
-    from peftplan.cards import registry
+    from peftplan.planning.cards import registry
 
     cards = [registry()[n] for n in ("opt-6.7b", "llama-3.1-8b", "mistral-7b-v0.1", "qwen2.5-7b", "gemma-2-9b")]
     grid = [Plan(method=m, r=r, batch_size=b, seq_len=s, grad_checkpointing=gc)

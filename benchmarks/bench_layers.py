@@ -26,7 +26,7 @@ def peft_model(card, plan: Plan, device):
 
     from peftplan.inject import linear_modules
     from peftplan.layers import to_linear4bit
-    from peftplan.params import DEFAULT_TARGETS
+    from peftplan.planning.params import DEFAULT_TARGETS
 
     base, _ = build_model(card, plan.with_(method="full"), device)
     if plan.method == "qlora":

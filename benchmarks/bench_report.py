@@ -23,7 +23,7 @@ TARGET_S = 3.0
 def one_run(what: str) -> dict:
     """Timed in this process (a child, so every cache starts cold); imports are not counted."""
     import plotly.offline  # noqa: F401
-    from peftplan.fit import fit_matrix
+    from peftplan.planning.fit import fit_matrix
     from peftplan.report import build_report
 
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ CONFIGS = [
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from peftplan.cards import load_card
+from peftplan.planning.cards import load_card
 from peftplan.plan import Plan
 from peftplan.trace.run import trace
 t_import = time.perf_counter() - t0

@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from peftplan.cards import registry
+from peftplan.planning.cards import registry
 from peftplan.errors import PlanError
-from peftplan.estimate import estimate
+from peftplan.planning import estimate
 from peftplan.trace.check import compare, grid, summarize
 from peftplan.trace.run import trace
 

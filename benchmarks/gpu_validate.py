@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peftplan.cards import ModelCard, registry  # noqa: E402
+from peftplan.planning.cards import ModelCard, registry  # noqa: E402
 from peftplan.errors import PlanError  # noqa: E402
 from peftplan.plan import Plan  # noqa: E402
 from peftplan.profile.grid import GridPoint, dedupe, run_grid  # noqa: E402
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         print("gpu_validate: no points to run", file=sys.stderr)
         return 2
 
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
     from peftplan.profile import run as run_mod
 
     fake = None

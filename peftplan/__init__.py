@@ -3,7 +3,7 @@
 The planning API imports no torch: `peftplan.estimate("opt-6.7b", method="qlora", r=16)`.
 """
 from peftplan.errors import PlanError
-from peftplan.estimate import estimate
+from peftplan.planning import estimate
 from peftplan.plan import Plan
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
     hf_config(card)       transformers `PretrainedConfig` from `to_hf_config(card)` via `AutoConfig.for_model`
     meta_model(card)      the causal-LM (decoders) or masked-LM (BERT/RoBERTa) model on meta; tests compare its
-                          parameter count with `peftplan.params.total_params`
+                          parameter count with `peftplan.planning.params.total_params`
     model_class_name      the transformers class `meta_model` builds, without importing transformers
 
 Built under `with torch.device("meta")`, which keeps tied embeddings tied; `accelerate.init_empty_weights`
@@ -11,7 +11,7 @@ torch and transformers are imported inside the functions: the planning path neve
 """
 from __future__ import annotations
 
-from peftplan.cards import ModelCard, to_hf_config
+from peftplan.planning.cards import ModelCard, to_hf_config
 from peftplan.errors import PlanError
 
 TASKS = ("causal-lm", "masked-lm")

@@ -64,7 +64,7 @@ def estimate(
     json_out: Json = False,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
-    from peftplan.estimate import estimate as run
+    from peftplan.planning import estimate as run
 
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
@@ -90,7 +90,7 @@ def compare(
     json_out: Json = False,
 ) -> None:
     """Full, top-k, adapter, LoRA and QLoRA side by side for one model and step shape."""
-    from peftplan.estimate import estimate as run
+    from peftplan.planning import estimate as run
 
     try:
         results = [
@@ -112,8 +112,8 @@ def compare(
 @app.command()
 def models(json_out: Json = False) -> None:
     """The shipped model cards."""
-    from peftplan.cards import registry
-    from peftplan.params import total_params
+    from peftplan.planning.cards import registry
+    from peftplan.planning.params import total_params
 
     cards = registry()
     if json_out:
@@ -129,7 +129,7 @@ def gpus(json_out: Json = False) -> None:
     """The shipped GPU cards."""
     from dataclasses import asdict
 
-    from peftplan.gpus import gpu_registry
+    from peftplan.planning.gpus import gpu_registry
 
     cards = gpu_registry()
     if json_out:

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftplan.cards import ModelCard
+from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
 from peftplan.layers import (Adapter, AdapterAfter, LoRALinear, in_out_features, is_linear, is_linear4bit,
                              to_linear4bit)
-from peftplan.layout import layout
-from peftplan.params import count, parse_targets
+from peftplan.planning.layout import layout
+from peftplan.planning.params import count, parse_targets
 from peftplan.plan import Plan
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

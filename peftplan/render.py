@@ -108,7 +108,7 @@ def render_compare(results: list[Estimate], console: Console | None = None) -> N
 
 
 def render_models(cards, console: Console | None = None) -> None:
-    from peftplan.params import total_params
+    from peftplan.planning.params import total_params
 
     console = console or Console()
     t = Table(title="model cards", title_justify="left")

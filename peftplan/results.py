@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from peftplan.params import ParamCounts
+from peftplan.planning.params import ParamCounts
 from peftplan.plan import Plan
 
 SCHEMA_VERSION = 1  # bump when a field of the JSON changes meaning or disappears

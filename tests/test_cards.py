@@ -5,7 +5,7 @@ from functools import cache
 
 import pytest
 
-from peftplan.cards import card_from_hf_config, load_card, registry, to_hf_config
+from peftplan.planning.cards import card_from_hf_config, load_card, registry, to_hf_config
 
 CARDS = sorted(registry())
 
@@ -61,7 +61,7 @@ def test_card_round_trips_through_config_file(name, tmp_path):
 
 @pytest.mark.parametrize("name", CARDS)
 def test_total_params_equal_transformers(name):
-    from peftplan.params import total_params
+    from peftplan.planning.params import total_params
 
     assert meta_count(name) == total_params(registry()[name])
 

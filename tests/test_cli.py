@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from peftplan.cards import to_hf_config, registry
+from peftplan.planning.cards import to_hf_config, registry
 
 
 def run(*args):

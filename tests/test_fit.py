@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from peftplan.cards import load_card
+from peftplan.planning.cards import load_card
 from peftplan.errors import PlanError
-from peftplan.estimate import estimate
-from peftplan.fit import MAX_BATCH, fit_matrix, largest_batch, longest_seq, search_largest
-from peftplan.memory import phases
+from peftplan.planning import estimate
+from peftplan.planning.fit import MAX_BATCH, fit_matrix, largest_batch, longest_seq, search_largest
+from peftplan.planning.memory import phases
 from peftplan.plan import Plan
 
 HUGE = dict(model_type="llama", hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,

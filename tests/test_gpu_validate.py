@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peftplan.cards import registry
+from peftplan.planning.cards import registry
 from peftplan.profile.store import load_dir
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 import pytest
 
 from peftplan.errors import PlanError
-from peftplan.gpus import GpuCard, gpu_registry, load_gpu, peak_tflops
+from peftplan.planning.gpus import GpuCard, gpu_registry, load_gpu, peak_tflops
 
 GPUS = sorted(gpu_registry())
 GIB = 2**30
@@ -55,6 +55,6 @@ def test_no_torch_import():
     import subprocess
     import sys
 
-    code = "import sys, peftplan.gpus as g; g.gpu_registry(); print('torch' in sys.modules)"
+    code = "import sys, peftplan.planning.gpus as g; g.gpu_registry(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

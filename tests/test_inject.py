@@ -15,11 +15,11 @@ from torch import nn
 from peftplan.errors import PlanError
 from peftplan.inject import ADAPTER_SITES, inject, is_norm, linear_modules
 from peftplan.layers import LoRALinear, is_linear, is_linear4bit
-from peftplan.layout import layout
+from peftplan.planning.layout import layout
 from peftplan.measure import build_model, count_model, make_batch, make_optimizer, train_step
 from peftplan.measure.step import step_config
 from peftplan.measure.tiny import tiny_card
-from peftplan.params import count, lora_targets
+from peftplan.planning.params import count, lora_targets
 from peftplan.plan import Plan
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -260,7 +260,7 @@ def test_architecture_the_injector_does_not_know():
 
 
 def test_unknown_architecture_in_a_config_json():
-    from peftplan.cards import card_from_hf_config
+    from peftplan.planning.cards import card_from_hf_config
 
     with pytest.raises(PlanError) as e:
         card_from_hf_config({"model_type": "gpt_neox", "hidden_size": 64}, name="x", source="x")

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from peftplan.errors import PlanError
 from peftplan.layers import Adapter, AdapterAfter, LoRALinear, is_linear4bit
 from peftplan.layers.adapter import INIT_STD, trunc_normal_
-from peftplan.params import adapter_params, lora_params
+from peftplan.planning.params import adapter_params, lora_params
 
 bnb = pytest.importorskip("bitsandbytes")
 D_IN, D_OUT, R, ALPHA = 32, 48, 4, 8.0

@@ -1,10 +1,10 @@
 """The analytic memory model: exact static terms, phase logic and monotonicity."""
 import pytest
 
-from peftplan.cards import registry
-from peftplan.estimate import estimate
-from peftplan.memory import optimizer_state_bytes, rounded
-from peftplan.params import count, qlora_weight_bytes
+from peftplan.planning.cards import registry
+from peftplan.planning import estimate
+from peftplan.planning.memory import optimizer_state_bytes, rounded
+from peftplan.planning.params import count, qlora_weight_bytes
 from peftplan.plan import Plan
 
 

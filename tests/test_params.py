@@ -4,9 +4,9 @@ from functools import cache
 
 import pytest
 
-from peftplan.cards import registry
+from peftplan.planning.cards import registry
 from peftplan.errors import PlanError
-from peftplan.params import adapter_params, count, lora_params, nf4_bits_per_weight, nf4_bytes
+from peftplan.planning.params import adapter_params, count, lora_params, nf4_bits_per_weight, nf4_bytes
 from peftplan.plan import Plan
 
 CARDS = sorted(registry())

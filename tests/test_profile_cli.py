@@ -70,7 +70,7 @@ def test_bad_input_is_one_line_exit_2():
 @pytest.fixture
 def simulated(monkeypatch):
     """The command on the CPU stand-ins: a simulated device and the toy step."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
     from peftplan.profile import run
 
     card, fake = toy_card(), FakeCuda()

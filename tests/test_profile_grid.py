@@ -80,7 +80,7 @@ def test_split_list():
 @pytest.fixture
 def rig():
     """A simulated device, its session and a runner that OOMs where a point's batch size is 8."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
 
     card, fake = toy_card(), FakeCuda()
     session = open_session(fake, nvml=fake.nvml())

@@ -20,7 +20,7 @@ GiB = 2**30
 @pytest.fixture(scope="module")
 def measured():
     """A real Measurement from the profiler on the CPU stand-ins, and one that did not fit."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
 
     card, fake = toy_card(), FakeCuda()
     session = open_session(fake, nvml=fake.nvml())
@@ -144,7 +144,7 @@ def test_file_name_without_a_date_or_card(measured):
     ("Some Future Accelerator", 64.0, None),
 ])
 def test_environment_matches_the_local_gpu_to_a_card(device, gib, card):
-    from peftplan.gpus import gpu_registry
+    from peftplan.planning.gpus import gpu_registry
     from peftplan.profile.run import match_gpu_card
 
     if card is not None and card not in gpu_registry():
@@ -154,7 +154,7 @@ def test_environment_matches_the_local_gpu_to_a_card(device, gib, card):
 
 def test_recorded_card_reproduces_the_prediction(measured):
     """What issue 7's CPU test does for every committed result: the estimate again, from the record alone."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
 
     ok, _ = measured
     card = ok.model_card()

@@ -31,7 +31,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 
 def measurement(model: str, plan: Plan, status: str = "ok"):
     """A result as the profiler writes it (the store's own dataclasses), with a timeline and a spike."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
     from peftplan.profile import store
     from peftplan.profile.compare import memory_rows, throughput_row
     from peftplan.profile.nvml import Spike

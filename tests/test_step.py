@@ -16,7 +16,7 @@ from peftplan.measure import (StepRun, build_model, count_model, make_batch, mak
 from peftplan.measure.count import quant_state_tensors
 from peftplan.measure.step import PHASES
 from peftplan.measure.tiny import tiny_card
-from peftplan.params import count, qlora_weight_bytes
+from peftplan.planning.params import count, qlora_weight_bytes
 from peftplan.plan import DTYPES, Plan
 
 bnb = pytest.importorskip("bitsandbytes")

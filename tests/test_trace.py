@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from peftplan.cards import registry  # noqa: E402
-from peftplan.estimate import estimate  # noqa: E402
+from peftplan.planning.cards import registry  # noqa: E402
+from peftplan.planning import estimate  # noqa: E402
 from peftplan.plan import Plan  # noqa: E402
 from peftplan.trace.check import compare, summarize  # noqa: E402
 from peftplan.trace.run import TraceError, trace  # noqa: E402

@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from peftplan.build import hf_config
-from peftplan.cards import ENCODERS, ModelCard
+from peftplan.planning.cards import ENCODERS, ModelCard
 from peftplan.errors import PlanError
 from peftplan.inject import TORCH_DTYPES, Injection, inject, is_norm
 from peftplan.layers import Adapter, LoRALinear, is_linear, is_linear4bit

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from peftplan.cards import ModelCard, card_from_hf_config
+from peftplan.planning.cards import ModelCard, card_from_hf_config
 
 _ROTARY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=128, vocab_size=128, max_position_embeddings=64)

@@ -194,7 +194,7 @@ class ToyStepApi:
 
 def toy_card(name: str = "toy-llama"):
     """A two-block Llama-shaped card of toy sizes (tests)."""
-    from peftplan.cards import ModelCard
+    from peftplan.planning.cards import ModelCard
 
     return ModelCard(name=name, source="peftplan.profile.fake", model_type="llama", d_model=64, n_layers=2,
                      n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=256, max_positions=512,

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from peftplan.cards import ModelCard, load_card
+from peftplan.planning.cards import ModelCard, load_card
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 from peftplan.profile import compare
@@ -149,7 +149,7 @@ def match_gpu_card(device_name: str, total_bytes: int, cards: dict | None = None
     """
     if cards is None:
         try:
-            from peftplan.gpus import gpu_registry
+            from peftplan.planning.gpus import gpu_registry
         except ImportError:
             return None
         cards = gpu_registry()
@@ -339,8 +339,8 @@ def _failure(backend, rec: _Recorder, sampler, exc: BaseException, oom: bool) ->
 
 
 def timing(card: ModelCard, plan: Plan, step_times_s: list[float], gpu_card: str | None) -> Timing:
-    from peftplan.params import count
-    from peftplan.timing import flops_per_token
+    from peftplan.planning.params import count
+    from peftplan.planning.timing import flops_per_token
 
     median = statistics.median(step_times_s)
     flops = flops_per_token(card, plan, count(card, plan)) * plan.tokens
@@ -348,7 +348,7 @@ def timing(card: ModelCard, plan: Plan, step_times_s: list[float], gpu_card: str
     peak = None
     if gpu_card:
         try:
-            from peftplan.gpus import load_gpu, peak_tflops
+            from peftplan.planning.gpus import load_gpu, peak_tflops
 
             peak = float(peak_tflops(load_gpu(gpu_card), plan.dtype))
         except (ImportError, PlanError):
@@ -378,7 +378,7 @@ def _plain(d: dict) -> dict:
 
 def predict(card: ModelCard, plan: Plan, gpu_card: str | None) -> tuple[dict | None, list[str]]:
     """The estimate at measuring time (with the GPU card's time model when the card is known)."""
-    from peftplan.estimate import estimate
+    from peftplan.planning import estimate
 
     try:
         return _plain(estimate(card, plan, gpu=gpu_card).to_dict()), []

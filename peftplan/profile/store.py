@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peftplan.cards import PROFILES
+from peftplan.planning.cards import PROFILES
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 from peftplan.profile.nvml import DEFAULT_INTERVAL_S, Mark, Spike
@@ -77,7 +77,7 @@ class Timing:
     step_time_s: float  # median
     tokens_per_step: int  # b·s
     tokens_per_s: float
-    flops_per_step: float  # the estimate's count (peftplan.timing), recompute included
+    flops_per_step: float  # the estimate's count (peftplan.planning.timing), recompute included
     achieved_tflops: float
     peak_tflops: float | None  # the GPU card's dense peak for the plan's dtype (None: card unknown)
     utilisation: float | None  # achieved / peak
@@ -199,7 +199,7 @@ class Measurement:
 
     def model_card(self):
         """The card measured (as recorded, so a later edit of the registry's card does not change it)."""
-        from peftplan.cards import ModelCard, load_card
+        from peftplan.planning.cards import ModelCard, load_card
 
         return ModelCard(**self.card) if self.card else load_card(self.model)
 

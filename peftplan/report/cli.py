@@ -76,7 +76,7 @@ def fit(
     dtype: Dtype = "bf16", optimizer: Optim = "adamw", attention: Attention = "sdpa", json_out: Json = False,
 ) -> None:
     """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method."""
-    from peftplan.fit import fit_matrix
+    from peftplan.planning.fit import fit_matrix
 
     try:
         fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len,

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftplan.cards import ModelCard, load_card
+from peftplan.planning.cards import ModelCard, load_card
 from peftplan.errors import PlanError
-from peftplan.estimate import estimate
-from peftplan.fit import FitMatrix, fit_matrix
+from peftplan.planning import estimate
+from peftplan.planning.fit import FitMatrix, fit_matrix
 from peftplan.plan import Plan
 from peftplan.report.measured import MEASURED_DIR, Measured, read_measured
 from peftplan.results import Memory
@@ -196,8 +196,8 @@ def checkpointing(card: ModelCard, plans: Sequence[Plan]) -> Checkpointing:
 
 
 def _flops_per_token(card: ModelCard, plan: Plan) -> float:
-    from peftplan.params import count
-    from peftplan.timing import flops_per_token
+    from peftplan.planning.params import count
+    from peftplan.planning.timing import flops_per_token
 
     return flops_per_token(card, plan, count(card, plan))
 
@@ -222,7 +222,7 @@ def throughput(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo], 
 
 
 def model_section(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo], tokens: int) -> ModelSection:
-    from peftplan.params import total_params
+    from peftplan.planning.params import total_params
 
     return ModelSection(
         model=card.name, source=card.source, total_params=total_params(card),
@@ -239,7 +239,7 @@ def model_section(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo
 
 
 def _gpu_info(gpu) -> GpuInfo:
-    from peftplan.gpus import load_gpu
+    from peftplan.planning.gpus import load_gpu
 
     g = load_gpu(gpu) if isinstance(gpu, str) else gpu
     return GpuInfo(name=g.name, full_name=g.full_name, usable_memory_bytes=g.usable_memory_bytes,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from html import escape
 
 from peftplan.render import COMPONENTS as COMPONENT_LABELS
-from peftplan.fit import FitMatrix
+from peftplan.planning.fit import FitMatrix
 from peftplan.report.data import Breakdown, Checkpointing, GpuInfo, RankSweep, Sweep, Throughput
 from peftplan.report.measured import HEADLINE, MeasuredPoint, Timeline
 

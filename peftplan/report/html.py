@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from html import escape as esc
 from pathlib import Path
 
-from peftplan.cards import PROFILES
-from peftplan.fit import FitCell
+from peftplan.planning.cards import PROFILES
+from peftplan.planning.fit import FitCell
 from peftplan.render import COMPONENTS as COMPONENT_LABELS
 from peftplan.report import figures as fig
 from peftplan.report.data import DEFAULT_METHODS, CostCell, ReportData, report_data

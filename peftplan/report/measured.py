@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftplan.cards import PROFILES
+from peftplan.planning.cards import PROFILES
 
 MEASURED_DIR = PROFILES / "measured"
 SCHEMA, SCHEMA_VERSION = "peftplan.measured", 1

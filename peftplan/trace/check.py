@@ -5,7 +5,7 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
-from peftplan.cards import ModelCard
+from peftplan.planning.cards import ModelCard
 from peftplan.plan import Plan
 from peftplan.results import Estimate, Memory
 from peftplan.trace.run import Trace

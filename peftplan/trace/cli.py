@@ -25,8 +25,8 @@ def trace_cmd(
     json_out: Json = False,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
-    from peftplan.cards import load_card
-    from peftplan.estimate import estimate
+    from peftplan.planning.cards import load_card
+    from peftplan.planning import estimate
     from peftplan.trace.check import compare
 
     try:
@@ -93,8 +93,8 @@ def check_cmd(
     json_out: Json = False,
 ) -> None:
     """Estimate vs trace over a grid: per-configuration errors and median / p90 / max."""
-    from peftplan.cards import load_card
-    from peftplan.estimate import estimate
+    from peftplan.planning.cards import load_card
+    from peftplan.planning import estimate
     from peftplan.trace.check import compare, grid, summarize
     from peftplan.trace.run import trace
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from peftplan.memory import rounded
+from peftplan.planning.memory import rounded
 
 CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
               "temporaries")

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from peftplan.cards import ModelCard
+from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 from peftplan.results import PHASES
@@ -131,7 +131,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     t0 = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     counter = LiveBytes(vocab_size=card.vocab_size)
-    from peftplan.layout import layout
+    from peftplan.planning.layout import layout
 
     head = layout(card).head
     with mode:

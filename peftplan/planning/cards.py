@@ -21,7 +21,7 @@ from pathlib import Path
 
 from peftplan.errors import PlanError, suggest
 
-PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 MODELS_DIR = PROFILES / "models"
 
 # The transformers model types whose module layout peftplan knows (see `params.layout`).

@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from peftplan.cards import ModelCard
-from peftplan.layout import layout
-from peftplan.params import ParamCounts, count, lora_targets, qlora_weight_bytes, quantizable
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import layout
+from peftplan.planning.params import ParamCounts, count, lora_targets, qlora_weight_bytes, quantizable
 from peftplan.plan import Plan
 from peftplan.results import Memory
 

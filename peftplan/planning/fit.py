@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from peftplan.cards import ModelCard, load_card
-from peftplan.estimate import estimate
+from peftplan.planning.cards import ModelCard, load_card
+from peftplan.planning.api import estimate
 from peftplan.plan import Plan
 
 MAX_BATCH = 1 << 16  # searches stop here; a cell that reaches it reads "at least"
@@ -70,7 +70,7 @@ def _card(model: str | ModelCard) -> ModelCard:
 def _usable_bytes(gpu) -> int:
     """Usable memory of a GPU card given by name or as a card."""
     if isinstance(gpu, str):
-        from peftplan.gpus import load_gpu
+        from peftplan.planning.gpus import load_gpu
 
         gpu = load_gpu(gpu)
     return gpu.usable_memory_bytes
@@ -176,7 +176,7 @@ def fit_matrix(models: Sequence[str | ModelCard], gpus: Sequence, methods: Seque
     `gpus` are names or GPU cards; `base` carries the other plan fields (rank, dtype, optimizer, ...).
     Raises PlanError for an unknown model, GPU or method; a model that fits nowhere is a row of zeros.
     """
-    from peftplan.gpus import load_gpu
+    from peftplan.planning.gpus import load_gpu
 
     cards = [_card(m) for m in models]
     gpu_cards = [load_gpu(g) if isinstance(g, str) else g for g in gpus]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from peftplan.cards import ModelCard
-from peftplan.layout import layout
-from peftplan.params import ParamCounts
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import layout
+from peftplan.planning.params import ParamCounts
 from peftplan.plan import Plan
 from peftplan.results import Time
 

@@ -1,12 +1,12 @@
 """`estimate()`: parameters, per-phase peak memory and time/cost for one plan. No torch import."""
 from __future__ import annotations
 
-from peftplan.cards import ModelCard, load_card
-from peftplan.memory import phases
-from peftplan.params import count
+from peftplan.planning.cards import ModelCard, load_card
+from peftplan.planning.memory import phases
+from peftplan.planning.params import count
 from peftplan.plan import Plan
 from peftplan.results import Estimate
-from peftplan.timing import step_time
+from peftplan.planning.timing import step_time
 
 
 def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None = None, tokens: int = 0,
@@ -29,7 +29,7 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     time = gpu_memory = None
     gpu_name = None
     if gpu is not None:
-        from peftplan.gpus import load_gpu, peak_tflops
+        from peftplan.planning.gpus import load_gpu, peak_tflops
 
         g = load_gpu(gpu)
         gpu_name, gpu_memory = g.name, g.usable_memory_bytes

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from peftplan.cards import ModelCard
+from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
-from peftplan.layout import Linear, layout
+from peftplan.planning.layout import Linear, layout
 from peftplan.plan import Plan
 
 # peft's default LoRA targets by model type (peft/utils/constants.py,

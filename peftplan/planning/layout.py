@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from peftplan.cards import ModelCard
+from peftplan.planning.cards import ModelCard
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from peftplan.cards import load_registry
+from peftplan.planning.cards import load_registry
 from peftplan.errors import PlanError, suggest
 
-GPUS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "gpus"
+GPUS_DIR = Path(__file__).resolve().parents[2] / "profiles" / "gpus"
 DTYPES = ("bf16", "fp16", "fp32")
 
 
