@@ -190,3 +190,49 @@ def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
                      trainable=tuple(n for n, _ in model.named_parameters() if n in trainable),
                      upcast=done.get("upcast", ()),
                      adapter_dtype=next(k for k, v in TORCH_DTYPES.items() if v == adapter_dtype))
+
+
+# ---------------------------------------------------------------- peft's own LoRA (what users run)
+
+
+def peft_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
+def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Module, Injection]:
+    """LoRA/QLoRA/DoRA built by peft's own `get_peft_model`, as users run it; returns (PeftModel, Injection).
+
+    QLoRA: every Linear/Conv1D but the head first becomes an NF4 `Linear4bit` (what `from_pretrained` with a
+    BitsAndBytesConfig loads), then, with `plan.kbit_prep`, peft's `prepare_model_for_kbit_training` cast
+    (checkpointing is left to the step). `autocast_adapter_dtype=True` (peft's default) leaves A and B in fp32;
+    another `plan.adapter_dtype` is set on them afterwards. Target names are resolved by `match_targets`
+    (peft's rules) and handed to peft as full module names.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    _check(model, card, plan)
+    if not plan.uses_lora:
+        raise PlanError(f"impl=peft builds LoRA, QLoRA and DoRA, not '{plan.method}'")
+    linears = linear_modules(model)
+    targets = match_targets(list(linears), plan.targets, card.model_type)
+    upcast: tuple[str, ...] = ()
+    if plan.method == "qlora":
+        compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+        for name, lin in linears.items():
+            _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
+        if plan.kbit_prep:
+            upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
+    config = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout, target_modules=targets,
+                        use_dora=plan.use_dora, bias="none")
+    peft_model = get_peft_model(model, config)
+    adapter_dtype = TORCH_DTYPES[plan.adapter_dtype]
+    trainable = []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.to(adapter_dtype)
+            trainable.append(name)
+    quantized = tuple(n for n, m in peft_model.named_modules() if is_linear4bit(m))
+    return peft_model, Injection(method=plan.method, wrapped=tuple(targets), quantized=quantized,
+                                 trainable=tuple(trainable), upcast=upcast, adapter_dtype=plan.adapter_dtype)

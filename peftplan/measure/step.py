@@ -50,9 +50,39 @@ def step_config(card: ModelCard, plan: Plan):
     return config
 
 
-def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0) -> tuple[nn.Module, Injection]:
+def hf_attention(plan: Plan, device="cpu") -> str:
+    """transformers' attn_implementation for the plan. `flash` is flash_attention_2 where the flash-attn
+    package and a CUDA device exist; elsewhere SDPA, whose flash kernel saves the same tensors (q, k, v,
+    the output and a fp32 log-sum-exp per head and token, no s² matrix)."""
+    if plan.attention != "flash":
+        return plan.attention
+    import importlib.util
+
+    cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def resolve_impl(plan: Plan, impl: str = "auto") -> str:
+    """Who builds the LoRA layers: "peft" (its own get_peft_model), "ours" (peftplan.layers), or "auto":
+    peft for LoRA/QLoRA when it is installed (DoRA needs it)."""
+    if impl not in ("auto", "peft", "ours"):
+        raise PlanError(f"unknown impl '{impl}' (choose from auto, peft, ours)")
+    from peftplan.inject import peft_available
+
+    if impl == "auto":
+        impl = "peft" if plan.uses_lora and peft_available() else "ours"
+    if impl == "peft" and not plan.uses_lora:
+        impl = "ours"  # peft has no full fine-tuning, top-k or Houlsby adapter
+    if plan.use_dora and impl != "peft":
+        raise PlanError("DoRA is built by peft (impl=peft): pip install peft")
+    return impl
+
+
+def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
+                impl: str = "ours") -> tuple[nn.Module, Injection]:
     """The card's model with the plan injected, random weights on `device`, in training mode.
 
+    impl: "ours" (peftplan's layers), "peft" (peft's get_peft_model) or "auto" (`resolve_impl`).
     Safe inside a FakeTensorMode: the meta skeleton is built outside it, the tensors are made under it.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -62,25 +92,33 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0) -> 
         auto = AutoModelForMaskedLM if card.encoder else AutoModelForCausalLM
         try:
             with torch.device("meta"):
-                model = auto.from_config(config, dtype=TORCH_DTYPES[plan.dtype], attn_implementation=plan.attention)
+                model = auto.from_config(config, dtype=TORCH_DTYPES[plan.dtype],
+                                         attn_implementation=hf_attention(plan, device))
         except ValueError as e:  # e.g. gemma2 has no SDPA path in transformers 5
             first = str(e).strip().split(". ")[0]
             raise PlanError(f"{card.name}: attention '{plan.attention}' is not available ({first})") from None
-        injection = inject(model, card, plan)
+        if resolve_impl(plan, impl) == "peft":
+            from peftplan.inject import inject_peft
+
+            model, injection = inject_peft(model, card, plan)
+        else:
+            injection = inject(model, card, plan)
     materialize(model, device, plan, seed=seed)
     model.train()
     if plan.grad_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, plan.use_reentrant)
     return model, injection
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Checkpoint every block, non-reentrant (which needs no enable_input_require_grads with frozen embeddings).
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Checkpoint every block, as `model.gradient_checkpointing_enable({"use_reentrant": ...})` does; transformers
+    5 then also calls `enable_input_require_grads` (the embedding output requires grad, which reentrant
+    checkpointing needs when the embeddings are frozen).
 
     transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable; older 5.x
     (the GPU machine's 5.17) has only the former.
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -225,17 +263,24 @@ def make_optimizer(model: nn.Module, plan: Plan) -> torch.optim.Optimizer:
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, plan: Plan,
                on_phase: OnPhase | None = None) -> torch.Tensor:
-    """forward → backward → optimizer.step() → zero_grad(set_to_none=True); returns the detached loss.
+    """(forward → backward) × plan.grad_accum → clip_grad_norm_ (max_grad_norm > 0) → optimizer.step() →
+    zero_grad(set_to_none=True), as the HF Trainer's inner loop; returns the detached loss of the last micro-step.
 
     `on_phase(name)` is called with "forward", "backward", "optimizer" before each phase and "end" after.
     """
     phase = on_phase or (lambda name: None)
     kwargs = {} if model.config.model_type in ENCODERS else {"use_cache": False}
-    phase("forward")
-    loss = model(**batch, **kwargs).loss
-    phase("backward")
-    loss.backward()
+    for _ in range(plan.grad_accum):  # the Trainer's gradient accumulation: grads add up over micro-steps
+        phase("forward")
+        loss = model(**batch, **kwargs).loss
+        if plan.grad_accum > 1:
+            loss = loss / plan.grad_accum
+        phase("backward")
+        loss.backward()
     phase("optimizer")
+    if plan.max_grad_norm > 0:  # the Trainer clips before every optimizer step (max_grad_norm, default 1.0)
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm, foreach=plan.foreach)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     phase("end")

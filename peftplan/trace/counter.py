@@ -135,7 +135,7 @@ def module_hooks(model: torch.nn.Module, counter: LiveBytes, head_name: str) -> 
         def hook(mod, args):
             stack.append(name)
             counter.module = name
-            if name == head_name:
+            if name == head_name or name.endswith("." + head_name):  # peft prefixes "base_model.model."
                 counter.in_head = True
         return hook
 

@@ -40,6 +40,7 @@ class Trace:
     ops: int
     seconds: float
     schema_version: int = SCHEMA_VERSION
+    impl: str = "ours"  # who built the LoRA layers: peft or ours
 
     @property
     def peak(self) -> TracePhase:
@@ -114,8 +115,12 @@ def cuda_like():
         F.dropout, F.scaled_dot_product_attention = dropout, sdpa
 
 
-def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True) -> Trace:
+def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True,
+          impl: str = "auto") -> Trace:
     """Count the live tensor bytes of `steps` training steps; report the last.
+
+    impl: who builds LoRA/QLoRA/DoRA — "peft" (its get_peft_model, what users run), "ours", or "auto" (peft
+    when installed; `peftplan.measure.step.resolve_impl`).
 
     fake=False runs the same step on real CPU tensors (small models only): the check that fake tensors
     count what real ones hold.
@@ -123,7 +128,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from peftplan.measure.step import build_model, make_batch, make_optimizer, train_step
+    from peftplan.measure.step import build_model, make_batch, make_optimizer, resolve_impl, train_step
     from peftplan.trace.counter import LiveBytes, module_hooks
 
     if steps < 1:
@@ -135,7 +140,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
 
     head = layout(card).head
     with mode:
-        model, _ = build_model(card, plan, "cpu")
+        model, _ = build_model(card, plan, "cpu", impl=impl)
         batch = make_batch(card, plan, "cpu")
         optimizer = make_optimizer(model, plan)
     handles = module_hooks(model, counter, head)
@@ -185,7 +190,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     )
     return Trace(model=card.name, plan=plan, steps=steps, phases=phases,
                  timeline=_decimate(timeline, timeline_points), ops=counter.ops,
-                 seconds=time.perf_counter() - t0)
+                 seconds=time.perf_counter() - t0, impl=resolve_impl(plan, impl))
 
 
 def _on_phase(counter):
