@@ -32,7 +32,36 @@ FRAGMENTATION = 0.02  # reserved/allocated − 1 at the peak, first cut
 def activation_element_bytes(plan: Plan) -> int:
     """Element size of the activations. QLoRA's k-bit preparation stores embeddings and norms in fp32, so
     the residual stream and every Linear4bit output (returned in its input's dtype) are fp32."""
+    if plan.mixed_precision:  # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype
+        return DTYPES[plan.autocast]
     return FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element
+
+
+def stream_element_bytes(plan: Plan) -> int:
+    """Element size of the residual stream and the norms: fp32 under mixed precision (the embedding output is
+    fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above."""
+    return FP32 if plan.mixed_precision else activation_element_bytes(plan)
+
+
+def autocast_cache_bytes(card: ModelCard, plan: Plan) -> int:
+    """Low-precision weight copies under mixed precision, live from their forward use to their backward.
+
+    torch.autocast (CUDA lower-precision list: linear, matmul, addmm, ...) casts each fp32 weight to the autocast
+    dtype; copies of trainable leaf weights are cached for the autocast region, and autograd saves every copy
+    whose Linear input needs a gradient (to compute that gradient), frozen weights' included. Counted: every
+    Linear (and the output head) of the model for full fine-tuning; the blocks' Linears otherwise. Embeddings
+    and norms are not autocast ops.
+    """
+    if not plan.mixed_precision:
+        return 0
+    lay, e = layout(card), DTYPES[plan.autocast]
+    block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears)
+    if plan.method == "top":
+        return e * block * plan.top_k
+    total = block * card.n_layers
+    if plan.method == "full":
+        total += sum(x.weight_numel for x in lay.other_linears) + lay.head_rows * lay.head_cols
+    return e * total
 
 
 def trainable_element_bytes(plan: Plan) -> int:
@@ -186,7 +215,7 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
     RMSNorm (Llama family) computes in fp32: the fp32 copy of x (4d) and rsqrt (4) are saved; γ·x̂ saves
     x̂ in the compute dtype only when γ trains. LayerNorm saves x (e·d), mean and rstd.
     """
-    e, d = activation_element_bytes(plan), card.d_model
+    e, d = stream_element_bytes(plan), card.d_model
     if card.norm == "rmsnorm":
         # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
         scaled = FP32 if card.model_type == "gemma2" else e
@@ -239,8 +268,12 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
     n_norms = len(layout(c).block_norms)
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
-    # normed inputs read by trained/wrapped Linears
-    total += e * d * any(saves(n) for n in attn_in) + e * d * any(saves(n) for n in ffn_in)
+    # normed inputs read by trained/wrapped Linears; under mixed precision each Linear casts (and saves) its own
+    # low-precision copy of the fp32 normed input (autocast caches only leaf weights, not activations)
+    if plan.mixed_precision:
+        total += e * d * (sum(map(saves, attn_in)) + sum(map(saves, ffn_in)))
+    else:
+        total += e * d * any(saves(n) for n in attn_in) + e * d * any(saves(n) for n in ffn_in)
     total += own_copies(attn_in, d) + own_copies(ffn_in, d) + own_copies([attn_out], q)
     total += own_copies([ffn_out], f)
     if plan.dropout and lora:
@@ -324,7 +357,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = e if c.hf.get("final_logit_softcapping") else 0
     if plan.grad_checkpointing:
-        kept = len(blocks) * e * d  # each checkpointed block keeps only its input
+        kept = len(blocks) * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
     final = outside_saved_per_token(c, plan)
@@ -395,13 +428,15 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     ffn_fwd = ((4 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * t
     ffn_bwd = ((3 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * t
     # forward: everything saved, plus the loss's transient logits (or, checkpointed, the last block running)
+    cache = autocast_cache_bytes(card, plan)
     if plan.grad_checkpointing and ffn_fwd > act.logits_forward_bytes:
-        fwd = _memory("forward", st, activations_bytes=act.saved_bytes + ffn_fwd)
+        fwd = _memory("forward", st, activations_bytes=act.saved_bytes + ffn_fwd, temporaries_bytes=cache)
     else:
-        fwd = _memory("forward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_forward_bytes)
+        fwd = _memory("forward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_forward_bytes,
+                      temporaries_bytes=cache)
     # backward: its start (the loss gradient), or its end (block 0 running, almost every gradient
     # accumulated; with checkpointing block 0 recomputed), whichever is larger
-    start = act.saved_bytes + act.logits_backward_bytes
+    start = act.saved_bytes + act.logits_backward_bytes + cache
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
     if plan.grad_checkpointing:
         late += act.saved_bytes  # checkpoints of the blocks below (block 0 is the worst case, kept simple)
@@ -411,9 +446,53 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
         bwd = _memory("backward", st, gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd)
     elif start >= late + block0 + st.largest_gradient_bytes:
-        bwd = _memory("backward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes)
+        bwd = _memory("backward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
+                      temporaries_bytes=cache)
     else:
         bwd = _memory("backward", st, activations_bytes=block0, gradients_bytes=late,
                       temporaries_bytes=st.largest_gradient_bytes)
-    opt = _memory("optimizer", st, gradients_bytes=st.gradients_bytes, temporaries_bytes=st.optimizer_temporaries_bytes)
+    opt = _memory("optimizer", st, gradients_bytes=st.gradients_bytes,
+                  temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
+    if plan.grad_accum > 1:
+        fwd, bwd = accumulating(card, plan, st, act, block0, late, emb)
     return fwd, bwd, opt
+
+
+def clip_temporaries(card: ModelCard, plan: Plan) -> int:
+    """torch.nn.utils.clip_grad_norm_ (the Trainer's max_grad_norm): one norm per gradient (`_foreach_norm`),
+    their stack, the total norm and the clip coefficient; the gradients are then scaled in place. Freed
+    before optimizer.step(), so the step's own temporaries are compared with these, not added."""
+    if plan.max_grad_norm <= 0:
+        return 0
+    n, e = len(trainable_tensors(card, plan)), trainable_element_bytes(plan)
+    return n * rounded(e) + rounded(n * e) + 3 * rounded(FP32)
+
+
+def accumulating(card: ModelCard, plan: Plan, st: Static, act: Activations, block0: int, late: int,
+                 emb: int) -> tuple[Memory, Memory]:
+    """Forward and backward of micro-steps 2..N under gradient accumulation (the peak's micro-step): every
+    gradient of the earlier micro-steps lives through them, and each new gradient is computed and then added
+    in place (AccumulateGrad), one at a time."""
+    grads = st.gradients_bytes
+    fwd_a, fwd_l = act.saved_bytes, act.logits_forward_bytes
+    if plan.grad_checkpointing:
+        e, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
+        ffn_fwd = ((4 if card.gated_mlp else 2) * e * f + 2 * e * d) * t
+        if ffn_fwd > fwd_l:
+            fwd_a, fwd_l = act.saved_bytes + ffn_fwd, 0
+    fwd = _memory("forward", st, gradients_bytes=grads, activations_bytes=fwd_a, logits_bytes=fwd_l)
+    start = act.saved_bytes + act.logits_backward_bytes
+    late_acc = late - st.gradients_bytes + first_gradients_bytes(card, plan)  # checkpoints below, if any
+    end = late_acc + block0 + st.largest_gradient_bytes
+    if emb:
+        vd = card.vocab_size * card.d_embed * plan.bytes_per_element
+        end = max(end, emb + vd)
+    if start >= end:
+        bwd = _memory("backward", st, gradients_bytes=grads, activations_bytes=act.saved_bytes,
+                      logits_bytes=act.logits_backward_bytes)
+    elif emb and emb + vd >= late_acc + block0 + st.largest_gradient_bytes:
+        bwd = _memory("backward", st, gradients_bytes=grads, temporaries_bytes=emb + vd)
+    else:
+        bwd = _memory("backward", st, gradients_bytes=grads, activations_bytes=late_acc + block0,
+                      temporaries_bytes=st.largest_gradient_bytes)
+    return fwd, bwd
