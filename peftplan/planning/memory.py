@@ -280,7 +280,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         total += (le + 1) * d * (any(n in lora for n in attn_in) + any(n in lora for n in ffn_in))
     total += sum(plan.r * le for n in lora)  # A·x, saved by B
     # attention
-    if plan.attention == "sdpa":
+    if plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
         total += e * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
     else:
         s = plan.seq_len
