@@ -1,0 +1,85 @@
+"""Benchmark: the estimate against the peft-built fake-tensor trace over the stack options (issue 12).
+
+Every configuration sets at least one of the new options: LoRA adapters in fp32 (peft's default) or bf16,
+gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
+Cards are shipped cards cut to 2 blocks (same per-block shapes). Writes benchmarks/results/check_stack_grid.json.
+
+    python benchmarks/check_stack_grid.py          # ~190 configurations
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from peftplan.errors import PlanError
+from peftplan.plan import Plan
+from peftplan.planning import estimate
+from peftplan.planning.cards import registry
+from peftplan.trace.check import compare, summarize
+from peftplan.trace.run import trace
+
+OUT = Path(__file__).resolve().parent / "results" / "check_stack_grid.json"
+CARDS = ("opt-125m", "llama-3.2-1b", "qwen2.5-0.5b", "gpt2")
+
+
+def configurations() -> list:
+    cards = [dataclasses.replace(registry()[n], n_layers=2, name=f"{n}-2L") for n in CARDS]
+    out = []
+    for card, method, adt, accum, attn, gc in itertools.product(
+            cards, ("lora", "qlora"), ("fp32", "bf16"), (1, 2), ("sdpa", "flash"), (False, True)):
+        out.append((card, Plan(method=method, adapter_dtype=adt, grad_accum=accum, attention=attn,
+                               grad_checkpointing=gc, batch_size=2, seq_len=256, r=16)))
+    for card, accum, clip, gc in itertools.product(cards, (1, 2, 4), (1.0, 0.0), (False, True)):
+        out.append((card, Plan(method="full", grad_accum=accum, max_grad_norm=clip, grad_checkpointing=gc,
+                               batch_size=2, seq_len=256)))
+    for card, drop, targets in itertools.product(cards[:3], (0.1,), (None, "all-linear")):
+        for kbit in (True, False):
+            out.append((card, Plan(method="qlora", dropout=drop, targets=targets, kbit_prep=kbit, batch_size=2,
+                                   seq_len=256)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--limit", type=int, default=0)
+    args = ap.parse_args()
+    configs = configurations()[: args.limit or None]
+    results, failures, rows = [], [], []
+    t0 = time.perf_counter()
+    for i, (card, plan) in enumerate(configs, 1):
+        p = plan
+        label = (f"{card.name} {p.method} adapter={p.adapter_dtype} accum={p.grad_accum} clip={p.max_grad_norm} "
+                 f"{p.attention} gc={'on' if p.grad_checkpointing else 'off'} drop={p.dropout} t={p.targets} "
+                 f"kbit={p.kbit_prep}")
+        try:
+            tr = trace(card, plan)
+            c = compare(estimate(card, plan), tr)
+        except PlanError as e:
+            failures.append(f"{label}: {e}")
+            print(f"[{i}/{len(configs)}] FAIL {label}: {e}", flush=True)
+            continue
+        results.append(c)
+        rows.append({"config": label, "impl": tr.impl, "peak_error": c.peak_error, "phase": c.trace_phase,
+                     "trace_peak_bytes": c.trace_peak_bytes, "estimate_peak_bytes": c.estimate_peak_bytes})
+        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label} ({tr.impl}): "
+              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_seconds:.1f} s)", flush=True)
+    s = summarize(results, failures)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))
+    tmp.replace(args.out)
+    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| {100 * s.median_abs_error:.2f}%, "
+          f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; {s.within_2pct} within 2%; "
+          f"{len(s.failures)} failed")
+    for r in sorted(rows, key=lambda r: -abs(r["peak_error"]))[:8]:
+        print(f"  {100 * r['peak_error']:+.2f}%  {r['config']}")
+
+
+if __name__ == "__main__":
+    main()
