@@ -168,7 +168,9 @@ def test_qlora_stored_bytes_equal_the_analytic_bytes(family, double_quant, kbit_
     model, _ = build_model(card, plan)
     est = count(card, plan)
     e = 4 if kbit_prep else DTYPES[plan.dtype]  # k-bit preparation stores every other tensor in fp32
-    expected = qlora_weight_bytes(card, double_quant) + e * (est.base - est.quantized + est.added)
+    # LoRA's A and B in plan.adapter_dtype (fp32 by default, as peft's autocast_adapter_dtype leaves them)
+    expected = qlora_weight_bytes(card, double_quant) + e * (est.base - est.quantized) \
+        + DTYPES[plan.adapter_dtype] * est.added
     counted = count_model(model)
     assert counted.stored_bytes == expected
     assert (counted.total, counted.trainable) == (est.total, est.trainable)

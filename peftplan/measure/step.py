@@ -26,6 +26,7 @@ from peftplan.errors import PlanError
 from peftplan.inject import TORCH_DTYPES, Injection, inject, is_norm
 from peftplan.layers import Adapter, LoRALinear, is_linear, is_linear4bit
 from peftplan.layers.lora import attach_nf4
+from peftplan.measure.autocast import trainer_autocast
 from peftplan.measure.count import ModelCount, count_model
 from peftplan.plan import Plan
 
@@ -272,7 +273,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     kwargs = {} if model.config.model_type in ENCODERS else {"use_cache": False}
     for _ in range(plan.grad_accum):  # the Trainer's gradient accumulation: grads add up over micro-steps
         phase("forward")
-        loss = model(**batch, **kwargs).loss
+        with trainer_autocast(plan.autocast, batch["input_ids"].device):  # the Trainer's compute_loss region
+            loss = model(**batch, **kwargs).loss
         if plan.grad_accum > 1:
             loss = loss / plan.grad_accum
         phase("backward")
