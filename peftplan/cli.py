@@ -38,11 +38,46 @@ KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoR
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
+From = Annotated[Optional[list[str]], typer.Option(
+    "--from", help="training config(s) to plan from: peft adapter_config.json, BitsAndBytesConfig, Trainer/TRL "
+                   "arguments, axolotl or LLaMA-Factory YAML (repeatable; flags override files)")]
 
 
 def fail(message: str) -> None:
     typer.echo(f"peftplan: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def explicit_params() -> set[str]:
+    """Names of the current command's parameters given on the command line (not left at their defaults)."""
+    # typer ships its own copy of click (typer._click) from 0.2x on; fall back to click for older ones
+    try:
+        from typer._click.globals import get_current_context
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover - typer < 0.2x
+        from click import get_current_context
+        from click.core import ParameterSource
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+def with_files(files: list[str] | None, plan: Plan, model: str | None) -> tuple[str | None, Plan]:
+    """`plan` and `model` with the `--from` files applied under the explicit flags; warnings to stderr.
+
+    Raises PlanError (one line) for unreadable, malformed or contradictory files."""
+    if not files:
+        return model, plan
+    from peftplan.sources import plan_from_files
+
+    explicit = explicit_params()
+    chosen, plan, warnings = plan_from_files(files, plan, explicit, model if "model" in explicit else None)
+    for w in warnings:
+        typer.echo(f"peftplan: warning: {w}", err=True)
+    return (chosen if chosen is not None else model), plan
 
 
 def make_plan(method: str, r: int, alpha: float, dropout: float, targets: str | None, adapter_size: int,
@@ -61,7 +96,7 @@ def estimate(
     top_k: TopK = 2, batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False,
+    json_out: Json = False, from_files: From = None,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -69,6 +104,7 @@ def estimate(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        model, plan = with_files(from_files, plan, model)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:
         fail(str(e))
@@ -87,18 +123,18 @@ def compare(
     model: Model = "opt-6.7b", r: R = 16, adapter_size: AdapterSize = 64, top_k: TopK = 2, targets: Targets = None,
     batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa", gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False,
+    json_out: Json = False, from_files: From = None,
 ) -> None:
     """Full, top-k, adapter, LoRA and QLoRA side by side for one model and step shape."""
     from peftplan.planning import estimate as run
 
     try:
-        results = [
-            run(model, Plan(method=m, r=r, adapter_size=adapter_size, top_k=top_k, targets=targets,
-                            batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
-                            grad_checkpointing=grad_checkpointing, attention=attention), gpu=gpu, tokens=int(tokens))
-            for m in ("full", "top", "adapter", "lora", "qlora")
-        ]
+        base = Plan(r=r, adapter_size=adapter_size, top_k=top_k, targets=targets, batch_size=batch_size,
+                    seq_len=seq_len, dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                    attention=attention)
+        model, base = with_files(from_files, base, model)  # every method is compared: the files' method is not used
+        results = [run(model, base.with_(method=m), gpu=gpu, tokens=int(tokens))
+                   for m in ("full", "top", "adapter", "lora", "qlora")]
     except PlanError as e:
         fail(str(e))
     if json_out:

@@ -8,6 +8,7 @@ import typer
 
 from peftplan.cli import (AdapterSize, Alpha, Attention, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
                           KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
+from peftplan.cli import From, with_files
 from peftplan.errors import PlanError
 
 
@@ -22,7 +23,7 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True,
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
-    json_out: Json = False,
+    json_out: Json = False, from_files: From = None,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
     from peftplan.planning.cards import load_card
@@ -32,6 +33,7 @@ def trace_cmd(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        model, plan = with_files(from_files, plan, model)
         card = load_card(model)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
