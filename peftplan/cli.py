@@ -32,7 +32,13 @@ Dtype = Annotated[str, typer.Option(help="bf16 | fp16 | fp32")]
 Optim = Annotated[str, typer.Option(help="adamw | adamw8bit | paged-adamw | paged-adamw8bit | sgd | sgd-momentum")]
 Foreach = Annotated[bool, typer.Option("--foreach/--no-foreach", help="multi-tensor optimizer step (CUDA default)")]
 GradCkpt = Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute blocks")]
-Attention = Annotated[str, typer.Option(help="sdpa | eager")]
+Attention = Annotated[str, typer.Option(help="sdpa | eager | flash (flash_attention_2)")]
+AdapterDtype = Annotated[str, typer.Option(help="LoRA A/B dtype: fp32 (peft's default upcast) | bf16 | fp16")]
+Dora = Annotated[bool, typer.Option("--dora/--no-dora", help="DoRA (peft use_dora)")]
+Autocast = Annotated[str, typer.Option(help="none | bf16 | fp16: the Trainer's bf16=True / fp16=True")]
+GradAccum = Annotated[int, typer.Option("--grad-accum", help="gradient_accumulation_steps")]
+MaxGradNorm = Annotated[float, typer.Option(help="clip_grad_norm_ before the step (Trainer default 1.0; 0 = off)")]
+Reentrant = Annotated[bool, typer.Option("--use-reentrant/--no-use-reentrant", help="reentrant checkpointing")]
 DoubleQuant = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="QLoRA NF4 double quantization")]
 KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoRA: upcast non-4-bit weights to fp32")]
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
@@ -61,7 +67,8 @@ def explicit_params() -> set[str]:
     ctx = get_current_context(silent=True)
     if ctx is None:
         return set()
-    return {name for name in ctx.params
+    renamed = {"dora": "use_dora"}  # the flag is peft's word; the Plan field is peft's LoraConfig name
+    return {renamed.get(name, name) for name in ctx.params
             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
@@ -82,11 +89,14 @@ def with_files(files: list[str] | None, plan: Plan, model: str | None) -> tuple[
 
 def make_plan(method: str, r: int, alpha: float, dropout: float, targets: str | None, adapter_size: int,
               adapter_placement: str, top_k: int, batch_size: int, seq_len: int, dtype: str, optimizer: str,
-              foreach: bool, grad_checkpointing: bool, attention: str, double_quant: bool, kbit_prep: bool) -> Plan:
+              foreach: bool, grad_checkpointing: bool, attention: str, double_quant: bool, kbit_prep: bool,
+              **stack) -> Plan:
+    """`stack`: the peft/Trainer options (adapter_dtype, use_dora, autocast, grad_accum, max_grad_norm,
+    use_reentrant), Plan's field names."""
     return Plan(method=method, r=r, alpha=alpha, dropout=dropout, targets=targets, adapter_size=adapter_size,
                 adapter_placement=adapter_placement, top_k=top_k, batch_size=batch_size, seq_len=seq_len,
                 dtype=dtype, optimizer=optimizer, foreach=foreach, grad_checkpointing=grad_checkpointing,
-                attention=attention, double_quant=double_quant, kbit_prep=kbit_prep)
+                attention=attention, double_quant=double_quant, kbit_prep=kbit_prep, **stack)
 
 
 @app.command()
@@ -95,15 +105,19 @@ def estimate(
     targets: Targets = None, adapter_size: AdapterSize = 64, adapter_placement: Placement = "houlsby",
     top_k: TopK = 2, batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
-    double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False, from_files: From = None,
+    double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
+    dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
+    use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
+    from_files: From = None,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
 
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
-                         seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+                         seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
+                         adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
+                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         model, plan = with_files(from_files, plan, model)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:
@@ -122,8 +136,10 @@ def estimate(
 def compare(
     model: Model = "opt-6.7b", r: R = 16, adapter_size: AdapterSize = 64, top_k: TopK = 2, targets: Targets = None,
     batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
-    grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa", gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False, from_files: From = None,
+    grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa", adapter_dtype: AdapterDtype = "fp32",
+    autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
+    use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
+    from_files: From = None,
 ) -> None:
     """Full, top-k, adapter, LoRA and QLoRA side by side for one model and step shape."""
     from peftplan.planning import estimate as run
@@ -131,7 +147,8 @@ def compare(
     try:
         base = Plan(r=r, adapter_size=adapter_size, top_k=top_k, targets=targets, batch_size=batch_size,
                     seq_len=seq_len, dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                    attention=attention)
+                    attention=attention, adapter_dtype=adapter_dtype, autocast=autocast, grad_accum=grad_accum,
+                    max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         model, base = with_files(from_files, base, model)  # every method is compared: the files' method is not used
         results = [run(model, base.with_(method=m), gpu=gpu, tokens=int(tokens))
                    for m in ("full", "top", "adapter", "lora", "qlora")]

@@ -162,7 +162,7 @@ def _inject_adapters(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtyp
 def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
     """Apply `plan` to `model` (built from `card`) in place and freeze all but the method's parameters.
 
-    New LoRA/adapter parameters take plan.dtype, fp32 under k-bit preparation; requires_grad is set by the
+    LoRA's A and B take plan.adapter_dtype (fp32 by default, as peft), Houlsby adapters plan.dtype; requires_grad is set by the
     declared names (`p.requires_grad_(name in trainable)`), never by matching a substring.
 
     Raises:
@@ -171,7 +171,7 @@ def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
             (phi3), an adapter wider than d, top_k above the number of blocks.
     """
     _check(model, card, plan)
-    adapter_dtype = torch.float32 if plan.method == "qlora" and plan.kbit_prep else TORCH_DTYPES[plan.dtype]
+    adapter_dtype = TORCH_DTYPES[plan.adapter_dtype] if plan.uses_lora else TORCH_DTYPES[plan.dtype]
     names = [n for n, _ in model.named_parameters()]
     if plan.uses_lora:
         done = _inject_lora(model, card, plan, adapter_dtype)

@@ -12,7 +12,8 @@ from peftplan.errors import PlanError
 METHODS = ("full", "top", "adapter", "lora", "qlora")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit", "sgd", "sgd-momentum")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "flash")  # flash: transformers' attn_implementation="flash_attention_2"
+AUTOCASTS = ("none", "bf16", "fp16")  # the Trainer's bf16=True / fp16=True: torch.autocast around forward + loss
 PLACEMENTS = ("houlsby", "ffn")  # two adapters per block (after attention and after FFN) or one (after FFN)
 
 
@@ -39,6 +40,13 @@ class Plan:
     foreach: bool = True  # torch AdamW/SGD default on CUDA: a multi-tensor step with params-sized temporaries
     grad_checkpointing: bool = False
     attention: str = "sdpa"
+    # -- the stack users run (peft, the HF Trainer)
+    adapter_dtype: str = "fp32"  # LoRA A/B dtype: peft's autocast_adapter_dtype=True upcasts bf16/fp16 to fp32
+    use_dora: bool = False  # peft's LoraConfig(use_dora=True): DoRA (Liu et al. 2024) magnitude + weight norm
+    autocast: str = "none"  # TrainingArguments(bf16=True) -> "bf16", (fp16=True) -> "fp16": torch.autocast
+    grad_accum: int = 1  # TrainingArguments.gradient_accumulation_steps: micro-steps per optimizer step
+    max_grad_norm: float = 1.0  # TrainingArguments.max_grad_norm: clip_grad_norm_ before the step (0: off)
+    use_reentrant: bool = False  # gradient_checkpointing_kwargs["use_reentrant"]; transformers 5 defaults to False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -53,6 +61,23 @@ class Plan:
              f"unknown adapter placement '{self.adapter_placement}' (choose from {', '.join(PLACEMENTS)})")
         need(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         need(self.seq_len > 0, f"sequence length must be positive, got {self.seq_len}")
+        need(self.adapter_dtype in DTYPES,
+             f"unknown adapter dtype '{self.adapter_dtype}' (choose from {', '.join(DTYPES)})")
+        need(self.autocast in AUTOCASTS, f"unknown autocast '{self.autocast}' (choose from {', '.join(AUTOCASTS)})")
+        need(self.grad_accum >= 1, f"gradient accumulation steps must be at least 1, got {self.grad_accum}")
+        need(self.max_grad_norm >= 0, f"max grad norm must be ≥ 0 (0: no clipping), got {self.max_grad_norm}")
+        # contradictory precision choices: autocast lowers fp32 ops to one half type; weights loaded in the
+        # other half type would run every matmul with mismatched operands
+        need(self.autocast == "none" or self.dtype in ("fp32", self.autocast),
+             f"autocast {self.autocast} over {self.dtype} weights: load the weights in fp32 (mixed precision) "
+             f"or in {self.autocast}")
+        need(not (self.uses_lora and DTYPES[self.adapter_dtype] < DTYPES[self.dtype]),
+             f"adapter dtype {self.adapter_dtype} is narrower than the {self.dtype} weights (peft only upcasts "
+             "adapters)")
+        need(not (self.uses_lora and self.adapter_dtype != self.dtype and DTYPES[self.adapter_dtype] == 2),
+             f"adapter dtype {self.adapter_dtype} over {self.dtype} weights: peft keeps adapters in the base "
+             "dtype or fp32")
+        need(not self.use_dora or self.uses_lora, "--dora applies to LoRA and QLoRA only")
         if self.method in ("lora", "qlora"):
             need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
             need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
@@ -69,6 +94,16 @@ class Plan:
     def tokens(self) -> int:
         """Tokens in one step, b·s."""
         return self.batch_size * self.seq_len
+
+    @property
+    def mixed_precision(self) -> bool:
+        """fp32 master weights, gradients and states with autocast compute (the Trainer's AMP)."""
+        return self.autocast != "none" and self.dtype == "fp32"
+
+    @property
+    def compute_dtype(self) -> str:
+        """dtype the matmuls run in: the autocast dtype, else the weights'."""
+        return self.autocast if self.autocast != "none" else self.dtype
 
     @property
     def uses_lora(self) -> bool:

@@ -155,11 +155,15 @@ def test_qlora_quantizes_every_linear_but_the_head(family, double_quant):
     assert inj.adapter_dtype == "fp32"
 
 
-def test_qlora_without_kbit_prep_keeps_the_plan_dtype():
+@pytest.mark.parametrize("adapter_dtype,lora_torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_qlora_without_kbit_prep_keeps_the_plan_dtype(adapter_dtype, lora_torch_dtype):
     card = tiny_card("llama")
-    model, inj = build_model(card, plan_for("llama", Plan(method="qlora", r=4, kbit_prep=False, dtype="bf16")))
-    assert inj.upcast == () and inj.adapter_dtype == "bf16"
-    assert {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit"} == {torch.bfloat16}
+    plan = Plan(method="qlora", r=4, kbit_prep=False, dtype="bf16", adapter_dtype=adapter_dtype)
+    model, inj = build_model(card, plan_for("llama", plan))
+    assert inj.upcast == () and inj.adapter_dtype == adapter_dtype
+    base = {p.dtype for n, p in model.named_parameters() if type(p).__name__ != "Params4bit" and "lora_" not in n}
+    assert base == {torch.bfloat16}
+    assert {model.get_parameter(n).dtype for n in inj.trainable} == {lora_torch_dtype}
 
 
 @pytest.mark.parametrize("method", ["top", "full"])

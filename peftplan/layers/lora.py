@@ -151,7 +151,8 @@ class LoRALinear(nn.Module):
 
     LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685 §4.1; QLoRA: Dettmers et al. 2023,
     https://arxiv.org/abs/2305.14314. A is r×d_in, initialised Kaiming-uniform (a = √5, as peft), B is d_out×r,
-    zeros. The LoRA path runs in the adapter's dtype and is cast back to the base output's dtype (as peft).
+    zeros. As peft 0.21 (tuners/lora/layer.py `Linear.forward`): x is cast to the adapter's dtype (a copy per
+    module when they differ), the LoRA term is added to the base output and the sum cast back to its dtype.
 
     Args:
         base: the frozen layer (kept as the child `base`).
@@ -161,7 +162,7 @@ class LoRALinear(nn.Module):
         quantize_base: replace a float base by a bitsandbytes NF4 `Linear4bit` first (QLoRA).
         double_quant: NF4 with double quantization of the absmax constants (QLoRA §3).
         compute_dtype: the 4-bit base's compute dtype.
-        dtype: dtype of A and B (default: the base weight's if floating, else float32).
+        dtype: dtype of A and B (default float32, as peft's `autocast_adapter_dtype=True` leaves them).
 
     Raises:
         PlanError: r not in [1, min(d_in, d_out)], or a base that is not a Linear/Conv1D.
@@ -177,8 +178,8 @@ class LoRALinear(nn.Module):
         if quantize_base and not is_linear4bit(base):
             base = to_linear4bit(base, double_quant=double_quant, compute_dtype=compute_dtype)
         w = base.weight
-        if dtype is None:
-            dtype = w.dtype if w.dtype.is_floating_point and not is_linear4bit(base) else torch.float32
+        if dtype is None:  # peft's get_peft_model(autocast_adapter_dtype=True): bf16/fp16 adapters upcast to fp32
+            dtype = torch.float32
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_a = nn.Linear(d_in, r, bias=False, device=w.device, dtype=dtype)
@@ -210,7 +211,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         lora = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype)))) * self.scaling
-        return out + lora.to(out.dtype)
+        if self.quantized:
+            # peft's lora.bnb.Linear4bit.forward: the base output cloned ("defensively"), the LoRA term cast to
+            # its dtype before the add
+            return out.clone() + lora.to(out.dtype)
+        # peft's lora.Linear.forward: the LoRA term added to the base output (type promotion: a fp32 sum over
+        # a bf16 base), the sum cast back to the base output's dtype
+        return (out + lora).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B·A, d_out×d_in."""

@@ -18,7 +18,7 @@ from functools import lru_cache
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.planning.params import ParamCounts, count, lora_targets, qlora_weight_bytes, quantizable
-from peftplan.plan import Plan
+from peftplan.plan import DTYPES, Plan
 from peftplan.results import Memory
 
 FP32 = 4
@@ -36,8 +36,10 @@ def activation_element_bytes(plan: Plan) -> int:
 
 
 def trainable_element_bytes(plan: Plan) -> int:
-    """Element size of trainable parameters: LoRA weights made after k-bit preparation are fp32, as peft's."""
-    return FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element
+    """Element size of trainable parameters. LoRA's A and B are `plan.adapter_dtype`: fp32 by default, as
+    peft 0.21's `get_peft_model(autocast_adapter_dtype=True)` upcasts bf16/fp16 adapters
+    (peft/tuners/tuners_utils.py `_cast_adapter_dtype`); everything else trains in the weights' dtype."""
+    return DTYPES[plan.adapter_dtype] if plan.uses_lora else plan.bytes_per_element
 
 
 def rounded(nbytes: int) -> int:
@@ -128,7 +130,7 @@ _STATIC: dict[tuple, Static] = {}
 def cached_static_memory(card: ModelCard, plan: Plan) -> Static:
     """Weights, gradients and optimizer states do not depend on the step's shape: cached without it."""
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.top_k,
-           plan.dtype, plan.optimizer, plan.foreach, plan.double_quant, plan.kbit_prep)
+           plan.dtype, plan.optimizer, plan.foreach, plan.double_quant, plan.kbit_prep, plan.adapter_dtype)
     st = _STATIC.get(key)
     if st is None:
         if len(_STATIC) > 65536:
@@ -195,6 +197,7 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
 def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False) -> float:
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
+           plan.adapter_dtype, plan.autocast,
            trainable_block, first)
     v = _BLOCK.get(key)
     if v is None:
@@ -220,8 +223,16 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     lora = _lora_wrapped(c, plan)
     attn_in, attn_out, ffn_in, ffn_out = _groups(c)
 
+    # peft's lora.Linear casts x to lora_A's dtype (`_cast_input_dtype`): with adapters in another dtype than the
+    # activations each wrapped module makes, and lora_A saves, its own copy; in the same dtype they share x
+    le = trainable_element_bytes(plan) if lora else e
+    shared = le == e
+
     def saves(name: str) -> bool:
-        return trainable_block or name in lora
+        return trainable_block or (name in lora and shared)
+
+    def own_copies(names: list[str], d_in: int) -> float:
+        return sum(le * d_in for n in names if n in lora and not shared)
 
     norm_trains = trainable_block or plan.method == "adapter"
     total = 0.0
@@ -230,9 +241,11 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
     # normed inputs read by trained/wrapped Linears
     total += e * d * any(saves(n) for n in attn_in) + e * d * any(saves(n) for n in ffn_in)
+    total += own_copies(attn_in, d) + own_copies(ffn_in, d) + own_copies([attn_out], q)
+    total += own_copies([ffn_out], f)
     if plan.dropout and lora:
-        total += (e + 1) * d * (any(n in lora for n in attn_in) + any(n in lora for n in ffn_in))
-    total += sum(plan.r * e for n in lora)  # A·x, saved by B
+        total += (le + 1) * d * (any(n in lora for n in attn_in) + any(n in lora for n in ffn_in))
+    total += sum(plan.r * le for n in lora)  # A·x, saved by B
     # attention
     if plan.attention == "sdpa":
         total += e * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import typer
 
-from peftplan.cli import (AdapterSize, Alpha, Attention, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
+from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Dora, GradAccum, MaxGradNorm, Reentrant, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
                           KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
 from peftplan.cli import From, with_files
 from peftplan.errors import PlanError
@@ -21,7 +21,10 @@ def trace_cmd(
     targets: Targets = None, adapter_size: AdapterSize = 64, adapter_placement: Placement = "houlsby",
     top_k: TopK = 2, batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
-    double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True,
+    double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
+    dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
+    use_reentrant: Reentrant = False,
+    impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
     json_out: Json = False, from_files: From = None,
 ) -> None:
@@ -32,13 +35,15 @@ def trace_cmd(
 
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
-                         seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+                         seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
+                         adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
+                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         model, plan = with_files(from_files, plan, model)
         card = load_card(model)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
 
-        tr = trace(card, plan, steps=steps)
+        tr = trace(card, plan, steps=steps, impl=impl)
     except PlanError as e:
         fail(str(e))
     except ImportError as e:
