@@ -163,6 +163,48 @@ def compare(
 
 
 @app.command()
+def advise(
+    model: Model = "llama-3.1-8b", method: Method = "qlora", gpu: Annotated[str, typer.Option(help="GPU card")] = "rtx4090",
+    global_batch: Annotated[int, typer.Option(help="target sequences per optimizer step (b·N)")] = 0,
+    global_tokens: Annotated[float, typer.Option(help="target tokens per optimizer step (instead of sequences)")] = 0,
+    seq_len: Seq = 2048, headroom: Annotated[float, typer.Option(help="memory kept free, fraction")] = 0.10,
+    optimizers: Annotated[str, typer.Option(help="optimizers allowed, comma-separated")] = "adamw,adamw8bit,paged-adamw8bit",
+    attentions: Annotated[str, typer.Option(help="attention kernels allowed, comma-separated")] = "flash,sdpa",
+    r: R = 16, alpha: Alpha = 16.0, targets: Targets = None, dtype: Dtype = "bf16", autocast: Autocast = "bf16",
+    top: Annotated[int, typer.Option(help="rows of the ranked table to show")] = 10,
+    json_out: Json = False, from_files: From = None,
+) -> None:
+    """Micro-batch × accumulation × checkpointing × optimizer × attention that fit a GPU with headroom, fastest first."""
+    from peftplan.planning.advise import advise as run, axolotl_keys, training_arguments
+
+    try:
+        if global_batch and global_tokens:
+            raise PlanError("give --global-batch (sequences) or --global-tokens, not both")
+        if global_tokens:
+            if not (global_tokens == global_tokens and 0 < global_tokens < 1e15):
+                raise PlanError(f"--global-tokens must be a positive number, got {global_tokens:g}")
+            global_batch = max(1, round(global_tokens / seq_len))
+        if not global_batch:
+            raise PlanError("give the target global batch: --global-batch SEQUENCES or --global-tokens TOKENS")
+        base = Plan(method=method, r=r, alpha=alpha, targets=targets, seq_len=seq_len, dtype=dtype, autocast=autocast)
+        model, base = with_files(from_files, base, model)
+        adv = run(model, base, gpu, global_batch, headroom=headroom,
+                  optimizers=[x.strip() for x in optimizers.split(",") if x.strip()],
+                  attentions=[x.strip() for x in attentions.split(",") if x.strip()])
+    except PlanError as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(adv.to_dict(), indent=2))
+        return
+    from peftplan.render import render_advice
+
+    render_advice(adv, top)
+    if adv.best is None:
+        raise typer.Exit(1)
+    typer.echo("\n" + training_arguments(adv.best) + "\n\n# axolotl\n" + axolotl_keys(adv.best))
+
+
+@app.command()
 def models(json_out: Json = False) -> None:
     """The shipped model cards."""
     from peftplan.planning.cards import registry
@@ -207,7 +249,7 @@ def _register_optional() -> None:
         module.register(app)
 
 
-CORE = {"estimate", "compare", "models", "gpus"}
+CORE = {"estimate", "compare", "advise", "models", "gpus"}
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def advise(model: str | ModelCard, base: Plan, gpu: str, global_batch: int, head
                 cands.append(Candidate(plan=chosen, micro_batch=b, grad_accum=n, sequences_per_step=b * n,
                                        peak_bytes=est.peak_bytes, limit_bytes=limit,
                                        tokens_per_s=b * n * base.seq_len / step if step else 0.0, step_time_s=step))
-    cands.sort(key=lambda c: (-round(c.tokens_per_s, 6), c.grad_accum, c.plan.grad_checkpointing))
+    cands.sort(key=lambda c: (-round(c.tokens_per_s, 6), c.grad_accum, c.plan.grad_checkpointing, c.peak_bytes))
     return Advice(model=card.name, method=base.method, gpu=g.name, global_batch=global_batch, seq_len=base.seq_len,
                   headroom=headroom, usable_bytes=g.usable_memory_bytes, candidates=tuple(cands),
                   skipped=tuple(skipped))
