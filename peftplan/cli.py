@@ -44,11 +44,47 @@ KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoR
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
+From = Annotated[Optional[list[str]], typer.Option(
+    "--from", help="training config(s) to plan from: peft adapter_config.json, BitsAndBytesConfig, Trainer/TRL "
+                   "arguments, axolotl or LLaMA-Factory YAML (repeatable; flags override files)")]
 
 
 def fail(message: str) -> None:
     typer.echo(f"peftplan: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def explicit_params() -> set[str]:
+    """Names of the current command's parameters given on the command line (not left at their defaults)."""
+    # typer ships its own copy of click (typer._click) from 0.2x on; fall back to click for older ones
+    try:
+        from typer._click.globals import get_current_context
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover - typer < 0.2x
+        from click import get_current_context
+        from click.core import ParameterSource
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    renamed = {"dora": "use_dora"}  # the flag is peft's word; the Plan field is peft's LoraConfig name
+    return {renamed.get(name, name) for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+def with_files(files: list[str] | None, plan: Plan, model: str | None) -> tuple[str | None, Plan]:
+    """`plan` and `model` with the `--from` files applied under the explicit flags; warnings to stderr.
+
+    Raises PlanError (one line) for unreadable, malformed or contradictory files."""
+    if not files:
+        return model, plan
+    from peftplan.sources import plan_from_files
+
+    explicit = explicit_params()
+    chosen, plan, warnings = plan_from_files(files, plan, explicit, model if "model" in explicit else None)
+    for w in warnings:
+        typer.echo(f"peftplan: warning: {w}", err=True)
+    return (chosen if chosen is not None else model), plan
 
 
 def make_plan(method: str, r: int, alpha: float, dropout: float, targets: str | None, adapter_size: int,
@@ -72,6 +108,7 @@ def estimate(
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
     dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
     use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
+    from_files: From = None,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -81,6 +118,7 @@ def estimate(
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+        model, plan = with_files(from_files, plan, model)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:
         fail(str(e))
@@ -101,19 +139,19 @@ def compare(
     grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa", adapter_dtype: AdapterDtype = "fp32",
     autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
     use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
+    from_files: From = None,
 ) -> None:
     """Full, top-k, adapter, LoRA and QLoRA side by side for one model and step shape."""
     from peftplan.planning import estimate as run
 
     try:
-        results = [
-            run(model, Plan(method=m, r=r, adapter_size=adapter_size, top_k=top_k, targets=targets,
-                            batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
-                            grad_checkpointing=grad_checkpointing, attention=attention, adapter_dtype=adapter_dtype,
-                            autocast=autocast, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-                            use_reentrant=use_reentrant), gpu=gpu, tokens=int(tokens))
-            for m in ("full", "top", "adapter", "lora", "qlora")
-        ]
+        base = Plan(r=r, adapter_size=adapter_size, top_k=top_k, targets=targets, batch_size=batch_size,
+                    seq_len=seq_len, dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                    attention=attention, adapter_dtype=adapter_dtype, autocast=autocast, grad_accum=grad_accum,
+                    max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+        model, base = with_files(from_files, base, model)  # every method is compared: the files' method is not used
+        results = [run(model, base.with_(method=m), gpu=gpu, tokens=int(tokens))
+                   for m in ("full", "top", "adapter", "lora", "qlora")]
     except PlanError as e:
         fail(str(e))
     if json_out:
@@ -122,6 +160,48 @@ def compare(
     from peftplan.render import render_compare
 
     render_compare(results)
+
+
+@app.command()
+def advise(
+    model: Model = "llama-3.1-8b", method: Method = "qlora", gpu: Annotated[str, typer.Option(help="GPU card")] = "rtx4090",
+    global_batch: Annotated[int, typer.Option(help="target sequences per optimizer step (b·N)")] = 0,
+    global_tokens: Annotated[float, typer.Option(help="target tokens per optimizer step (instead of sequences)")] = 0,
+    seq_len: Seq = 2048, headroom: Annotated[float, typer.Option(help="memory kept free, fraction")] = 0.10,
+    optimizers: Annotated[str, typer.Option(help="optimizers allowed, comma-separated")] = "adamw,adamw8bit,paged-adamw8bit",
+    attentions: Annotated[str, typer.Option(help="attention kernels allowed, comma-separated")] = "flash,sdpa",
+    r: R = 16, alpha: Alpha = 16.0, targets: Targets = None, dtype: Dtype = "bf16", autocast: Autocast = "bf16",
+    top: Annotated[int, typer.Option(help="rows of the ranked table to show")] = 10,
+    json_out: Json = False, from_files: From = None,
+) -> None:
+    """Micro-batch × accumulation × checkpointing × optimizer × attention that fit a GPU with headroom, fastest first."""
+    from peftplan.planning.advise import advise as run, axolotl_keys, training_arguments
+
+    try:
+        if global_batch and global_tokens:
+            raise PlanError("give --global-batch (sequences) or --global-tokens, not both")
+        if global_tokens:
+            if not (global_tokens == global_tokens and 0 < global_tokens < 1e15):
+                raise PlanError(f"--global-tokens must be a positive number, got {global_tokens:g}")
+            global_batch = max(1, round(global_tokens / seq_len))
+        if not global_batch:
+            raise PlanError("give the target global batch: --global-batch SEQUENCES or --global-tokens TOKENS")
+        base = Plan(method=method, r=r, alpha=alpha, targets=targets, seq_len=seq_len, dtype=dtype, autocast=autocast)
+        model, base = with_files(from_files, base, model)
+        adv = run(model, base, gpu, global_batch, headroom=headroom,
+                  optimizers=[x.strip() for x in optimizers.split(",") if x.strip()],
+                  attentions=[x.strip() for x in attentions.split(",") if x.strip()])
+    except PlanError as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(adv.to_dict(), indent=2))
+        return
+    from peftplan.render import render_advice
+
+    render_advice(adv, top)
+    if adv.best is None:
+        raise typer.Exit(1)
+    typer.echo("\n" + training_arguments(adv.best) + "\n\n# axolotl\n" + axolotl_keys(adv.best))
 
 
 @app.command()
@@ -169,7 +249,7 @@ def _register_optional() -> None:
         module.register(app)
 
 
-CORE = {"estimate", "compare", "models", "gpus"}
+CORE = {"estimate", "compare", "advise", "models", "gpus"}
 
 
 def main() -> None:

@@ -107,6 +107,32 @@ def render_compare(results: list[Estimate], console: Console | None = None) -> N
     console.print(t)
 
 
+def render_advice(adv, top: int = 10, console: Console | None = None) -> None:
+    """The ranked configurations of `advise` (best first) and what was not searched."""
+    from rich.markup import escape
+
+    console = console or Console()
+    limit = gib(adv.usable_bytes * (1 - adv.headroom))
+    t = Table(title=f"{escape(adv.model)} · {adv.method} on {escape(adv.gpu)}: {adv.global_batch} sequences × "
+                    f"{adv.seq_len} tokens per step, ≤ {limit} ({adv.headroom:.0%} headroom)", title_justify="left")
+    for col in ("#", "b", "N", "b·N", "ckpt", "optimizer", "attn", "peak GiB", "tokens/s", "s/step"):
+        t.add_column(col, justify="left" if col in ("optimizer", "attn", "ckpt") else "right", no_wrap=True,
+                     min_width=len(col))
+    for i, c in enumerate(adv.candidates[:max(top, 1)], 1):
+        t.add_row(str(i), str(c.micro_batch), str(c.grad_accum), str(c.sequences_per_step),
+                  "on" if c.plan.grad_checkpointing else "off", c.plan.optimizer, c.plan.attention,
+                  f"{c.peak_bytes / 2**30:.2f}", f"{c.tokens_per_s:,.0f}", f"{c.step_time_s:.1f}")
+    console.print(t)
+    console.print("b: micro-batch (per_device_train_batch_size) · N: gradient_accumulation_steps", style="dim")
+    for s in adv.skipped:
+        console.print(f"not searched: {s}", style="dim")
+    if adv.best is None:
+        console.print("nothing fits: try QLoRA, a shorter --seq-len, less --headroom, or a larger card", style="red")
+    elif adv.best.sequences_per_step != adv.global_batch:
+        console.print(f"the micro-batch {adv.best.micro_batch} does not divide {adv.global_batch}: "
+                      f"{adv.best.sequences_per_step} sequences per step", style="dim")
+
+
 def render_models(cards, console: Console | None = None) -> None:
     from peftplan.planning.params import total_params
 

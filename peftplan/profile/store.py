@@ -32,7 +32,7 @@ SCHEMA = "peftplan.measured"
 SCHEMA_VERSION = 1
 MEASURED_DIR = PROFILES / "measured"
 STATUSES = ("ok", "does-not-fit", "error")
-IMPLS = ("peftplan", "peft")  # whose adapter layers were trained
+IMPLS = ("peftplan", "peft", "user")  # whose adapter layers were trained ("user": the user's own run, via the callback)
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,19 @@ class ThroughputRow:
 
 
 @dataclass(frozen=True)
+class StepMeasure:
+    """One optimizer step of a user's own training run (the Trainer callback): what the device saw."""
+
+    step: int  # the Trainer's global step
+    batch_size: int  # sequences in the step's first micro-batch
+    seq_len: int  # tokens per sequence in that micro-batch (padded length)
+    seconds: float  # wall time of the step
+    peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated within the step (None: no CUDA)
+    peak_reserved_bytes: int | None = None
+    nvml_bytes: int | None = None  # device memory in use at the step's end (NVML), when available
+
+
+@dataclass(frozen=True)
 class Measurement:
     model: str
     plan: Plan
@@ -172,6 +185,7 @@ class Measurement:
     throughput: ThroughputRow | None = None
     card: dict = field(default_factory=dict)  # the ModelCard, so a renamed card still reproduces this
     warnings: tuple[str, ...] = ()
+    steps: tuple[StepMeasure, ...] = ()  # per-step peaks of a user's run (Trainer callback); empty for profiles
     seconds: float = 0.0  # wall time spent on this configuration
     created_utc: str = ""
     schema: str = SCHEMA

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftplan.cli import AdapterSize, Attention, Dtype, Json, Optim, R, Seq, Targets, TopK, fail
+from peftplan.cli import AdapterSize, Attention, Dtype, From, Json, Optim, R, Seq, Targets, TopK, fail, with_files
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 
@@ -36,6 +36,12 @@ def need_models(models: list[str] | None) -> list[str]:
     return models
 
 
+def models_with_files(files: list[str] | None, base: Plan, models: list[str] | None) -> tuple[list[str] | None, Plan]:
+    """The base plan with `--from` files applied; the files' model joins the list when no --model is given."""
+    one, base = with_files(files, base, models[0] if models else None)
+    return (models or ([one] if one else None)), base
+
+
 def base_plan(r: int, targets: str | None, adapter_size: int, top_k: int, dtype: str, optimizer: str,
               attention: str) -> Plan:
     return Plan(r=r, targets=targets, adapter_size=adapter_size, top_k=top_k, dtype=dtype, optimizer=optimizer,
@@ -47,6 +53,7 @@ def report(
     seq_len: Seq = 512, batch_size: Batch = 1, tokens: Tokens = 1e8, output: Output = Path("reports/report.html"),
     r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2, dtype: Dtype = "bf16",
     optimizer: Optim = "adamw", attention: Attention = "sdpa", measured_dir: MeasuredDir = None,
+    from_files: From = None,
 ) -> None:
     """One self-contained HTML page: what fits where, why, and what it costs."""
     from peftplan.report import build_report
@@ -55,9 +62,11 @@ def report(
     try:
         if tokens < 0:
             raise PlanError(f"token budget cannot be negative, got {tokens:g}")
+        model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
+                                                              attention), model)
         page = build_report(
             need_models(model), split(gpus), methods=split(methods), seq_len=seq_len, batch_size=batch_size,
-            tokens=int(tokens), base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention),
+            tokens=int(tokens), base=base,
             measured_dir=measured_dir or MEASURED_DIR,
         )
     except PlanError as e:
@@ -74,13 +83,15 @@ def fit(
     model: Models = None, gpus: Gpus = DEFAULT_GPUS, methods: Methods = "full,adapter,lora,qlora",
     seq_len: Seq = 512, r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2,
     dtype: Dtype = "bf16", optimizer: Optim = "adamw", attention: Attention = "sdpa", json_out: Json = False,
+    from_files: From = None,
 ) -> None:
     """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method."""
     from peftplan.planning.fit import fit_matrix
 
     try:
-        fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len,
-                        base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention))
+        model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
+                                                              attention), model)
+        fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len, base=base)
     except PlanError as e:
         fail(str(e))
     if json_out:

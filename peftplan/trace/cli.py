@@ -8,6 +8,7 @@ import typer
 
 from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Dora, GradAccum, MaxGradNorm, Reentrant, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
                           KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
+from peftplan.cli import From, with_files
 from peftplan.errors import PlanError
 
 
@@ -25,7 +26,7 @@ def trace_cmd(
     use_reentrant: Reentrant = False,
     impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
-    json_out: Json = False,
+    json_out: Json = False, from_files: From = None,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
     from peftplan.planning.cards import load_card
@@ -37,6 +38,7 @@ def trace_cmd(
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+        model, plan = with_files(from_files, plan, model)
         card = load_card(model)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
