@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Optional
 
 import typer
 
@@ -22,6 +23,7 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True,
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
+    n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only the card's first N blocks"),
     json_out: Json = False,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
@@ -33,6 +35,10 @@ def trace_cmd(
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
         card = load_card(model)
+        if n_layers is not None:
+            from peftplan.trace.random_check import cut
+
+            card = cut(card, n_layers)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
 
