@@ -29,6 +29,7 @@ from peftplan.errors import PlanError
 from peftplan.plan import ATTENTIONS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
 from peftplan.planning.cards import ModelCard, registry
 from peftplan.planning.layout import layout
+from peftplan.planning.params import lora_targets
 
 MAX_BLOCKS = 4  # k is drawn in 1..MAX_BLOCKS for cards with more blocks
 WHOLE_CARD_SHARE = 0.1  # this share of draws keeps every block of a card with at most 12 of them
@@ -57,7 +58,11 @@ def _targets(rng: random.Random, card: ModelCard) -> str | None:
     names = [x.name for x in layout(card).block_linears]
     kind = rng.choice(("default", "all-linear", "names", "regex"))
     if kind == "default":
-        return None
+        try:
+            lora_targets(card, None)
+            return None
+        except PlanError:  # peft has no defaults for this model type (e.g. phi3)
+            return "all-linear"
     if kind == "all-linear":
         return "all-linear"
     picked = sorted(rng.sample(names, rng.randint(1, len(names))), key=names.index)
