@@ -90,9 +90,13 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
 def optimizer_state_bytes(numels: list[int], plan: Plan) -> int:
     e = trainable_element_bytes(plan)
     opt = plan.optimizer
-    if opt in ("adamw", "paged-adamw"):
+    if opt == "adamw":
         # exp_avg and exp_avg_sq like the parameter, plus a fp32 scalar `step` tensor per parameter
         return sum(2 * rounded(n * e) + rounded(FP32) for n in numels)
+    if opt == "paged-adamw":
+        # bitsandbytes' 32-bit (paged) AdamW: two fp32 states whatever the parameter's dtype, `step` an int
+        # (bitsandbytes/optim/optimizer.py Optimizer2State.init_state)
+        return sum(2 * rounded(FP32 * n) for n in numels)
     if opt in ("adamw8bit", "paged-adamw8bit"):
         # bitsandbytes: uint8 states with one fp32 absmax per 256 values; tensors under 4096 elements keep fp32
         total = 0
@@ -117,9 +121,9 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
     e = trainable_element_bytes(plan)
     if not numels:
         return 0
-    if plan.optimizer in ("adamw", "paged-adamw"):
+    if plan.optimizer == "adamw":
         return sum(rounded(n * e) for n in numels) if plan.foreach else rounded(max(numels) * e)
-    return 0  # SGD updates in place; bitsandbytes' 8-bit step works block by block
+    return 0  # SGD updates in place; bitsandbytes' steps (8- and 32-bit) are fused kernels
 
 
 _STATIC: dict[tuple, Static] = {}
@@ -400,6 +404,16 @@ def _first_gradients_elements(card: ModelCard) -> int:
     return block + sum(x.numel for x in lay.embeddings)
 
 
+def dequantized_weight_bytes(card: ModelCard, plan: Plan) -> int:
+    """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
+    (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a no-op cast), plus the fp32
+    absmax a double-quantized weight dequantizes first (one per 64 weights). 0 for other methods."""
+    if plan.method != "qlora":
+        return 0
+    n = max(lin.weight_numel for lin in layout(card).block_linears)
+    return rounded(n * plan.bytes_per_element) + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
+
+
 def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
     """The final hidden state (the head's input), alive while transformers' CausalLM forward computes the loss
     (its output object holds it); counted among the saved tensors already when the head trains."""
@@ -449,6 +463,11 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
     trained_base = plan.method in ("full", "top")
     ffn_bwd_top = ffn_bwd if trained_base else ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
+    # outweigh the FFN's gradients when tokens are few
+    deq = dequantized_weight_bytes(card, plan)
+    if deq:
+        ffn_bwd, ffn_bwd_top = (max(x, deq + ae * card.d_model * t) for x in (ffn_bwd, ffn_bwd_top))
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # forward
     at_loss = act.saved_bytes + act.logits_forward_bytes + hidden_at_loss_bytes(card, plan)
