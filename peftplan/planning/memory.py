@@ -406,12 +406,14 @@ def _first_gradients_elements(card: ModelCard) -> int:
 
 def dequantized_weight_bytes(card: ModelCard, plan: Plan) -> int:
     """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
-    (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a no-op cast), plus the fp32
+    (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
     absmax a double-quantized weight dequantizes first (one per 64 weights). 0 for other methods."""
     if plan.method != "qlora":
         return 0
     n = max(lin.weight_numel for lin in layout(card).block_linears)
-    return rounded(n * plan.bytes_per_element) + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
+    # dequantized in the 16-bit compute dtype; a fp32 model's gradient is fp32, so the cast makes a fp32 copy
+    deq = rounded(2 * n) + (rounded(FP32 * n) if plan.dtype == "fp32" else 0)
+    return deq + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
 
 
 def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
@@ -442,8 +444,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
       forward   the loss: every saved tensor (or, checkpointed, each block's input) plus the logits, their fp32
                 copy and log-softmax; checkpointed, also the last block running with nothing saved beside it.
       backward  start: the saved tensors plus the loss's gradient through the logits (no gradient yet);
-                top block (checkpointed): every block's kept input plus the top block recomputed and the
-                gradients flowing through it, before any weight gradient exists;
+                top block: every block's saved tensors (checkpointed: kept inputs, and the top block
+                recomputed) and the gradients flowing through its FFN, before any weight gradient exists;
                 lowest trained block: almost every gradient (not yet that block's own, nor the embeddings'),
                 that block's saved (or recomputed) tensors and its backward working set, and the largest
                 gradient being written; full fine-tuning: the embedding's gradient computed last.
@@ -485,6 +487,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=late,
                             temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes))
     else:
+        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes, temporaries_bytes=ffn_bwd_top))
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=st.largest_gradient_bytes))
     emb = embedding_backward_bytes(card, plan)
