@@ -121,9 +121,13 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
 def optimizer_state_bytes(numels: list[int], plan: Plan) -> int:
     e = trainable_element_bytes(plan)
     opt = plan.optimizer
-    if opt in ("adamw", "paged-adamw"):
+    if opt == "adamw":
         # exp_avg and exp_avg_sq like the parameter, plus a fp32 scalar `step` tensor per parameter
         return sum(2 * rounded(n * e) + rounded(FP32) for n in numels)
+    if opt == "paged-adamw":
+        # bitsandbytes' 32-bit (paged) AdamW: two fp32 states whatever the parameter's dtype, `step` an int
+        # (bitsandbytes/optim/optimizer.py Optimizer2State.init_state)
+        return sum(2 * rounded(FP32 * n) for n in numels)
     if opt in ("adamw8bit", "paged-adamw8bit"):
         # bitsandbytes: uint8 states with one fp32 absmax per 256 values; tensors under 4096 elements keep fp32
         total = 0
@@ -148,9 +152,9 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
     e = trainable_element_bytes(plan)
     if not numels:
         return 0
-    if plan.optimizer in ("adamw", "paged-adamw"):
+    if plan.optimizer == "adamw":
         return sum(rounded(n * e) for n in numels) if plan.foreach else rounded(max(numels) * e)
-    return 0  # SGD updates in place; bitsandbytes' 8-bit step works block by block
+    return 0  # SGD updates in place; bitsandbytes' steps (8- and 32-bit) are fused kernels
 
 
 _STATIC: dict[tuple, Static] = {}
@@ -337,6 +341,10 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
 class Activations:
     saved_bytes: int  # saved for backward by all blocks and the final norm at the end of forward
     block_bytes: int  # one block's saved tensors (what a checkpointed block recomputes)
+    first_block_bytes: int  # the lowest trained block's saved tensors (block 0's in a frozen base)
+    top_block_bytes: int  # the top block's (the first to run backward)
+    outside_bytes: int  # saved outside the blocks (final norm, head input), freed before the blocks' backward
+    checkpoint_bytes: int  # with checkpointing, one block's kept input (0 without)
     logits_forward_bytes: int  # logits, fp32 upcast and log-softmax during the loss
     logits_backward_bytes: int  # live while the loss backpropagates
 
@@ -364,6 +372,10 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
+        first_block_bytes=int(blocks[0] * t) if blocks else 0,
+        top_block_bytes=int(blocks[-1] * t) if blocks else 0,
+        outside_bytes=int(final * t),
+        checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
         # logits, their fp32 copy (none when already fp32), the log-softmax output
         logits_forward_bytes=int((e + (x if e != x else 0) + x + cap) * t * V),  # logits, fp32 copy, log-softmax output
         logits_backward_bytes=int((3 * x + cap) * t * V),  # saved log-softmax, its gradient, the input gradient
@@ -408,8 +420,27 @@ def embedding_backward_bytes(card: ModelCard, plan: Plan) -> int:
 
 
 def first_gradients_bytes(card: ModelCard, plan: Plan) -> int:
-    """Gradients that arrive last in backward: block 0's and the embeddings' (full fine-tuning only)."""
-    return _first_gradients_elements(card) * plan.bytes_per_element if plan.method == "full" else 0
+    """Gradients that arrive last in backward, after the lowest trained block started its backward: that
+    block's own (every method) and, for full fine-tuning, the embeddings'."""
+    if plan.method == "full":
+        return _first_gradients_elements(card) * plan.bytes_per_element
+    return block_gradients_bytes(card, plan)
+
+
+def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
+    """Bytes of one block's gradients (rounded per tensor as the allocator rounds them)."""
+    te, lay = trainable_element_bytes(plan), layout(card)
+    if plan.method in ("full", "top"):
+        per = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
+        per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+    elif plan.method == "adapter":
+        m, d = plan.adapter_size, card.d_model
+        per = [m * d, m, d * m, d] * (2 if plan.adapter_placement == "houlsby" else 1)
+        per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+    else:
+        per = [n for lin, in_block in lora_targets(card, plan.targets) if in_block
+               for n in (plan.r * lin.d_in, lin.d_out * plan.r)]
+    return sum(rounded(n * te) for n in per)
 
 
 @lru_cache(maxsize=1024)
@@ -419,42 +450,109 @@ def _first_gradients_elements(card: ModelCard) -> int:
     return block + sum(x.numel for x in lay.embeddings)
 
 
+def dequantized_weight_bytes(card: ModelCard, plan: Plan) -> int:
+    """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
+    (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
+    absmax a double-quantized weight dequantizes first (one per 64 weights). 0 for other methods."""
+    if plan.method != "qlora":
+        return 0
+    n = max(lin.weight_numel for lin in layout(card).block_linears)
+    # dequantized in the 16-bit compute dtype; a fp32 model's gradient is fp32, so the cast makes a fp32 copy
+    deq = rounded(2 * n) + (rounded(FP32 * n) if plan.dtype == "fp32" else 0)
+    return deq + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
+
+
+def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
+    """The final hidden state (the head's input), alive while transformers' CausalLM forward computes the loss
+    (its output object holds it); counted among the saved tensors already when the head trains."""
+    if card.encoder or plan.method == "full":
+        return 0
+    return activation_element_bytes(plan) * card.d_embed * plan.tokens
+
+
+def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
+    """Checkpointed: the part of a block's saved tensors that is its kept input itself. LayerNorm saves its
+    input as is; RMSNorm saves its fp32 copy, the input itself when activations are fp32. Block 0 of a frozen
+    base saves nothing of its input."""
+    if not plan.grad_checkpointing or (card.n_layers == 1 and plan.method not in ("full", "top")):
+        return 0
+    ae = activation_element_bytes(plan)
+    if card.norm == "layernorm" or ae == FP32:
+        return ae * card.d_model * plan.tokens
+    return 0
+
+
 def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
+    """The live tensors at each phase's peak: (forward, backward, optimizer).
+
+    Which tensors are alive together (each candidate below is one moment of the step; a phase's peak is the
+    largest):
+      forward   the loss: every saved tensor (or, checkpointed, each block's input) plus the logits, their fp32
+                copy and log-softmax; checkpointed, also the last block running with nothing saved beside it.
+      backward  start: the saved tensors plus the loss's gradient through the logits (no gradient yet);
+                top block: every block's saved tensors (checkpointed: kept inputs, and the top block
+                recomputed) and the gradients flowing through its FFN, before any weight gradient exists;
+                lowest trained block: almost every gradient (not yet that block's own, nor the embeddings'),
+                that block's saved (or recomputed) tensors and its backward working set, and the largest
+                gradient being written; full fine-tuning: the embedding's gradient computed last.
+      optimizer every gradient plus the optimizer's temporaries.
+    Sources: torch.utils.checkpoint (non-reentrant: recompute on first unpack of a block's saved tensor),
+    autograd's engine (gradients accumulate as each parameter's backward runs).
+    """
     st = cached_static_memory(card, plan)
     act = activations(card, plan)
     ae, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
+    ckpt = plan.grad_checkpointing
     # the working set of one block beyond what it saves: its FFN intermediates (forward, when a checkpointed
     # block saves nothing) and the gradients flowing through it (backward)
     ffn_fwd = ((4 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * t
     ffn_bwd = ((3 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * t
-    # forward: everything saved, plus the loss's transient logits (or, checkpointed, the last block running)
+    # the top block's backward begins with its FFN's: a trained down projection's input gradient and the
+    # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
+    trained_base = plan.method in ("full", "top")
+    ffn_bwd_top = ffn_bwd if trained_base else ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
+    # outweigh the FFN's gradients when tokens are few
+    deq = dequantized_weight_bytes(card, plan)
+    if deq:
+        ffn_bwd, ffn_bwd_top = (max(x, deq + ae * card.d_model * t) for x in (ffn_bwd, ffn_bwd_top))
+    inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
+    # the autocast cache (low-precision copies of the weights that train) lives from forward into backward
     cache = autocast_cache_bytes(card, plan)
-    if plan.grad_checkpointing and ffn_fwd > act.logits_forward_bytes:
-        fwd = _memory("forward", st, activations_bytes=act.saved_bytes + ffn_fwd, temporaries_bytes=cache)
+    # gradient accumulation: from the second micro-step on, every gradient lives through forward and backward
+    # (new ones are added in place, AccumulateGrad, one at a time); the peak is such a micro-step
+    accum = plan.grad_accum > 1
+    grads_all = st.gradients_bytes if accum else 0
+    # forward
+    at_loss = act.saved_bytes + act.logits_forward_bytes + hidden_at_loss_bytes(card, plan)
+    if ckpt and inputs + ffn_fwd > at_loss:
+        fwd = _memory("forward", st, activations_bytes=inputs + ffn_fwd, temporaries_bytes=cache,
+                      gradients_bytes=grads_all)
     else:
-        fwd = _memory("forward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_forward_bytes,
-                      temporaries_bytes=cache)
-    # backward: its start (the loss gradient), or its end (block 0 running, almost every gradient
-    # accumulated; with checkpointing block 0 recomputed), whichever is larger
-    start = act.saved_bytes + act.logits_backward_bytes + cache
+        fwd = _memory("forward", st, activations_bytes=act.saved_bytes + hidden_at_loss_bytes(card, plan),
+                      logits_bytes=act.logits_forward_bytes, temporaries_bytes=cache, gradients_bytes=grads_all)
+    # backward: each moment as (live bytes, components)
+    moments = [dict(activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
+                    temporaries_bytes=cache)]
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
-    if plan.grad_checkpointing:
-        late += act.saved_bytes  # checkpoints of the blocks below (block 0 is the worst case, kept simple)
-    block0 = act.block_bytes + ffn_bwd
-    emb = embedding_backward_bytes(card, plan)
-    if emb and emb + st.gradients_bytes > max(start, late + block0 + st.largest_gradient_bytes):
-        vd = card.vocab_size * card.d_embed * plan.bytes_per_element
-        bwd = _memory("backward", st, gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd)
-    elif start >= late + block0 + st.largest_gradient_bytes:
-        bwd = _memory("backward", st, activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
-                      temporaries_bytes=cache)
+    if ckpt:
+        moments.append(dict(activations_bytes=inputs,
+                            temporaries_bytes=act.top_block_bytes - shared_input_bytes(card, plan) + ffn_bwd_top))
+        moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=late,
+                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes))
     else:
-        bwd = _memory("backward", st, activations_bytes=block0, gradients_bytes=late,
-                      temporaries_bytes=st.largest_gradient_bytes)
+        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes, temporaries_bytes=ffn_bwd_top))
+        moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
+                            temporaries_bytes=st.largest_gradient_bytes))
+    emb = embedding_backward_bytes(card, plan)
+    if emb:
+        vd = card.vocab_size * card.d_embed * plan.bytes_per_element
+        moments.append(dict(gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd))
+    if accum:
+        moments = [dict(m, gradients_bytes=grads_all) for m in moments]
+    bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))
     opt = _memory("optimizer", st, gradients_bytes=st.gradients_bytes,
                   temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
-    if plan.grad_accum > 1:
-        fwd, bwd = accumulating(card, plan, st, act, block0, late, emb)
     return fwd, bwd, opt
 
 
@@ -467,32 +565,3 @@ def clip_temporaries(card: ModelCard, plan: Plan) -> int:
     n, e = len(trainable_tensors(card, plan)), trainable_element_bytes(plan)
     return n * rounded(e) + rounded(n * e) + 3 * rounded(FP32)
 
-
-def accumulating(card: ModelCard, plan: Plan, st: Static, act: Activations, block0: int, late: int,
-                 emb: int) -> tuple[Memory, Memory]:
-    """Forward and backward of micro-steps 2..N under gradient accumulation (the peak's micro-step): every
-    gradient of the earlier micro-steps lives through them, and each new gradient is computed and then added
-    in place (AccumulateGrad), one at a time."""
-    grads = st.gradients_bytes
-    fwd_a, fwd_l = act.saved_bytes, act.logits_forward_bytes
-    if plan.grad_checkpointing:
-        e, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
-        ffn_fwd = ((4 if card.gated_mlp else 2) * e * f + 2 * e * d) * t
-        if ffn_fwd > fwd_l:
-            fwd_a, fwd_l = act.saved_bytes + ffn_fwd, 0
-    fwd = _memory("forward", st, gradients_bytes=grads, activations_bytes=fwd_a, logits_bytes=fwd_l)
-    start = act.saved_bytes + act.logits_backward_bytes
-    late_acc = late - st.gradients_bytes + first_gradients_bytes(card, plan)  # checkpoints below, if any
-    end = late_acc + block0 + st.largest_gradient_bytes
-    if emb:
-        vd = card.vocab_size * card.d_embed * plan.bytes_per_element
-        end = max(end, emb + vd)
-    if start >= end:
-        bwd = _memory("backward", st, gradients_bytes=grads, activations_bytes=act.saved_bytes,
-                      logits_bytes=act.logits_backward_bytes)
-    elif emb and emb + vd >= late_acc + block0 + st.largest_gradient_bytes:
-        bwd = _memory("backward", st, gradients_bytes=grads, temporaries_bytes=emb + vd)
-    else:
-        bwd = _memory("backward", st, gradients_bytes=grads, activations_bytes=late_acc + block0,
-                      temporaries_bytes=st.largest_gradient_bytes)
-    return fwd, bwd

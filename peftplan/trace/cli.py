@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Optional
 
 import typer
 
@@ -26,6 +27,7 @@ def trace_cmd(
     use_reentrant: Reentrant = False,
     impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
+    n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only the card's first N blocks"),
     json_out: Json = False, from_files: From = None,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
@@ -40,6 +42,10 @@ def trace_cmd(
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         model, plan = with_files(from_files, plan, model)
         card = load_card(model)
+        if n_layers is not None:
+            from peftplan.trace.random_check import cut
+
+            card = cut(card, n_layers)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
 
@@ -97,9 +103,14 @@ def check_cmd(
     checkpointing: str = typer.Option("off,on", help="comma list: off,on"),
     optimizers: str = typer.Option("adamw", help="comma list"),
     tolerance: float = typer.Option(0.02, help="relative error bound for the summary"),
+    random_n: int = typer.Option(0, "--random", help="instead of the grid: N configurations drawn at random "
+                                 "over every card family and Plan option (small cuts of the cards)"),
+    seed: int = typer.Option(0, help="--random: the seed of the draw (the same seed draws the same list)"),
     json_out: Json = False,
 ) -> None:
-    """Estimate vs trace over a grid: per-configuration errors and median / p90 / max."""
+    """Estimate vs trace over a grid (or a random draw): per-configuration errors and median / p90 / max."""
+    if random_n:
+        return _check_random(random_n, seed, tolerance, json_out)
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
     from peftplan.trace.check import compare, grid, summarize
@@ -137,6 +148,42 @@ def check_cmd(
         typer.echo(json.dumps({"summary": asdict(s), "results": [asdict(c) for c in results]}, indent=2, default=str))
     else:
         console.print(f"{s.n} configurations: median |error| {100 * s.median_abs_error:.2f}%, "
+                      f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
+                      f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:
+    """`check --random N --seed S`: errors worst first, each with the command that reproduces it."""
+    from rich.console import Console
+
+    from peftplan.trace.check import summarize
+    from peftplan.trace.random_check import check, command, draws
+
+    if n < 0:
+        fail(f"--random must be positive, got {n}")
+    console = Console(stderr=json_out)
+    console.print(f"random draw: {n} configurations, seed {seed}")
+
+    def progress(i, card, plan, c, reason) -> None:
+        if c is None:
+            console.print(f"[red]FAIL[/red] [{i + 1}/{n}] {reason}", markup=True, highlight=False)
+        else:
+            console.print(f"{'ok ' if abs(c.peak_error) <= tolerance else 'OUT'} [{i + 1}/{n}] "
+                          f"{100 * c.peak_error:+6.2f}% ({c.trace_phase})", highlight=False)
+
+    results, failures = check(draws(n, seed), progress)
+    worst = sorted(results, key=lambda rc: -abs(rc[1].peak_error))
+    s = summarize([c for _, c in results], failures)
+    if json_out:
+        rows = [{"command": command(card, c.plan), "comparison": asdict(c)} for card, c in worst]
+        typer.echo(json.dumps({"seed": seed, "summary": asdict(s), "results": rows}, indent=2, default=str))
+    else:
+        for card, c in worst:
+            console.print(f"{100 * c.peak_error:+6.2f}% {c.trace_phase:9s} {command(card, c.plan)}",
+                          highlight=False, soft_wrap=True)
+        console.print(f"{s.n} configurations (seed {seed}): median |error| {100 * s.median_abs_error:.2f}%, "
                       f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
                       f"{s.within_2pct} within 2%; {len(s.failures)} failed")
     if failures:

@@ -1,0 +1,174 @@
+"""Random configurations for `peftplan check --random N --seed S`: the estimate held to the trace off the grid.
+
+A draw picks a family, a card of it, a number of blocks k to keep, and then every field of `Plan` from its
+domain below. Sizes stay small enough to trace in about a second: the card keeps its every width and its
+vocabulary but only k of its blocks (`cut`).
+
+Why a cut card checks the full card. Every block of a card has the same shapes, so the full step is the cut
+step with L − k more identical blocks: the trace's live bytes at any phase peak are affine in the number of
+blocks (a + b·L, `tests/test_check_random.py` measures this), and so are the estimate's terms (each is a per-block
+quantity times a count of blocks, or a term outside the blocks). A per-block error therefore shows at every k
+with the same sign and grows with k in bytes; a term outside the blocks (embeddings, logits, loss) weighs more
+at small k than in the full card. Drawing k in 1..4 (plus some whole small cards) exposes both.
+
+How an option opts in. Every field of `Plan` must have a domain in `DOMAINS` (a function of the random
+generator and the card drawn), or be a bool (drawn True/False). A new Plan field without either makes
+`draw_plan` raise and `tests/test_check_random.py::test_every_plan_field_is_drawn` fail, so a branch that
+adds an option adds its domain here in the same change. The reproduce command is built from the fields too
+(`--field-name VALUE`, `--flag/--no-flag`), so a new option appears in it with no further edit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import shlex
+from typing import Callable
+
+from peftplan.errors import PlanError
+from peftplan.plan import ATTENTIONS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
+from peftplan.planning.cards import ModelCard, registry
+from peftplan.planning.layout import layout
+from peftplan.planning.params import lora_targets
+
+MAX_BLOCKS = 4  # k is drawn in 1..MAX_BLOCKS for cards with more blocks
+WHOLE_CARD_SHARE = 0.1  # this share of draws keeps every block of a card with at most 12 of them
+MAX_SEQ = 1024
+
+Domain = Callable[[random.Random, ModelCard], object]
+
+
+def families() -> dict[str, list[ModelCard]]:
+    """Shipped cards grouped by transformers model_type, each group sorted by name."""
+    out: dict[str, list[ModelCard]] = {}
+    for card in sorted(registry().values(), key=lambda c: c.name):
+        out.setdefault(card.model_type, []).append(card)
+    return out
+
+
+def cut(card: ModelCard, k: int) -> ModelCard:
+    """The card with only its first k blocks (every width, the vocabulary and the head unchanged)."""
+    if not 1 <= k <= card.n_layers:
+        raise PlanError(f"{card.name} has {card.n_layers} blocks; cannot keep {k}")
+    return card if k == card.n_layers else dataclasses.replace(card, n_layers=k)
+
+
+def _targets(rng: random.Random, card: ModelCard) -> str | None:
+    """peft's defaults, all-linear, a list of module names, or a regex over the block's full module names."""
+    names = [x.name for x in layout(card).block_linears]
+    kind = rng.choice(("default", "all-linear", "names", "regex"))
+    if kind == "default":
+        try:
+            lora_targets(card, None)
+            return None
+        except PlanError:  # peft has no defaults for this model type (e.g. phi3)
+            return "all-linear"
+    if kind == "all-linear":
+        return "all-linear"
+    picked = sorted(rng.sample(names, rng.randint(1, len(names))), key=names.index)
+    if kind == "names":
+        return ",".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in picked))
+    return "re:.*\\.(" + "|".join(re.escape(n) for n in picked) + ")"
+
+
+def _seq(rng: random.Random, card: ModelCard) -> int:
+    """Log-uniform in 8..1024 (odd lengths included), within the card's positions."""
+    top = min(MAX_SEQ, card.max_positions)
+    return min(top, int(round(2 ** rng.uniform(3, 10))))
+
+
+DOMAINS: dict[str, Domain] = {
+    "method": lambda rng, card: rng.choice(METHODS),
+    "r": lambda rng, card: rng.choice((1, 2, 4, 8, 16, 32, 64, 128, 256)),
+    "alpha": lambda rng, card: rng.choice((8.0, 16.0, 32.0)),
+    "dropout": lambda rng, card: rng.choice((0.0, 0.0, 0.05, 0.1)),
+    "targets": _targets,
+    "adapter_size": lambda rng, card: rng.choice((8, 16, 32, 64, 128, 256)),
+    "adapter_placement": lambda rng, card: rng.choice(PLACEMENTS),
+    "top_k": lambda rng, card: rng.randint(1, card.n_layers),
+    "batch_size": lambda rng, card: rng.randint(1, 8),
+    "seq_len": _seq,
+    "dtype": lambda rng, card: rng.choice(tuple(DTYPES)),
+    "optimizer": lambda rng, card: rng.choice(OPTIMIZERS),
+    # transformers 5 has no SDPA path for Gemma-2
+    "attention": lambda rng, card: "eager" if card.model_type == "gemma2" else rng.choice(ATTENTIONS),
+}
+
+
+def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
+    """Every Plan field from its domain (bools: a coin). Raises PlanError for a field with no domain."""
+    values = {}
+    for f in dataclasses.fields(Plan):
+        if f.name in DOMAINS:
+            values[f.name] = DOMAINS[f.name](rng, card)
+        elif f.type in (bool, "bool"):
+            values[f.name] = rng.random() < 0.5
+        else:
+            raise PlanError(f"Plan field '{f.name}' has no random domain: add one to "
+                            "peftplan.trace.random_check.DOMAINS")
+    return Plan(**values)
+
+
+def draw(rng: random.Random) -> tuple[ModelCard, Plan]:
+    """One (card, plan): a family, a card of it, k blocks, then the plan."""
+    fams = families()
+    card = rng.choice(fams[rng.choice(sorted(fams))])
+    if card.n_layers <= 12 and rng.random() < WHOLE_CARD_SHARE:
+        k = card.n_layers
+    else:
+        k = rng.randint(1, min(MAX_BLOCKS, card.n_layers))
+    card = cut(card, k)
+    return card, draw_plan(rng, card)
+
+
+def draws(n: int, seed: int) -> list[tuple[ModelCard, Plan]]:
+    """n configurations from one seed (the same seed gives the same list)."""
+    rng = random.Random(seed)
+    return [draw(rng) for _ in range(n)]
+
+
+def blocks_of(card: ModelCard) -> int:
+    """The card's block count as shipped (a cut card keeps its name)."""
+    return registry()[card.name].n_layers if card.name in registry() else card.n_layers
+
+
+def command(card: ModelCard, plan: Plan) -> str:
+    """The `peftplan trace` command that reproduces one configuration, built from Plan's fields."""
+    args = ["peftplan", "trace", "--model", card.name]
+    if card.n_layers != blocks_of(card):
+        args += ["--n-layers", str(card.n_layers)]
+    default = Plan()
+    for f in dataclasses.fields(Plan):
+        v = getattr(plan, f.name)
+        if v == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        elif v is not None:
+            args += [flag, str(v)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def check(configs: list[tuple[ModelCard, Plan]], on_result: Callable | None = None):
+    """Estimate vs trace for each configuration: (comparisons, failures), failures as 'command: reason'.
+
+    on_result(i, card, plan, comparison_or_None, reason_or_None) is called after each, for progress.
+    """
+    from peftplan.planning import estimate
+    from peftplan.trace.check import compare
+    from peftplan.trace.run import trace
+
+    results, failures = [], []
+    for i, (card, plan) in enumerate(configs):
+        try:
+            c = compare(estimate(card, plan), trace(card, plan))
+        except PlanError as e:
+            failures.append(f"{command(card, plan)}: {e}")
+            if on_result:
+                on_result(i, card, plan, None, str(e))
+            continue
+        results.append((card, c))
+        if on_result:
+            on_result(i, card, plan, c, None)
+    return results, failures
