@@ -26,7 +26,7 @@ import shlex
 from typing import Callable
 
 from peftplan.errors import PlanError
-from peftplan.plan import ATTENTIONS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
+from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
 from peftplan.planning.cards import ModelCard, registry
 from peftplan.planning.layout import layout
 from peftplan.planning.params import lora_targets
@@ -92,21 +92,34 @@ DOMAINS: dict[str, Domain] = {
     "optimizer": lambda rng, card: rng.choice(OPTIMIZERS),
     # transformers 5 has no SDPA path for Gemma-2
     "attention": lambda rng, card: "eager" if card.model_type == "gemma2" else rng.choice(ATTENTIONS),
+    # the stack users run (peft's fp32 adapters, the Trainer's autocast, accumulation, clipping)
+    "adapter_dtype": lambda rng, card: rng.choice(("fp32", "fp32", "bf16", "fp16")),
+    "autocast": lambda rng, card: rng.choice(AUTOCASTS),
+    "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
+    "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
+    "use_dora": lambda rng, card: False,  # the estimate refuses DoRA until it models it (the trace measures it)
 }
+DRAW_TRIES = 100  # fields are drawn independently; a combination Plan refuses (e.g. bf16 autocast over fp16
+# weights) is drawn again
 
 
 def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
     """Every Plan field from its domain (bools: a coin). Raises PlanError for a field with no domain."""
-    values = {}
-    for f in dataclasses.fields(Plan):
-        if f.name in DOMAINS:
-            values[f.name] = DOMAINS[f.name](rng, card)
-        elif f.type in (bool, "bool"):
-            values[f.name] = rng.random() < 0.5
-        else:
-            raise PlanError(f"Plan field '{f.name}' has no random domain: add one to "
-                            "peftplan.trace.random_check.DOMAINS")
-    return Plan(**values)
+    for _ in range(DRAW_TRIES):
+        values = {}
+        for f in dataclasses.fields(Plan):
+            if f.name in DOMAINS:
+                values[f.name] = DOMAINS[f.name](rng, card)
+            elif f.type in (bool, "bool"):
+                values[f.name] = rng.random() < 0.5
+            else:
+                raise PlanError(f"Plan field '{f.name}' has no random domain: add one to "
+                                "peftplan.trace.random_check.DOMAINS")
+        try:
+            return Plan(**values)
+        except PlanError:
+            continue
+    raise PlanError(f"no valid plan in {DRAW_TRIES} draws: a domain of peftplan.trace.random_check is too wide")
 
 
 def draw(rng: random.Random) -> tuple[ModelCard, Plan]:
