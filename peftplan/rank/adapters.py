@@ -149,3 +149,26 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     base = config.get("base_model_name_or_path") if config else None
     return LoraAdapter(path=str(path), modules=tuple(modules), base_model=str(base) if base else None,
                        config_dir=str(weights.parent), a={a_keys[k]: v for k, v in tensors.items()})
+
+
+def write_adapter(folder: str | Path, a: dict[str, np.ndarray], d_out: dict[str, int], base_model: str | None,
+                  b_scale: float = 0.0, peft_type: str = "LORA") -> Path:
+    """Write a peft-layout LoRA adapter folder (adapter_config.json + adapter_model.safetensors), the inverse of
+    `read_adapter`: `a` maps module paths ("model.layers.0.self_attn.q_proj") to A (r × d_in); B (d_out × r) is
+    `b_scale` times ones (peft initialises it to zeros). For synthetic adapters in tests and benchmarks."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, mat in a.items():
+        mat = np.ascontiguousarray(mat, dtype=np.float32)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = mat
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.full((d_out[module], mat.shape[0]), b_scale, np.float32)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    ranks = sorted({m.shape[0] for m in a.values()})
+    targets = sorted({m.rsplit(".", 1)[-1] for m in a})
+    config = {"peft_type": peft_type, "r": ranks[0], "lora_alpha": ranks[0], "target_modules": targets,
+              "base_model_name_or_path": base_model}
+    (folder / CONFIG).write_text(json.dumps(config, indent=1))
+    return folder
