@@ -307,12 +307,35 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
     }
 
 
+def in_process(*args):
+    """The command in this process (typer's runner keeps stderr apart): 14 cases without 14 interpreter starts."""
+    import typer
+    from typer.testing import CliRunner
+
+    from peftplan.rank import cli as rank_cli
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+
+    @app.callback()
+    def main() -> None:
+        """peftplan (test app)"""
+
+    rank_cli.register(app)
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr, r.exception
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    for what, (args, message) in bad_inputs(tmp_path).items():
-        r = cli("rank", *args)
-        assert r.returncode == 2, (what, r.stdout, r.stderr)
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (what, r.stderr)
-        assert r.stderr.startswith("peftplan: error:") and message in r.stderr, (what, r.stderr)
+    cases = bad_inputs(tmp_path)
+    for what, (args, message) in cases.items():
+        code, out, err, exc = in_process("rank", *args)
+        assert code == 2 and not out, (what, out, err, exc)
+        assert len(err.strip().splitlines()) == 1, (what, err)
+        assert err.startswith("peftplan: error:") and message in err, (what, err)
+    args, message = cases["r1 = r2"]  # and as a real process: no traceback, one line
+    r = cli("rank", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("peftplan: error:") and message in r.stderr
 
 
 def test_api_raises_plan_error(tmp_path):
