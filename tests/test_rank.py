@@ -104,6 +104,16 @@ def test_independent_random_subspaces_average_the_baseline_max_ij_over_d():
     assert rel[3:, 3:].max() < 0.1, rel[3:, 3:].max()
 
 
+@pytest.mark.parametrize("spread", [0.5, 1e-2, 1e-5])  # the last is below the Gram route's limit: SVD fallback
+def test_right_singular_vectors_equal_lapack_svd(spread):
+    rng = np.random.default_rng(3)
+    a = orthonormal_rows(16, 16, rng).T @ (np.geomspace(1, spread, 16)[:, None] * orthonormal_rows(16, 300, rng))
+    ours = ph.right_singular_vectors(a)
+    ref = np.linalg.svd(a, full_matrices=False)[2]
+    np.testing.assert_allclose(np.abs(np.sum(ours * ref, axis=1)), 1.0, atol=1e-8)  # same vectors up to sign
+    np.testing.assert_allclose(ours @ ours.T, np.eye(16), atol=1e-8)
+
+
 def test_different_input_sizes_are_refused():
     with pytest.raises(ValueError):
         ph.phi(np.ones((2, 8)), np.ones((4, 9)))
@@ -117,6 +127,7 @@ def test_different_input_sizes_are_refused():
     ([0.4, 0.9], 0.5, 0),
     ([0.9, 0.9, 0.9], 0.5, 3),
     ([0.5, 0.9], 0.5, 0),  # "above": strictly
+    ([0.5 + 1e-12, 0.9], 0.5, 0),  # rounding at an exact tie is not above
 ])
 def test_captured_rank(diag, threshold, k):
     assert ph.captured_rank(np.array(diag), threshold) == k

@@ -56,8 +56,8 @@ def diagonal_spec(kind: KindSummary, modules: list[ModulePhi], threshold: float)
         {"type": "scatter", "mode": "lines", "x": [1, i[-1]], "y": [threshold, threshold],
          "name": f"threshold {threshold:g}", "line": {"dash": "dash", "color": "#d62728"}},
     ]
-    layout = BASE_LAYOUT | {"xaxis": {"title": {"text": "i"}}, "yaxis": {"title": {"text": "φ(i, i)"},
-                                                                         "range": [0, 1.02]}}
+    layout = BASE_LAYOUT | {"xaxis": {"title": {"text": "i"}, "dtick": max(1, len(i) // 16)},
+                            "yaxis": {"title": {"text": "φ(i, i)"}, "range": [0, 1.02]}}
     return {"title": f"{kind.name}: φ(i, i) per layer (captured rank {kind.captured_rank} in most layers)",
             "data": data, "layout": layout}
 
