@@ -352,3 +352,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 def test_api_raises_plan_error(tmp_path):
     with pytest.raises(PlanError, match="no adapter at"):
         analyse_ranks(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_missing_dependency_is_one_line(tmp_path, monkeypatch):
+    x, y = write_pair(tmp_path, [1], d=48)
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails as if not installed
+    monkeypatch.delitem(sys.modules, "peftplan.rank.analyse", raising=False)
+    code, out, err, _ = in_process("rank", str(x), str(y))
+    assert code == 2 and err.strip() == ("peftplan: error: peftplan rank needs numpy, safetensors and threadpoolctl "
+                                         "(threadpoolctl is missing): pip install -e '.[rank]'")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, deserialize, safe_open
 
 from peftplan.errors import PlanError
 
@@ -87,8 +88,6 @@ def _weights_file(path: Path) -> tuple[Path, dict | None]:
 
 def _read_tensors(weights: Path, keys: list[str]) -> dict[str, np.ndarray]:
     """The named tensors as float32 arrays."""
-    from safetensors import SafetensorError, deserialize, safe_open
-
     out = {}
     try:
         with safe_open(str(weights), framework="numpy") as f:
@@ -116,7 +115,6 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     """
     path = Path(path)
     weights, config = _weights_file(path)
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(weights), framework="numpy") as f:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
@@ -161,8 +162,6 @@ def display_names(kinds: list[str]) -> dict[str, str]:
 
 
 def module_phis(small: LoraAdapter, large: LoraAdapter, threshold: float) -> tuple[ModulePhi, ...]:
-    from threadpoolctl import threadpool_limits
-
     # one BLAS thread: the matrices are thin (r rows), and OpenBLAS threads on a busy machine spin for
     # ~100× longer than the work (measured here: 4.4 s instead of 0.06 s for one 64×4096 SVD)
     with threadpool_limits(limits=1, user_api="blas"):

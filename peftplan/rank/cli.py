@@ -28,8 +28,12 @@ def rank(adapter_a: Adapter, adapter_b: Adapter, threshold: Threshold = 0.5, mod
          json_out: Json = False) -> None:
     """Which LoRA rank suffices: φ subspace similarity of two adapters (LoRA paper §7.2) and the memory saved."""
     from peftplan.plan import Plan
-    from peftplan.rank.analyse import analyse_ranks
 
+    try:
+        from peftplan.rank.analyse import analyse_ranks
+    except ImportError as e:
+        fail(f"peftplan rank needs numpy, safetensors and threadpoolctl ({e.name} is missing): "
+             "pip install -e '.[rank]'")
     try:
         plan = Plan(method=method, batch_size=batch_size, seq_len=seq_len)
         result = analyse_ranks(adapter_a, adapter_b, threshold=threshold, model=model, plan=plan)
