@@ -3,7 +3,7 @@
     python benchmarks/bench_rank.py [--repeats 3]
 
 Two peft-layout adapters of Llama-2-7B (32 layers × q_proj, v_proj, d = 4096, fp32) at r = 8 and r = 64, as the
-LoRA paper's Figures 3–4 compare, written once to a temporary folder (not timed). Each A matrix has 4 planted
+LoRA paper's Figures 3–4 compare, written once to a temporary folder (not timed). Each A matrix has 2 planted
 shared directions on top of random ones, so φ has structure. Timed:
 - the whole command as a cold process (`peftplan rank R8 R64 --json`, imports included), median of --repeats;
 - in one process: reading both adapters, φ for the 64 modules, the summaries and the memory estimate;
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LAYERS, D, R1, R2, SHARED = 32, 4096, 8, 64, 4
+LAYERS, D, R1, R2, SHARED = 32, 4096, 8, 64, 2
 TARGET_S = 5.0
 
 
