@@ -298,6 +298,8 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
 
     save_file({"model.layers.0.q_proj.weight": np.ones((4, 4), np.float32)}, str(tmp_path / "plain.safetensors"))
     save_file({"base_model.model.m.0.q.lora_A.weight": np.ones((4, 4), np.float32)}, str(tmp_path / "noB.safetensors"))
+    nan = write_adapter(tmp_path / "nan", {module(0, "q_proj"): np.full((2, 48), np.nan)}, {module(0, "q_proj"): 48},
+                        None)
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     return {
@@ -311,6 +313,7 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
         "missing modules": ([str(layers), str(y)], "modules missing from"),
         "non-LoRA adapter": ([str(ia3), str(y)], "IA3 adapter, not LoRA"),
         "no LoRA keys": ([str(tmp_path / "plain.safetensors"), str(y)], "holds no LoRA weights"),
+        "NaN weights": ([str(nan), str(y)], "NaN or infinite"),
         "lora_B missing": ([str(tmp_path / "noB.safetensors"), str(y)], "has no lora_B"),
         "threshold": ([str(x), str(y), "--threshold", "1.5"], "threshold must be in (0, 1)"),
         "unknown model": ([str(x), str(y), "--model", "no-such-model"], "unknown model"),

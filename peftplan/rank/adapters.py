@@ -111,7 +111,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
 
     Raises PlanError (one line) for a missing path, a file safetensors cannot read, a non-LoRA adapter
     (peft_type other than LORA, or no `lora_A` keys), a module with lora_A but no lora_B (or the reverse),
-    or A/B shapes that disagree on r.
+    A/B shapes that disagree on r, or non-finite values in an A matrix.
     """
     path = Path(path)
     weights, config = _weights_file(path)
@@ -144,6 +144,9 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     modules.sort(key=lambda m: (m.kind, -1 if m.layer is None else m.layer, m.module))
     a_keys = {parts[m.module]["A"]: m.module for m in modules}
     tensors = _read_tensors(weights, list(a_keys))
+    for key, t in tensors.items():
+        if not np.isfinite(t).all():
+            raise PlanError(f"'{weights}': lora_A of '{a_keys[key]}' holds NaN or infinite values")
     base = config.get("base_model_name_or_path") if config else None
     return LoraAdapter(path=str(path), modules=tuple(modules), base_model=str(base) if base else None,
                        config_dir=str(weights.parent), a={a_keys[k]: v for k, v in tensors.items()})
