@@ -239,7 +239,7 @@ def _register_optional() -> None:
     """Commands whose modules live in sub-packages (each adds itself with `register(app)`)."""
     import importlib
 
-    for mod in ("peftplan.trace.cli", "peftplan.profile.cli", "peftplan.report.cli"):
+    for mod in ("peftplan.trace.cli", "peftplan.profile.cli", "peftplan.report.cli", "peftplan.rank.cli"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
