@@ -264,10 +264,18 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
 
 
 def _saves_after_last(card: ModelCard) -> bool:
-    """A norm after the block's final product saves a tensor for backward, so non-reentrant recomputation
-    reaches and re-runs that product. (A dropout after it does not: the fake-tensor trace of OPT and GPT-2 with
-    dropout 0.1 skips the final product, tests/test_timing.py.)"""
-    return _post_norm(card) or card.sandwich_norms
+    """A norm or an active dropout (its mask) after the block's final product saves a tensor for backward, so
+    non-reentrant recomputation reaches and re-runs that product."""
+    return _post_norm(card) or card.sandwich_norms or hidden_dropout(card) > 0
+
+
+def hidden_dropout(card: ModelCard) -> float:
+    """The sublayer-output dropout the built model runs: a config.json override in `card.hf` wins (build.py
+    applies it last)."""
+    for key in ("resid_pdrop", "dropout", "hidden_dropout_prob"):
+        if key in card.hf:
+            return float(card.hf[key])
+    return card.hidden_dropout
 
 
 def _attention_flops(card: ModelCard, plan: Plan, stack: Stack) -> tuple[int, int, int]:
@@ -375,7 +383,7 @@ def _block_elementwise(card: ModelCard, plan: Plan, stack: Stack) -> float:
         total += 12 * e * (card.d_q + card.d_kv)
     total += 2 * e * card.d_q  # attention output back to (b, s, h·d_h): one copy
     total += (5 if card.gated_mlp else 2) * e * card.d_ff  # act(gate)·up or act(x)
-    if card.hidden_dropout > 0:
+    if hidden_dropout(card) > 0:
         total += 2 * (2 * e + 1) * d
     if es != e:  # the fp32 stream is cast to the compute dtype at every Linear4bit input
         total += sum(lin.d_in for lin in lay.block_linears) * (es + e)
