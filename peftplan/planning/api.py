@@ -39,7 +39,6 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
             rate = peak_tflops(g, "fp32")
         else:
             rate = peak_tflops(g, plan.dtype)
-        time = step_time(card, plan, p, rate, g.price_per_hour_usd, g.name, tokens, g.mem_bandwidth_gbs,
-                         fp32_tflops=g.fp32_tflops)
+        time = step_time(card, plan, g, tokens, peak_tflops=rate)
     return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
                     time=time, warnings=tuple(warnings))

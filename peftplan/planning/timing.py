@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import Layout, Linear, layout
@@ -45,6 +46,9 @@ from peftplan.planning.memory import trainable_element_bytes
 from peftplan.planning.params import NF4_BLOCK, ParamCounts, count, lora_targets
 from peftplan.plan import Plan
 from peftplan.results import Time
+
+if TYPE_CHECKING:
+    from peftplan.planning.gpus import GpuCard
 
 
 # ---------------------------------------------------------------- efficiency constants (the one place)
@@ -278,25 +282,17 @@ def hidden_dropout(card: ModelCard) -> float:
     return card.hidden_dropout
 
 
-def _attention_flops(card: ModelCard, plan: Plan, stack: Stack) -> tuple[int, int, int]:
+def _attention_flops(card: ModelCard, plan: Plan, sf: "_ShapeFree") -> tuple[int, int, int]:
     """(forward, backward, recompute) FLOPs of QKᵀ and P·V over all blocks."""
     b, s, L = plan.batch_size, plan.seq_len, card.n_layers
     fused = plan.attention != "eager"
-    causal = not card.encoder
-    pairs = s * (s + 1) // 2 if (fused and causal) else s * s  # query-key pairs per sequence per head
+    pairs = s * (s + 1) // 2 if (fused and not card.encoder) else s * s  # query-key pairs per sequence per head
     one = 2 * b * pairs * card.d_q  # one of the two products, one block
     fwd = 2 * one * L
-    flow = grad_flow(card, plan)
-    n_bwd = L - flow.first
-    if n_bwd <= 0:
+    if sf.n_bwd <= 0:
         return fwd, 0, 0
-    if fused:
-        bwd = 5 * one * n_bwd  # QKᵀ again, dV, dP, dQ, dK
-    else:
-        q, k, v = _qkv_rg(card, plan, flow)
-        low = (int(q or k) + int(v) + int(q) + int(k)) * one  # dP, dV, dQ, dK as autograd needs them
-        bwd = 4 * one * (n_bwd - 1) + low
-    rec = 2 * one * n_bwd if plan.grad_checkpointing else 0
+    bwd = one * (5 * sf.n_bwd if fused else 4 * (sf.n_bwd - 1) + sf.eager_low)
+    rec = 2 * one * sf.n_bwd if plan.grad_checkpointing else 0
     return fwd, bwd, rec
 
 
@@ -313,7 +309,53 @@ def _qkv_rg(card: ModelCard, plan: Plan, flow: GradFlow) -> tuple[bool, bool, bo
     return rg["q"], rg["k"], rg["v"]
 
 
-@lru_cache(maxsize=4096)
+@dataclass(frozen=True)
+class _ShapeFree:
+    """What does not depend on b and s, computed once per card, plan (less its shape) and stack."""
+
+    per_token: tuple[int, int, int, int, int]  # forward, input_grad, weight_grad, recompute, small: FLOPs / token
+    groups: tuple[tuple[int, int, bool, int], ...]  # (k, n, small, count) of every GEMM shape
+    n_bwd: int  # blocks with a backward
+    eager_low: int  # eager attention products the lowest such block runs in backward (dP, dV, dQ, dK as needed)
+    elementwise: float  # memory-bound bytes per token
+    dequantize: float  # bytes per step
+    optimizer: float  # bytes per step
+
+
+def _shape_free_of(card: ModelCard, plan: Plan, stack: Stack) -> _ShapeFree:
+    kinds = ("forward", "input_grad", "weight_grad", "recompute")
+    sums = dict.fromkeys(kinds, 0)
+    small, groups = 0, {}
+    for p in _block_passes(card, plan, stack):
+        f = 2 * p.k * p.n * p.count
+        sums[p.kind] += f
+        small += f if p.small else 0
+        groups[(p.k, p.n, p.small)] = groups.get((p.k, p.n, p.small), 0) + p.count
+    flow = grad_flow(card, plan)
+    q, k, v = _qkv_rg(card, plan, flow)
+    tr = _traffic(card, plan, stack, flow)
+    return _ShapeFree(per_token=(*(sums[x] for x in kinds), small),
+                      groups=tuple((k_, n_, sm, c) for (k_, n_, sm), c in groups.items()),
+                      n_bwd=card.n_layers - flow.first, eager_low=int(q or k) + int(v) + int(q) + int(k),
+                      elementwise=tr[0], dequantize=tr[1], optimizer=tr[2])
+
+
+_SHAPE = ("batch_size", "seq_len")
+_SHAPE_FREE: dict[tuple, _ShapeFree] = {}
+
+
+def _shape_free(card: ModelCard, plan: Plan, stack: Stack) -> _ShapeFree:
+    """`_shape_free_of` the plan at b = s = 1, memoised on the plan's other fields (no Plan rebuilt on a hit)."""
+    key = (card, stack, *(v for k, v in plan.__dict__.items() if k not in _SHAPE))
+    sf = _SHAPE_FREE.get(key)
+    if sf is None:
+        if len(_SHAPE_FREE) > 16384:
+            _SHAPE_FREE.clear()
+        sf = _SHAPE_FREE[key] = _shape_free_of(card, plan.with_(batch_size=1, seq_len=1), stack)
+    return sf
+
+
+@lru_cache(maxsize=8192)
 def step_flops(card: ModelCard, plan: Plan, stack: Stack = DEFAULT_STACK) -> StepFlops:
     """Matmul FLOPs of one training step of `plan` on `card`, by kind (see the module docstring for each term).
 
@@ -321,15 +363,11 @@ def step_flops(card: ModelCard, plan: Plan, stack: Stack = DEFAULT_STACK) -> Ste
     Raises PlanError for LoRA targets that match nothing.
     """
     T = plan.tokens
-    sums = {"forward": 0, "input_grad": 0, "weight_grad": 0, "recompute": 0}
-    small = 0
-    for p in _block_passes(card, plan, stack):
-        f = 2 * T * p.k * p.n * p.count
-        sums[p.kind] += f
-        small += f if p.small else 0
-    af, ab, ar = _attention_flops(card, plan, stack)
-    return StepFlops(tokens=T, attention_forward=af, attention_backward=ab, attention_recompute=ar, small=small,
-                     **sums)
+    sf = _shape_free(card, plan, stack)
+    fwd, dx, dw, rec, small = (T * x for x in sf.per_token)
+    af, ab, ar = _attention_flops(card, plan, sf)
+    return StepFlops(tokens=T, forward=fwd, input_grad=dx, weight_grad=dw, recompute=rec, attention_forward=af,
+                     attention_backward=ab, attention_recompute=ar, small=small)
 
 
 def flops_per_token(card: ModelCard, plan: Plan, p: ParamCounts | None = None) -> float:
@@ -430,31 +468,31 @@ class Traffic:
     optimizer: float
 
 
-@lru_cache(maxsize=4096)
 def traffic(card: ModelCard, plan: Plan, stack: Stack = DEFAULT_STACK) -> Traffic:
     """Memory-bound bytes of one step. Backward of an elementwise op reads its saved input(s) and the incoming
     gradient and writes the outgoing one: taken as twice its forward; recomputation repeats the forward."""
-    T, L = plan.tokens, card.n_layers
-    flow = grad_flow(card, plan)
+    sf = _shape_free(card, plan, stack)
+    return Traffic(elementwise=plan.tokens * sf.elementwise, dequantize=sf.dequantize, optimizer=sf.optimizer)
+
+
+def _traffic(card: ModelCard, plan: Plan, stack: Stack, flow: GradFlow) -> tuple[float, float, float]:
+    """(elementwise bytes per token, dequantization bytes per step, optimizer bytes per step)."""
+    L = card.n_layers
     n_bwd = L - flow.first
-    block = _block_elementwise(card, plan, stack)
     passes = L + 2 * n_bwd + (n_bwd if plan.grad_checkpointing else 0)
-    elementwise = T * (block * passes + _loss_bytes(card, plan))
+    elementwise = _block_elementwise(card, plan, stack) * passes + _loss_bytes(card, plan)
     dequant = 0.0
     if plan.method == "qlora":
         # read 4-bit codes and absmax, write the bf16/fp16 weight (bitsandbytes dequantize_4bit)
-        e = plan.bytes_per_element
-        per_weight = 0.5 + (1.0 if plan.double_quant else 4.0) / NF4_BLOCK + e
-        lay = layout(card)
+        per_weight = 0.5 + (1.0 if plan.double_quant else 4.0) / NF4_BLOCK + plan.bytes_per_element
         uses = 0
-        for lin in lay.block_linears:
-            s = stage(lin)
-            n_dx = max(n_bwd - 1, 0) + (1 if n_bwd and flow.stage_rg[s] else 0)
+        for lin in layout(card).block_linears:
+            n_dx = max(n_bwd - 1, 0) + (1 if n_bwd and flow.stage_rg[stage(lin)] else 0)
             uses += lin.weight_numel * (L + n_dx + (n_bwd if plan.grad_checkpointing else 0))
         dequant = uses * per_weight
     ps = trainable_element_bytes(plan) if plan.uses_lora else plan.bytes_per_element
     optimizer = count(card, plan).trainable * ps * _optimizer_passes(plan)
-    return Traffic(elementwise=float(elementwise), dequantize=float(dequant), optimizer=float(optimizer))
+    return float(elementwise), float(dequant), float(optimizer)
 
 
 # ---------------------------------------------------------------- roofline
@@ -484,29 +522,22 @@ def phase_seconds(card: ModelCard, plan: Plan, peak_tflops: float, bandwidth_gbs
     Ps = P if small_peak_tflops is None else small_peak_tflops * 1e12
     e = plan.bytes_per_element
     ea = _adapter_bytes(plan, stack)
+    sf = _shape_free(card, plan, stack)
+    rate, rate_small, bw = eff.gemm * P, eff.gemm * Ps, eff.bandwidth * BW
     gemm = small = 0.0
-    for p in _passes_cached(card, plan, stack):
-        flops = 2.0 * T * p.k * p.n
-        w = ea if p.small else e
-        moved = (p.k * p.n + T * (p.k + p.n)) * w
-        t = max(flops / (eff.gemm * (Ps if p.small else P)), moved / (eff.bandwidth * BW)) * p.count
-        if p.small:
+    for k, n, is_small, n_calls in sf.groups:
+        w = ea if is_small else e
+        t = max(2.0 * T * k * n / (rate_small if is_small else rate), (k * n + T * (k + n)) * w / bw) * n_calls
+        if is_small:
             small += t
         else:
             gemm += t
-    f = step_flops(card, plan, stack)
-    attn = f.attention / (eff.attention * P)
+    af, ab, ar = _attention_flops(card, plan, sf)
+    attn = (af + ab + ar) / (eff.attention * P)
     if plan.attention == "eager":  # scores and probabilities are materialised: b·h·s² elements, several passes
-        attn = f.attention / (eff.gemm * P) + _eager_bytes(card, plan) / (eff.bandwidth * BW)
-    tr = traffic(card, plan, stack)
-    return PhaseSeconds(gemm=gemm, small=small, attention=attn,
-                        memory=(tr.elementwise + tr.dequantize) / (eff.bandwidth * BW),
-                        optimizer=tr.optimizer / (eff.bandwidth * BW))
-
-
-@lru_cache(maxsize=4096)
-def _passes_cached(card: ModelCard, plan: Plan, stack: Stack) -> tuple[_Pass, ...]:
-    return tuple(_block_passes(card, plan, stack))
+        attn = (af + ab + ar) / rate + _eager_bytes(card, plan) / bw
+    return PhaseSeconds(gemm=gemm, small=small, attention=attn, memory=(T * sf.elementwise + sf.dequantize) / bw,
+                        optimizer=sf.optimizer / bw)
 
 
 def _eager_bytes(card: ModelCard, plan: Plan) -> float:
@@ -517,23 +548,35 @@ def _eager_bytes(card: ModelCard, plan: Plan) -> float:
     return 3.0 * elems * (e + 2 * FP32 + FP32 + e + e)
 
 
-def step_time(card: ModelCard, plan: Plan, p: ParamCounts, peak_tflops: float, price_per_hour_usd: float,
-              gpu_name: str, tokens: int, bandwidth_gbs: float, stack: Stack = DEFAULT_STACK,
-              fp32_tflops: float | None = None) -> Time:
-    """Roofline step time, tokens/s and, for a data budget of `tokens`, GPU-hours and cost (price × hours).
+@lru_cache(maxsize=16384)
+def step_time(card: ModelCard, plan: Plan, gpu: "GpuCard", tokens: int = 0, stack: Stack = DEFAULT_STACK,
+              peak_tflops: float | None = None) -> Time:
+    """Roofline step time and tokens/s of the plan on a GPU card and, for a data budget of `tokens`, GPU-hours
+    and cost (hours × the card's indicative price). `peak_tflops`: the dense rate to use (default: the card's
+    rate for plan.dtype; api.estimate passes the fp32 rate where bf16 is emulated).
 
     `utilisation` in the result is the model-FLOPs utilisation this time implies (step FLOPs / time / peak).
+    Raises PlanError for a dtype the card has no rate for.
     """
-    f = step_flops(card, plan, stack)
-    small_peak = fp32_tflops if stack.adapter_dtype == "fp32" and plan.dtype != "fp32" else None
-    ph = phase_seconds(card, plan, peak_tflops, bandwidth_gbs, stack, small_peak_tflops=small_peak)
+    if peak_tflops is None:
+        from peftplan.planning.gpus import peak_tflops as rate
+
+        peak_tflops = rate(gpu, plan.dtype)
+    total, ph = _time_core(card, plan, peak_tflops, gpu.mem_bandwidth_gbs, stack, gpu.fp32_tflops)
     seconds = ph.total
     tokens_per_s = plan.tokens / seconds
     hours = tokens / tokens_per_s / 3600.0 if tokens else 0.0
     return Time(
-        gpu=gpu_name, flops_per_token=f.per_token, flops_per_step=float(f.total),
-        utilisation=f.total / seconds / (peak_tflops * 1e12), peak_tflops=peak_tflops,
+        gpu=gpu.name, flops_per_token=total / plan.tokens, flops_per_step=float(total),
+        utilisation=total / seconds / (peak_tflops * 1e12), peak_tflops=peak_tflops,
         step_time_s=seconds, tokens_per_s=tokens_per_s, tokens=tokens, gpu_hours=hours,
-        cost_usd=hours * price_per_hour_usd, mem_bandwidth_gbs=bandwidth_gbs, gemm_s=ph.gemm + ph.small,
+        cost_usd=hours * gpu.price_per_hour_usd, mem_bandwidth_gbs=gpu.mem_bandwidth_gbs, gemm_s=ph.gemm + ph.small,
         attention_s=ph.attention, memory_s=ph.memory, optimizer_s=ph.optimizer,
     )
+
+
+def _time_core(card: ModelCard, plan: Plan, peak_tflops: float, bandwidth_gbs: float, stack: Stack,
+               fp32_tflops: float | None) -> tuple[int, PhaseSeconds]:
+    small_peak = fp32_tflops if stack.adapter_dtype == "fp32" and plan.dtype != "fp32" else None
+    return (step_flops(card, plan, stack).total,
+            phase_seconds(card, plan, peak_tflops, bandwidth_gbs, stack, small_peak_tflops=small_peak))
