@@ -130,7 +130,8 @@ def throughput_case(row: dict) -> ThroughputCase | str:
             return "torch.compile fuses the elementwise kernels peftplan times one by one"
         if "packed" not in row["seq_note"]:
             return "unpacked, padded to the longest sample: sequence lengths unknown"
-        return ("packed with per-document causal masks (torchtune flex attention): attention spans unknown "
+        return ("packed with per-document causal masks (torchtune attention_utils.packed_block_causal_mask): "
+                "attention spans unknown "
                 "document lengths")
     if src != "fms":
         return f"no rule maps {src} rows yet"
