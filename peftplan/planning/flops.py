@@ -23,8 +23,9 @@ FLOPs (`step_flops`): every matrix product of one training step, as autograd run
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
+from operator import attrgetter
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import Linear, layout
@@ -295,12 +296,14 @@ def _shape_free_of(card: ModelCard, plan: Plan, stack: Stack) -> ShapeFree:
 
 
 _SHAPE = ("batch_size", "seq_len")
+# every Plan field but the step's shape, read in one C call: the memo key of the shape-free work
+shape_free_key = attrgetter(*(f.name for f in fields(Plan) if f.name not in _SHAPE))
 _SHAPE_FREE: dict[tuple, ShapeFree] = {}
 
 
 def shape_free(card: ModelCard, plan: Plan, stack: Stack) -> ShapeFree:
     """`_shape_free_of` the plan at b = s = 1, memoised on the plan's other fields (no Plan rebuilt on a hit)."""
-    key = (card, stack, *(v for k, v in plan.__dict__.items() if k not in _SHAPE))
+    key = (card, stack, shape_free_key(plan))
     sf = _SHAPE_FREE.get(key)
     if sf is None:
         if len(_SHAPE_FREE) > 16384:

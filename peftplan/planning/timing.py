@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.flops import (  # noqa: F401  (re-exported for callers of the time model)
-    _SHAPE, DEFAULT_STACK, GradFlow, Stack, StepFlops, attention_flops, flops_per_token, grad_flow, hidden_dropout,
-    matmul_params, shape_free, stage, step_flops,
+    DEFAULT_STACK, GradFlow, Stack, StepFlops, attention_flops, flops_per_token, grad_flow, hidden_dropout,
+    matmul_params, shape_free, shape_free_key, stage, step_flops,
 )
 from peftplan.planning.layout import layout
 from peftplan.planning.memory import trainable_element_bytes
@@ -154,7 +154,7 @@ _TRAFFIC: dict[tuple, tuple[float, float, float]] = {}
 
 def _traffic_shape_free(card: ModelCard, plan: Plan, stack: Stack) -> tuple[float, float, float]:
     """`_traffic` memoised on everything but b and s."""
-    key = (card, stack, *(v for k, v in plan.__dict__.items() if k not in _SHAPE))
+    key = (card, stack, shape_free_key(plan))
     got = _TRAFFIC.get(key)
     if got is None:
         if len(_TRAFFIC) > 16384:
