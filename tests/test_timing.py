@@ -162,3 +162,23 @@ def test_fit_ranks_by_cost():
     est = estimate("llama-3.2-1b", method="lora", batch_size=top.largest_batch, seq_len=512, gpu=top.gpu,
                    tokens=10**6)
     assert top.usd_per_million_tokens == pytest.approx(est.time.cost_usd)
+
+
+def test_reentrant_checkpointing_recomputes_the_whole_block():
+    """use_reentrant=True re-runs each block's forward to its end; non-reentrant stops before down_proj."""
+    card, plan = tiny_card("llama"), Plan(method="lora", grad_checkpointing=True, **PLAN)
+    early = timing.step_flops(card, plan)
+    whole = timing.step_flops(card, plan, timing.Stack(reentrant=True))
+    assert whole.recompute - early.recompute == 2 * T * 2 * W_FF  # down_proj in each of the 2 blocks
+    assert whole.attention == early.attention and whole.forward == early.forward
+
+
+def test_published_throughput_parsing():
+    pub = _published()
+    rows = {r["id"]: r for r in pub.load_rows()}
+    assert pub.published_tokens_per_s(rows["fms_mistral7b_lora_bs4"]) == pytest.approx(3324.155)
+    assert pub.published_tokens_per_s(rows["torchtune_2409_llama31_8b_lora_4090"]) == 3083
+    # Qwen: s/it per optimizer step of 8 micro-batches of 1 × L tokens
+    assert pub.published_tokens_per_s(rows["qwen_7b_chat_lora_r64_all_L1024"]) == pytest.approx(8 * 1024 / 2.8)
+    assert pub.published_tokens_per_s(rows["litgpt_rt_phi15_lora_mbs1"]) is None
+    assert pub.throughput_case(rows["fms_santacoder_full_bs4"]).startswith("no card yet")
