@@ -11,7 +11,8 @@ Step time (`step_time`): a roofline per phase (Williams et al. 2009) instead of 
                      backward), and the optimizer step over all trainable state, at bandwidth·BW
     per step         the sum (kernels of one stream run one after another)
 
-The three efficiency constants live in `EFFICIENCY`, the one place they are set, with the rows they were fitted to.
+The efficiency constants live in `EFFICIENCY`, the one place they are set: gemm and bandwidth fitted to the
+published rows named in `FIT_ROWS` (the other rows check them), attention from FlashAttention-2's paper.
 """
 from __future__ import annotations
 
