@@ -156,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jsonl", type=Path, default=JSONL)
     ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--fit", action="store_true", help="throughput: refit the roofline's efficiency constants")
     args = ap.parse_args()
     rows = [compare_row(json.loads(line)) for line in args.jsonl.read_text().splitlines() if line.strip()]
     s = summary(rows)
@@ -177,6 +178,22 @@ def main() -> None:
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps({"summary": s, "rows": rows}, indent=1))
     tmp.replace(args.json)
+    throughput(args.fit)
+
+
+def throughput(refit: bool) -> None:
+    """Predicted vs published tokens/s (benchmarks/published_throughput.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import published_throughput as pt
+
+    rows = pt.load_rows()
+    print("\n== throughput (tokens/s)")
+    print(pt.throughput_table(rows))
+    if refit:
+        cases, _ = pt.throughput_cases(rows)
+        print(pt.fit_efficiency(cases))
 
 
 if __name__ == "__main__":

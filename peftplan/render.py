@@ -72,7 +72,9 @@ def _time_lines(est: Estimate) -> list[str]:
     if est.time:
         tm = est.time
         lines.append(f"{tm.flops_per_token / 1e9:,.2f} GFLOP/token · {tm.step_time_s * 1e3:,.1f} ms/step · "
-                     f"{tm.tokens_per_s:,.0f} tokens/s at {tm.utilisation:.0%} of {tm.peak_tflops:g} TFLOP/s")
+                     f"{tm.tokens_per_s:,.0f} tokens/s ({tm.utilisation:.0%} MFU of {tm.peak_tflops:g} TFLOP/s)")
+        lines.append(f"roofline per step: matmuls {tm.gemm_s * 1e3:,.1f} ms · attention {tm.attention_s * 1e3:,.1f} ms · "
+                     f"memory-bound {tm.memory_s * 1e3:,.1f} ms · optimizer {tm.optimizer_s * 1e3:,.1f} ms")
         if tm.tokens:
             lines.append(f"{tm.tokens:,} tokens: {tm.gpu_hours:,.2f} GPU-hours · ${tm.cost_usd:,.2f}")
     return lines

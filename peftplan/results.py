@@ -49,18 +49,23 @@ class Memory:
 
 @dataclass(frozen=True)
 class Time:
-    """Time and cost of the plan on one GPU card at a stated utilisation (MFU)."""
+    """Time and cost of the plan on one GPU card: a roofline per phase (planning/timing.py)."""
 
     gpu: str
-    flops_per_token: float
+    flops_per_token: float  # every matmul and attention product of one step / (b·s)
     flops_per_step: float
-    utilisation: float  # assumed fraction of the card's dense peak
+    utilisation: float  # model-FLOPs utilisation the predicted time implies (FLOPs / time / peak)
     peak_tflops: float
     step_time_s: float
     tokens_per_s: float
     tokens: int  # the data budget (--tokens); 0 if none given
     gpu_hours: float
     cost_usd: float
+    mem_bandwidth_gbs: float = 0.0  # the card's DRAM bandwidth the roofline used
+    gemm_s: float = 0.0  # step time by kind of work: Linear / LoRA / adapter products
+    attention_s: float = 0.0  # attention kernels
+    memory_s: float = 0.0  # memory-bound kernels: norms, activations, loss, QLoRA dequantization
+    optimizer_s: float = 0.0  # the optimizer step
 
 
 @dataclass(frozen=True)

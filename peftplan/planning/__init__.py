@@ -4,8 +4,9 @@ tier, `peftplan.profile`, hold the estimate to the real step).
 
     cards    model cards (profiles/models/*.toml, config.json)     layout   module names and shapes per card
     params   parameter accounting per method                       memory   per-phase peak memory by component
-    timing   FLOPs per token, step time and cost                   gpus     GPU cards (profiles/gpus/*.toml)
-    fit      largest batch / longest sequence that fits            api      `estimate()`
+    flops    exact matmul FLOPs of one step per plan               timing   roofline step time and cost
+    gpus     GPU cards (profiles/gpus/*.toml)                       fit      what fits where, ranked by cost
+    api      `estimate()`
 """
 from peftplan.planning.api import estimate
 

@@ -7,7 +7,7 @@ from peftplan.planning.memory import phases
 from peftplan.planning.params import count
 from peftplan.plan import Plan
 from peftplan.results import Estimate
-from peftplan.planning.timing import step_time
+from peftplan.planning.timing import stack_of, step_time
 
 
 def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None = None, tokens: int = 0,
@@ -45,6 +45,6 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
             rate = peak_tflops(g, "fp32")
         else:
             rate = peak_tflops(g, plan.compute_dtype)
-        time = step_time(card, plan, p, rate, g.price_per_hour_usd, g.name, tokens)
+        time = step_time(card, plan, g, tokens, stack=stack_of(plan), peak_tflops=rate)
     return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
                     time=time, warnings=tuple(warnings))

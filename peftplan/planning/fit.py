@@ -7,6 +7,9 @@ about 2·log2(answer) estimates; `fit_matrix` shares them between the GPUs of on
 peak does not depend on the card.
 
 "Fits" is `Estimate.fits`: the device peak (NVML's view) at most the card's usable memory.
+
+Cost: each cell also carries the roofline throughput (planning/timing.py) at its largest fitting batch and the
+price of a million training tokens there (the card's indicative $/hour); `FitMatrix.by_cost` ranks the cards.
 """
 from __future__ import annotations
 
@@ -112,6 +115,8 @@ class FitCell:
     max_batch: int  # the search's cap: largest_batch == max_batch means "at least"
     longest_seq: int  # at b = 1; 0: not even s = 1 fits
     max_seq: int  # the search's cap (the model's positions)
+    tokens_per_s: float = 0.0  # predicted at b = largest_batch, s = seq_len; 0 when nothing fits
+    usd_per_million_tokens: float | None = None  # price of 10^6 tokens there; None when nothing fits
 
     @property
     def fits(self) -> bool:
@@ -142,6 +147,11 @@ class FitMatrix:
     def row(self, model: str, method: str) -> tuple[FitCell, ...]:
         return tuple(self.cell(model, g, method) for g in self.gpus)
 
+    def by_cost(self, model: str, method: str) -> tuple[FitCell, ...]:
+        """The cards that hold batch 1 at seq_len, cheapest per million tokens first."""
+        cells = [c for c in self.row(model, method) if c.fits and c.usd_per_million_tokens is not None]
+        return tuple(sorted(cells, key=lambda c: (c.usd_per_million_tokens, -c.tokens_per_s)))
+
     def fits_nowhere(self, model: str, method: str | None = None) -> bool:
         """No GPU holds batch 1 at seq_len, for this method (or for any method when None)."""
         methods = self.methods if method is None else (method,)
@@ -161,12 +171,20 @@ def _method_cells(card: ModelCard, plan: Plan, gpus: Sequence, max_batch: int) -
     cells = []
     for g in gpus:
         mem = g.usable_memory_bytes
+        b = by_batch.largest(mem, max_batch)
+        tps, usd = _throughput(card, plan.with_(batch_size=b), g) if b else (0.0, None)
         cells.append(FitCell(
             model=card.name, gpu=g.name, method=plan.method, seq_len=plan.seq_len, usable_memory_bytes=mem,
-            peak_bytes_b1=by_batch(1), largest_batch=by_batch.largest(mem, max_batch), max_batch=max_batch,
-            longest_seq=by_seq.largest(mem, cap), max_seq=cap,
+            peak_bytes_b1=by_batch(1), largest_batch=b, max_batch=max_batch,
+            longest_seq=by_seq.largest(mem, cap), max_seq=cap, tokens_per_s=tps, usd_per_million_tokens=usd,
         ))
     return cells
+
+
+def _throughput(card: ModelCard, plan: Plan, gpu) -> tuple[float, float]:
+    """(tokens/s, $ per 10^6 tokens) of the plan on a GPU card, from the roofline time."""
+    t = estimate(card, plan, gpu=gpu.name, tokens=10**6).time
+    return t.tokens_per_s, t.cost_usd
 
 
 def fit_matrix(models: Sequence[str | ModelCard], gpus: Sequence, methods: Sequence[str], seq_len: int,

@@ -122,7 +122,14 @@ def render_fit(fm, console=None) -> None:
             name = escape(m) + (" [red](fits nowhere)[/red]" if fm.fits_nowhere(m, method) else "")
             t.add_row(name, *(cell_text(c) if c.fits else f"[red]{cell_text(c)}[/red]" for c in fm.row(m, method)))
         console.print(t)
-    console.print("✗: not even 1 fits · *: every position of the model fits", style="dim")
+        for m in fm.models:
+            ranked = fm.by_cost(m, method)
+            if ranked:
+                console.print(f"  {escape(m)} by cost at the largest batch: " + " < ".join(
+                    f"{escape(c.gpu)} ${c.usd_per_million_tokens:,.2f}/Mtok ({c.tokens_per_s:,.0f} tok/s)"
+                    for c in ranked))
+    console.print("✗: not even 1 fits · *: every position of the model fits · $: roofline time × the card's "
+                  "indicative price", style="dim")
 
 
 def register(app: typer.Typer) -> None:
