@@ -97,9 +97,10 @@ def test_flops_match_trace(family, method, ck, attention):
 
 
 def _published():
-    spec = importlib.util.spec_from_file_location("published_throughput", ROOT / "benchmarks" / "published_throughput.py")
+    spec = importlib.util.spec_from_file_location("published_throughput",
+                                                  ROOT / "benchmarks" / "published_throughput.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["published"] = mod  # dataclasses look their module up there
+    sys.modules["published_throughput"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     if not mod.PUBLISHED.exists():
         pytest.skip("the published measurements are not on this machine")
