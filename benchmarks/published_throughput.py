@@ -24,7 +24,7 @@ import math
 import re
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,10 @@ def throughput_case(row: dict) -> ThroughputCase | str:
         stack = replace(stack, adapter_dtype="fp32")  # peft autocast_adapter_dtype, no bf16 autocast
     if method == "qlora":
         plan = replace(plan, kbit_prep="fmsplugin" not in row["id"])
+        if "fmsplugin" in row["id"] and "adapter_dtype" in {f.name for f in fields(plan)}:
+            # fms-acceleration's fused-ops plugin runs the adapters in the base's bf16 (its fused LoRA kernels
+            # take one dtype); standard peft keeps them in fp32
+            plan = replace(plan, adapter_dtype="bf16")
     return ThroughputCase(row["id"], src, card, gpu, plan, stack, tps)
 
 
