@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
@@ -40,6 +40,9 @@ class Trace:
     ops: int
     seconds: float
     schema_version: int = SCHEMA_VERSION
+    # allocation/free events of every step (record_events=True): see peftplan.trace.counter.LiveBytes.events
+    events: tuple[tuple, ...] = field(default=(), repr=False)
+    seq_lens: tuple[int, ...] = ()  # per step, when the steps' lengths vary
 
     @property
     def peak(self) -> TracePhase:
@@ -114,11 +117,15 @@ def cuda_like():
         F.dropout, F.scaled_dot_product_attention = dropout, sdpa
 
 
-def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True) -> Trace:
+def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True,
+          *, seq_lens: tuple[int, ...] | None = None, record_events: bool = False) -> Trace:
     """Count the live tensor bytes of `steps` training steps; report the last.
 
     fake=False runs the same step on real CPU tensors (small models only): the check that fake tensors
-    count what real ones hold.
+    count what real ones hold. seq_lens: one sequence length per step (then steps = len(seq_lens)); each
+    step gets a new batch of that length, made while the previous one is still referenced, as a data
+    loader hands them over. record_events keeps every allocation and free (`Trace.events`) for the
+    caching-allocator replay.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -126,11 +133,15 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     from peftplan.measure.step import build_model, make_batch, make_optimizer, train_step
     from peftplan.trace.counter import LiveBytes, module_hooks
 
+    if seq_lens is not None:
+        if not seq_lens or min(seq_lens) < 1:
+            raise PlanError(f"sequence lengths must be at least 1, got {list(seq_lens)}")
+        steps, plan = len(seq_lens), replace(plan, seq_len=seq_lens[0])
     if steps < 1:
         raise PlanError(f"steps must be at least 1, got {steps}")
     t0 = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
-    counter = LiveBytes(vocab_size=card.vocab_size)
+    counter = LiveBytes(vocab_size=card.vocab_size, record_events=record_events)
     from peftplan.planning.layout import layout
 
     head = layout(card).head
@@ -163,6 +174,9 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     try:
         with cuda_like(), mode, counter:
             for step in range(steps):
+                counter.step, counter.phase, counter.op = step, "setup", "(batch)"
+                if seq_lens is not None and step > 0:
+                    batch = make_batch(card, replace(plan, seq_len=seq_lens[step]), "cpu")
                 classify_static()
                 counter.peaks.clear()
                 if counter.timeline is not None:
@@ -185,7 +199,8 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     )
     return Trace(model=card.name, plan=plan, steps=steps, phases=phases,
                  timeline=_decimate(timeline, timeline_points), ops=counter.ops,
-                 seconds=time.perf_counter() - t0)
+                 seconds=time.perf_counter() - t0, events=tuple(counter.events or ()),
+                 seq_lens=tuple(seq_lens or ()))
 
 
 def _on_phase(counter):
