@@ -29,12 +29,13 @@ def configurations(quick: bool) -> list:
     small = [reg[n] for n in ("opt-125m", "llama-3.2-1b", "qwen2.5-0.5b", "gpt2")]
     if quick:
         return grid(small[:2], ranks=(16,), batches=(2,), seqs=(256,), checkpointing=(False, True), attentions=("sdpa",))
-    configs = grid(small, ranks=(16,), batches=(1, 4), seqs=(128, 512), checkpointing=(False, True),
-                   attentions=("sdpa",))
+    # the 7B points first (the published rows are 7B, packed 4096), then the small cards
+    configs = grid([reg["mistral-7b-v0.1"]], methods=("full", "lora", "qlora"), ranks=(16,), batches=(4,),
+                   seqs=(4096,), checkpointing=(True,), attentions=("sdpa",))
     configs += grid([reg["llama-2-7b"], reg["mistral-7b-v0.1"]], ranks=(16,), batches=(4,), seqs=(512,),
                     checkpointing=(False, True), attentions=("sdpa",))
-    configs += grid([reg["mistral-7b-v0.1"]], methods=("full", "lora", "qlora"), ranks=(16,), batches=(4,),
-                    seqs=(4096,), checkpointing=(True,), attentions=("sdpa",))
+    configs += grid(small, ranks=(16,), batches=(1, 4), seqs=(128, 512), checkpointing=(False, True),
+                    attentions=("sdpa",))
     return configs
 
 
