@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -118,3 +119,40 @@ def test_parse_seq_lens():
     for args in (("64,x", None), ("0,64", None), (None, "50:64,90:32"), (None, "50-64"), ("64", "50:64")):
         with pytest.raises(PlanError):
             parse_seq_lens(*args, 4)
+
+
+FIT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reserved_fit.jsonl"
+
+
+def test_estimate_uses_the_relation_fitted_from_replays():
+    import statistics
+
+    from peftplan.planning import estimate
+    from peftplan.planning.memory import RESERVED_PER_LIVE
+
+    rows = [json.loads(x) for x in FIT.read_text().splitlines()]
+    assert len(rows) >= 40
+    for phase in ("backward", "optimizer"):
+        ratios = [r["default"]["peak_reserved_bytes"] / r["default"]["peak_live_bytes"] for r in rows
+                  if r["peak_phase"] == phase]
+        assert abs(RESERVED_PER_LIVE[phase] - statistics.median(ratios)) < 0.002
+    assert RESERVED_PER_LIVE["forward"] == RESERVED_PER_LIVE["backward"]
+    for m in estimate("opt-6.7b", method="lora").phases:
+        assert m.allocator_overhead_bytes == int((RESERVED_PER_LIVE[m.phase] - 1) * m.tensor_bytes)
+        assert m.reserved_bytes > m.tensor_bytes
+
+
+@pytest.mark.skipif(not Path("/work/shared/published/measurements.jsonl").exists(), reason="no published data")
+def test_published_reserved_rows_improve_on_the_flat_2pct():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("published_reserved", FIT.parent.parent / "published_reserved.py")
+    pr = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pr  # its dataclasses look their module up
+    spec.loader.exec_module(pr)
+    rows = pr.reserved_rows()
+    assert len(rows) >= 5 and all(r.smi_mib > r.allocated_mib for r in rows)
+    s = pr.evaluate_reserved(rows)["summary"]
+    assert s["fitted"]["mean_abs_error"] < s["flat"]["mean_abs_error"]
+    assert s["replayed"]["n"] >= 3
+    assert s["replayed"]["mean_abs_error"] < s["flat_on_replayed_rows"]["mean_abs_error"]
