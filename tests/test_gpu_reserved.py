@@ -12,7 +12,7 @@ def test_dry_run_writes_the_comparison(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_reserved", SCRIPT)
     gr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gr)
-    monkeypatch.setattr(gr, "POINTS", [("opt-125m", Plan(method="lora", batch_size=1, seq_len=32), (32, 64),
+    monkeypatch.setattr(gr, "POINTS", [("opt-125m", Plan(method="lora", batch_size=1, seq_len=32), (32,),
                                         "expandable_segments:True")])
     assert gr.main(["--out", str(tmp_path), "--dry-run"]) == 0
     doc = json.loads((tmp_path / "reserved.json").read_text())

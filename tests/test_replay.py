@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-import subprocess
 import sys
 
 import pytest
@@ -94,20 +93,34 @@ def test_malformed_events_raise():
         replay([])
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "peftplan", *args], capture_output=True, text=True, timeout=300)
+def make_app():
+    import typer
+
+    from peftplan.trace import cli as trace_cli
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+
+    @app.callback()
+    def main() -> None:
+        """peftplan (test app)"""
+
+    trace_cli.register(app)
+    return app
 
 
-def test_cli_trace_reserved_json_and_errors():
-    res = run("trace", "-m", "opt-125m", "--method", "lora", "-s", "64", "--seq-lens", "64,128",
-              "--alloc-conf", "expandable_segments:True", "--json")
-    assert res.returncode == 0, res.stderr
+def test_cli_trace_reserved_json_and_errors(traced):  # after the fixture: transformers is loaded
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(make_app(), ["trace", "-m", "opt-125m", "--method", "lora", "-s", "32", "--seq-lens",
+                                          "32,64", "--alloc-conf", "expandable_segments:True", "--json"])
+    assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["replay"]["config"]["expandable_segments"] is True
     assert d["replay"]["peak_reserved_bytes"] >= d["replay"]["peak_allocated_bytes"] >= d["peak_bytes"]
     assert len(d["replay"]["reserved_per_step"]) == 2 and "events" not in d
-    bad = run("trace", "-m", "opt-125m", "--alloc-conf", "max_split_size_mb:5")
-    assert bad.returncode == 2 and bad.stderr.startswith("peftplan: error:") and "Traceback" not in bad.stderr
+    for args in (["--alloc-conf", "max_split_size_mb:5"], ["--seq-lens", "64,x"]):
+        bad = CliRunner().invoke(make_app(), ["trace", "-m", "opt-125m", *args])
+        assert bad.exit_code == 2 and "peftplan: error:" in bad.output and "Traceback" not in bad.output
 
 
 def test_parse_seq_lens():
