@@ -43,6 +43,9 @@ def trace_cmd(
         from peftplan.trace.run import trace
 
         lens = parse_seq_lens(seq_lens, seq_percentiles, steps)
+        if lens:  # the trace reports, and the estimate describes, the last step
+            plan = plan.with_(seq_len=lens[-1])
+            est = estimate(card, plan)
         conf = AllocatorConfig.parse(alloc_conf)
         reserved = reserved or lens is not None or bool(alloc_conf)
         tr = trace(card, plan, steps=steps, seq_lens=lens, record_events=reserved)

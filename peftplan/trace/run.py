@@ -136,7 +136,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     if seq_lens is not None:
         if not seq_lens or min(seq_lens) < 1:
             raise PlanError(f"sequence lengths must be at least 1, got {list(seq_lens)}")
-        steps, plan = len(seq_lens), replace(plan, seq_len=seq_lens[0])
+        steps, plan = len(seq_lens), replace(plan, seq_len=seq_lens[-1])  # the reported step's shape
     if steps < 1:
         raise PlanError(f"steps must be at least 1, got {steps}")
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     head = layout(card).head
     with mode:
         model, _ = build_model(card, plan, "cpu")
-        batch = make_batch(card, plan, "cpu")
+        batch = make_batch(card, replace(plan, seq_len=seq_lens[0]) if seq_lens else plan, "cpu")
         optimizer = make_optimizer(model, plan)
     handles = module_hooks(model, counter, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
