@@ -68,7 +68,7 @@ def run_gpu(card, plan: Plan, lens: tuple[int, ...], conf: str) -> dict:
     torch.cuda.memory._set_allocator_settings(conf or "expandable_segments:False")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(context=None, stacks="python", max_entries=2_000_000)
     model, _ = build_model(card, plan, "cuda")
     optimizer = make_optimizer(model, plan)
     batch = None
