@@ -2,22 +2,29 @@
 # The GPU validation grid in one command, on a bare GPU machine without network.
 #
 #   bash benchmarks/gpu_validate.sh OUT_DIR [--budget-s 420] [--dry-run] [--only REGEX] [--skip-existing DIR]
+#                                   [--reserved-s S]
 #
 # 1. bitsandbytes: if Python cannot find it, install the wheel shipped in .whl/ (git-ignored; fetch it with
 #    the `pip download` line in ../shared/NOTES.md) into a --target folder put on PYTHONPATH.
 # 2. benchmarks/gpu_validate.py with the budget left after step 1, under `timeout`: at the budget it gets
 #    SIGINT (finishes cleanly, every completed result already written), 30 s later SIGKILL.
+# With --reserved-s S, first benchmarks/gpu_reserved.py (issue 20: the allocator replay's max reserved and
+# segments against torch's) for at most S seconds of the budget, into OUT_DIR/reserved/.
 set -u
 start=$(date +%s)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:?usage: gpu_validate.sh OUT_DIR [--budget-s S] [gpu_validate.py options]}"
 shift
 budget=420
+reserved=0
+dry=()
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget-s) budget="$2"; shift 2 ;;
     --budget-s=*) budget="${1#*=}"; shift ;;
+    --reserved-s) reserved="$2"; shift 2 ;;
+    --dry-run) dry=(--dry-run); args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -42,6 +49,11 @@ fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+if [ "${reserved%.*}" -gt 0 ]; then
+  timeout --signal=INT --kill-after=20 $(( ${reserved%.*} + 20 )) \
+    "$py" "$repo/benchmarks/gpu_reserved.py" --out "$out/reserved" --budget-s "${reserved%.*}" "${dry[@]}" \
+    || echo "gpu_reserved.py: exit $? (see $out/reserved)" >&2
+fi
 left=$(( ${budget%.*} - ($(date +%s) - start) ))
 [ "$left" -gt 30 ] || left=30
 timeout --signal=INT --kill-after=30 $(( left + 20 )) \

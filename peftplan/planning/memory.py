@@ -26,7 +26,12 @@ CUDA_ALLOC_ROUND = 512  # the caching allocator rounds every block up to 512 B
 # Outside torch's allocator; measured values replace these when profiles/measured/ has them (see calibration).
 CUDA_CONTEXT_BYTES = 500 * 2**20  # CUDA context + kernels image (H100, torch 2.x: ~0.5 GiB seen by NVML)
 CUBLAS_WORKSPACE_BYTES = 8 * 2**20  # one cuBLAS workspace per stream (CUBLAS_WORKSPACE_CONFIG default :4096:8)
-FRAGMENTATION = 0.02  # reserved/allocated − 1 at the peak, first cut
+# Reserved / live bytes at the step's peak, by the phase holding the peak: the median over caching-allocator
+# replays of the check grid's traces (benchmarks/fit_reserved.py; rules in peftplan/planning/allocator.py).
+# Assumes fixed shapes (packed or padded to one length) and default PYTORCH_CUDA_ALLOC_CONF; lengths that vary
+# from step to step grow reserved further (`peftplan trace --seq-lens`). No grid point peaks in forward: it
+# takes backward's value (both are activation-dominated).
+RESERVED_PER_LIVE = {"forward": 1.090, "backward": 1.090, "optimizer": 1.112}
 
 
 def activation_element_bytes(plan: Plan) -> int:
@@ -385,15 +390,16 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
 # ---------------------------------------------------------------- phases
 
 
-def _gpu_terms(tensor_bytes: int) -> tuple[int, int]:
-    return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES, int(FRAGMENTATION * tensor_bytes)
+def _gpu_terms(tensor_bytes: int, phase: str) -> tuple[int, int]:
+    """(CUDA context + cuBLAS workspace, caching-allocator reserve beyond the live bytes) for a phase's peak."""
+    return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES, int((RESERVED_PER_LIVE[phase] - 1) * tensor_bytes)
 
 
 def _memory(phase: str, st: Static, **live: int) -> Memory:
     tensor = (st.frozen_weights_bytes + st.trainable_weights_bytes + live.get("gradients_bytes", 0)
               + st.optimizer_states_bytes + live.get("activations_bytes", 0) + live.get("logits_bytes", 0)
               + live.get("temporaries_bytes", 0))
-    ctx, frag = _gpu_terms(tensor)
+    ctx, frag = _gpu_terms(tensor, phase)
     return Memory(
         phase=phase,
         frozen_weights_bytes=st.frozen_weights_bytes,

@@ -28,6 +28,10 @@ def trace_cmd(
     impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
     n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only the card's first N blocks"),
+    reserved: bool = typer.Option(False, "--reserved", help="replay the allocations through the caching allocator"),
+    seq_lens: str = typer.Option(None, help="one sequence length per step, e.g. 512,2048,1024 (implies --reserved)"),
+    seq_percentiles: str = typer.Option(None, help="lengths drawn per step from percentiles, e.g. 50:512,90:2048"),
+    alloc_conf: str = typer.Option("", help="PYTORCH_CUDA_ALLOC_CONF for the replay, e.g. expandable_segments:True"),
     json_out: Json = False, from_files: From = None,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
@@ -47,9 +51,22 @@ def trace_cmd(
 
             card = cut(card, n_layers)
         est = estimate(card, plan)
+        from peftplan.planning.allocator import AllocatorConfig
+        from peftplan.trace.reserved import parse_seq_lens
         from peftplan.trace.run import trace
 
-        tr = trace(card, plan, steps=steps, impl=impl)
+        lens = parse_seq_lens(seq_lens, seq_percentiles, steps)
+        if lens:  # the trace reports, and the estimate describes, the last step
+            plan = plan.with_(seq_len=lens[-1])
+            est = estimate(card, plan)
+        conf = AllocatorConfig.parse(alloc_conf)
+        reserved = reserved or lens is not None or bool(alloc_conf)
+        tr = trace(card, plan, steps=steps, impl=impl, seq_lens=lens, record_events=reserved)
+        rp = None
+        if reserved:
+            from peftplan.planning.replay import replay
+
+            rp = replay(tr.events, conf, seq_lens=lens or ())
     except PlanError as e:
         fail(str(e))
     except ImportError as e:
@@ -57,6 +74,10 @@ def trace_cmd(
     cmp = compare(est, tr)
     if json_out:
         d = asdict(tr)
+        del d["events"]
+        if rp is not None:
+            d["replay"] = asdict(rp)
+            d["replay"]["reserved_per_step"] = rp.reserved_per_step
         d["peak_bytes"] = tr.peak_bytes
         d["peak_phase"] = tr.peak.phase
         d["estimate"] = est.to_dict()
@@ -91,6 +112,10 @@ def trace_cmd(
         console.print(f"{p.phase}: peak at op #{p.op_index} {p.op} in {p.module or '-'}")
     console.print(f"estimate vs trace: {100 * cmp.peak_error:+.2f}% at the peak "
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
+    if rp is not None:
+        from peftplan.trace.reserved import render
+
+        render(console, rp)
 
 
 def check_cmd(

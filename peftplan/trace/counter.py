@@ -43,8 +43,13 @@ def _storage(t: torch.Tensor):
 class LiveBytes(TorchDispatchMode):
     """Counts live storages; `phase` and `module` are set by the caller's hooks."""
 
-    def __init__(self, vocab_size: int = 0, record_timeline: bool = True):
+    def __init__(self, vocab_size: int = 0, record_timeline: bool = True, record_events: bool = False):
         super().__init__()
+        # the allocation/free stream the caching-allocator replay consumes (peftplan/planning/replay.py):
+        # (action "a"|"f", storage key, bytes requested, stream, phase, op, module, step); one CUDA stream (0)
+        self.events: list[tuple] | None = [] if record_events else None
+        self.step = 0
+        self.op = "(setup)"
         self.vocab_size = vocab_size
         self.live: dict[int, list] = {}
         self.by_category: dict[str, int] = defaultdict(int)
@@ -68,6 +73,8 @@ class LiveBytes(TorchDispatchMode):
         n = st.nbytes()
         n = rounded(n) if n else 0
         self.live[key] = [n, category]
+        if self.events is not None and n:
+            self.events.append(("a", key, st.nbytes(), 0, self.phase, self.op, self.module, self.step))
         self.by_category[category] += n
         self.total += n
         weakref.finalize(st, self._free, key)
@@ -75,6 +82,8 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry is not None:
+            if self.events is not None and entry[0]:
+                self.events.append(("f", key, 0, 0, self.phase, self.op, self.module, self.step))
             self.by_category[entry[1]] -= entry[0]
             self.total -= entry[0]
 
@@ -110,6 +119,7 @@ class LiveBytes(TorchDispatchMode):
 
     # -- the mode
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.op = str(func.__name__)
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

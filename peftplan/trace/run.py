@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
@@ -41,6 +41,9 @@ class Trace:
     seconds: float
     schema_version: int = SCHEMA_VERSION
     impl: str = "ours"  # who built the LoRA layers: peft or ours
+    # allocation/free events of every step (record_events=True): see peftplan.trace.counter.LiveBytes.events
+    events: tuple[tuple, ...] = field(default=(), repr=False)
+    seq_lens: tuple[int, ...] = ()  # per step, when the steps' lengths vary
 
     @property
     def peak(self) -> TracePhase:
@@ -116,14 +119,17 @@ def cuda_like():
 
 
 def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True,
-          impl: str = "auto") -> Trace:
+          impl: str = "auto", *, seq_lens: tuple[int, ...] | None = None, record_events: bool = False) -> Trace:
     """Count the live tensor bytes of `steps` training steps; report the last.
 
     impl: who builds LoRA/QLoRA/DoRA — "peft" (its get_peft_model, what users run), "ours", or "auto" (peft
     when installed; `peftplan.measure.step.resolve_impl`).
 
     fake=False runs the same step on real CPU tensors (small models only): the check that fake tensors
-    count what real ones hold.
+    count what real ones hold. seq_lens: one sequence length per step (then steps = len(seq_lens)); each
+    step gets a new batch of that length, made while the previous one is still referenced, as a data
+    loader hands them over. record_events keeps every allocation and free (`Trace.events`) for the
+    caching-allocator replay.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -131,17 +137,21 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     from peftplan.measure.step import build_model, make_batch, make_optimizer, resolve_impl, train_step
     from peftplan.trace.counter import LiveBytes, module_hooks
 
+    if seq_lens is not None:
+        if not seq_lens or min(seq_lens) < 1:
+            raise PlanError(f"sequence lengths must be at least 1, got {list(seq_lens)}")
+        steps, plan = len(seq_lens), replace(plan, seq_len=seq_lens[-1])  # the reported step's shape
     if steps < 1:
         raise PlanError(f"steps must be at least 1, got {steps}")
     t0 = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
-    counter = LiveBytes(vocab_size=card.vocab_size)
+    counter = LiveBytes(vocab_size=card.vocab_size, record_events=record_events)
     from peftplan.planning.layout import layout
 
     head = layout(card).head
     with mode:
         model, _ = build_model(card, plan, "cpu", impl=impl)
-        batch = make_batch(card, plan, "cpu")
+        batch = make_batch(card, replace(plan, seq_len=seq_lens[0]) if seq_lens else plan, "cpu")
         optimizer = make_optimizer(model, plan)
     handles = module_hooks(model, counter, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -168,6 +178,9 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     try:
         with cuda_like(), mode, counter:
             for step in range(steps):
+                counter.step, counter.phase, counter.op = step, "setup", "(batch)"
+                if seq_lens is not None and step > 0:
+                    batch = make_batch(card, replace(plan, seq_len=seq_lens[step]), "cpu")
                 classify_static()
                 counter.peaks.clear()
                 if counter.timeline is not None:
@@ -190,7 +203,8 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     )
     return Trace(model=card.name, plan=plan, steps=steps, phases=phases,
                  timeline=_decimate(timeline, timeline_points), ops=counter.ops,
-                 seconds=time.perf_counter() - t0, impl=resolve_impl(plan, impl))
+                 seconds=time.perf_counter() - t0, impl=resolve_impl(plan, impl), events=tuple(counter.events or ()),
+                 seq_lens=tuple(seq_lens or ()))
 
 
 def _on_phase(counter):
