@@ -38,6 +38,14 @@ KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoR
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
+Gpus = Annotated[int, typer.Option("--gpus", help="GPUs in all (world size W); per-GPU memory is shown")]
+Nodes = Annotated[int, typer.Option(help="nodes (must divide --gpus)")]
+Strategy = Annotated[str, typer.Option(help="none (DDP past one GPU) | ddp | zero1 | zero2 | zero3 | fsdp | "
+                                            "fsdp-grad-op | fsdp-hybrid")]
+Offload = Annotated[str, typer.Option(help="none | optimizer | optimizer+params (ZeRO / FSDP CPU offload)")]
+ReduceBucket = Annotated[int, typer.Option(help="DeepSpeed reduce_bucket_size (elements)")]
+Prefetch = Annotated[int, typer.Option("--stage3-prefetch-bucket-size", help="DeepSpeed ZeRO-3 prefetch (elements)")]
+MaxLive = Annotated[int, typer.Option("--stage3-max-live-parameters", help="DeepSpeed ZeRO-3 live parameters cap")]
 
 
 def fail(message: str) -> None:
@@ -61,7 +69,9 @@ def estimate(
     top_k: TopK = 2, batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False,
+    json_out: Json = False, gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none", offload: Offload = "none",
+    reduce_bucket_size: ReduceBucket = 500_000_000, stage3_prefetch_bucket_size: Prefetch = 50_000_000,
+    stage3_max_live_parameters: MaxLive = 1_000_000_000,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -69,6 +79,9 @@ def estimate(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy, offload=offload,
+                          reduce_bucket_size=reduce_bucket_size, stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
+                          stage3_max_live_parameters=stage3_max_live_parameters)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:
         fail(str(e))

@@ -13,6 +13,8 @@ METHODS = ("full", "top", "adapter", "lora", "qlora")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit", "sgd", "sgd-momentum")
 ATTENTIONS = ("sdpa", "eager")
+STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "fsdp-hybrid")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
 PLACEMENTS = ("houlsby", "ffn")  # two adapters per block (after attention and after FFN) or one (after FFN)
 
 
@@ -39,6 +41,15 @@ class Plan:
     foreach: bool = True  # torch AdamW/SGD default on CUDA: a multi-tensor step with params-sized temporaries
     grad_checkpointing: bool = False
     attention: str = "sdpa"
+    # -- past one GPU (planning/distributed.py)
+    gpus: int = 1  # world size W (all nodes)
+    nodes: int = 1
+    strategy: str = "none"  # none (DDP when gpus > 1) | ddp | zero1 | zero2 | zero3 | fsdp | fsdp-grad-op | fsdp-hybrid
+    offload: str = "none"  # none | optimizer | optimizer+params (ZeRO-Offload / FSDP CPUOffloadPolicy)
+    reduce_bucket_size: int = 500_000_000  # DeepSpeed zero_optimization defaults (elements)
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -53,6 +64,14 @@ class Plan:
              f"unknown adapter placement '{self.adapter_placement}' (choose from {', '.join(PLACEMENTS)})")
         need(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         need(self.seq_len > 0, f"sequence length must be positive, got {self.seq_len}")
+        need(self.strategy in STRATEGIES, f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        need(self.offload in OFFLOADS, f"unknown offload '{self.offload}' (choose from {', '.join(OFFLOADS)})")
+        need(self.gpus >= 1, f"--gpus must be at least 1, got {self.gpus}")
+        need(self.nodes >= 1, f"--nodes must be at least 1, got {self.nodes}")
+        need(self.gpus % self.nodes == 0, f"--nodes {self.nodes} does not divide --gpus {self.gpus}")
+        for f in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                  "stage3_max_live_parameters"):
+            need(getattr(self, f) >= 0, f"{f} cannot be negative, got {getattr(self, f)}")
         if self.method in ("lora", "qlora"):
             need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
             need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
