@@ -154,11 +154,14 @@ def shard_phases(card: ModelCard, plan: Plan, p: ParamCounts, phases: tuple[Memo
             if offload_params:
                 cpu += f + t
                 f = t = 0
-        tensor = f + t + g + o + comm + tmp + m.activations_bytes + m.logits_bytes + m.temporaries_bytes
+        base_tmp = m.temporaries_bytes
+        if m.phase == "optimizer" and s not in ("ddp",):
+            base_tmp = base_tmp / S  # the optimizer runs on the shards: its foreach temporaries shrink with them
+        tensor = f + t + g + o + comm + tmp + m.activations_bytes + m.logits_bytes + base_tmp
         frag = int(m.allocator_overhead_bytes * tensor / max(m.tensor_bytes, 1))
         out.append(replace(m, frozen_weights_bytes=int(f), trainable_weights_bytes=int(t), gradients_bytes=int(g),
                            optimizer_states_bytes=int(o), communication_bytes=int(comm),
-                           temporaries_bytes=int(m.temporaries_bytes + tmp), allocator_overhead_bytes=frag))
+                           temporaries_bytes=int(base_tmp + tmp), allocator_overhead_bytes=frag))
     return tuple(out), Sharding(s, W, S, int(cpu))
 
 

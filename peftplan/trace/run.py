@@ -134,8 +134,17 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     from peftplan.planning.layout import layout
 
     head = layout(card).head
+    mesh = None
+    if plan.strategy in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
+        from peftplan.trace.distributed import fake_world
+
+        mesh = fake_world(plan)
     with mode:
         model, _ = build_model(card, plan, "cpu")
+        if mesh is not None:
+            from peftplan.trace.distributed import shard
+
+            shard(model, plan, mesh, _blocks(model, card))
         batch = make_batch(card, plan, "cpu")
         optimizer = make_optimizer(model, plan)
     handles = module_hooks(model, counter, head)
@@ -160,8 +169,13 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
             counter.reclassify(v, "activations")
 
     timeline: list = []
+    resizes = nullcontext()
+    if mesh is not None:
+        from peftplan.trace.distributed import storage_resizes
+
+        resizes = storage_resizes(counter)
     try:
-        with cuda_like(), mode, counter:
+        with cuda_like(), resizes, mode, counter:
             for step in range(steps):
                 classify_static()
                 counter.peaks.clear()
@@ -186,6 +200,14 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     return Trace(model=card.name, plan=plan, steps=steps, phases=phases,
                  timeline=_decimate(timeline, timeline_points), ops=counter.ops,
                  seconds=time.perf_counter() - t0)
+
+
+def _blocks(model, card: ModelCard) -> list:
+    """The decoder blocks (the repeated layer list named by the card's layout)."""
+    from peftplan.planning.layout import layout
+
+    prefix = layout(card).block_prefix
+    return [model.get_submodule(f"{prefix}.{i}") for i in range(card.n_layers)]
 
 
 def _on_phase(counter):

@@ -1,0 +1,74 @@
+"""The FSDP2 step on fake tensors: PyTorch's own `fully_shard` over a fake process group, one process.
+
+`torch.distributed` is initialised with the "fake" backend (torch.testing._internal.distributed.fake_pg): every
+collective returns at once without moving data, so rank 0 allocates exactly what it would on a real cluster — its
+parameter, gradient and optimizer-state shards, the all-gather buffers of the units in flight, the reduce-scatter
+inputs — while the tensors themselves are fake. The device mesh is made outside the FakeTensorMode (building it
+reads rank lists with `.tolist()`, which fake tensors cannot answer). Units as transformers' FSDP recipes wrap
+them: one per decoder block, then the root (embeddings, final norm, head); `fsdp-grad-op` keeps units unsharded
+after forward (`reshard_after_forward=False`); `fsdp-hybrid` shards over the GPUs of a node (a 2-D mesh).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from peftplan.errors import PlanError
+from peftplan.plan import Plan
+
+FSDP = ("fsdp", "fsdp-grad-op", "fsdp-hybrid")
+
+
+def fake_world(plan: Plan):
+    """Initialise (or re-initialise) a fake process group of `plan.gpus` ranks; return the device mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if plan.strategy not in FSDP:
+        raise PlanError(f"the distributed trace runs FSDP (got --strategy {plan.strategy})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=plan.gpus, store=FakeStore())
+    if plan.strategy == "fsdp-hybrid":
+        return init_device_mesh("cpu", (plan.nodes, plan.gpus // plan.nodes), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (plan.gpus,))
+
+
+def shard(model, plan: Plan, mesh, blocks) -> None:
+    """fully_shard every block, then the root, as the FSDP recipes of transformers/accelerate wrap them."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = plan.strategy != "fsdp-grad-op"
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+
+@contextmanager
+def storage_resizes(counter):
+    """FSDP2 frees an unsharded parameter by `storage.resize_(0)` and re-allocates it by resizing back
+    (_fsdp_param.py alloc_storage/free_storage): no op the dispatch mode sees. Tell the counter each time."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    saved = _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage
+
+    def alloc(tensor):
+        saved[0](tensor)
+        counter.resized(tensor)
+
+    def free(tensor):
+        saved[1](tensor)
+        counter.resized(tensor)
+
+    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = saved
+
+
+def close() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
