@@ -120,3 +120,29 @@ def test_cli_one_line_errors():
     r = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--gpus", "4", "--nodes", "3"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_fewest_gpus_is_the_smallest_that_fits():
+    from peftplan.planning.cluster import fewest_gpus, world_sizes
+
+    plan = Plan(method="full", seq_len=2048, grad_checkpointing=True)
+    o = fewest_gpus("llama-3.1-70b", plan, "h100-sxm", "fsdp")
+    assert o.fits and o.peak_bytes <= o.usable_bytes
+    sizes = world_sizes(8, 512)
+    smaller = sizes[sizes.index(o.gpus) - 1]
+    below = estimate("llama-3.1-70b", plan.with_(gpus=smaller, nodes=max(1, smaller // 8), strategy="fsdp"),
+                     gpu="h100-sxm")
+    assert not below.fits
+    # ZeRO-2 replicates the 16-bit weights: a 70B full fine-tune never fits an 80 GB card
+    assert not fewest_gpus("llama-3.1-70b", plan, "h100-sxm", "zero2").fits
+
+
+def test_cheapest_cluster_ranks_by_cost_per_token():
+    from peftplan.planning.cluster import cheapest_cluster
+
+    cp = cheapest_cluster("llama-2-13b", Plan(method="lora", seq_len=1024), ["a100-80gb", "h100-sxm", "rtx4090"],
+                          tokens=10**8)
+    fitting = [o for o in cp.options if o.fits]
+    per_token = [o.usd_per_hour / o.tokens_per_s for o in fitting]
+    assert per_token == sorted(per_token) and cp.cheapest == fitting[0]
+    assert len({(o.gpu, o.strategy, o.gpus) for o in cp.options}) == len(cp.options)
