@@ -46,25 +46,49 @@ def shard(model, plan: Plan, mesh, blocks) -> None:
 
 @contextmanager
 def storage_resizes(counter):
-    """FSDP2 frees an unsharded parameter by `storage.resize_(0)` and re-allocates it by resizing back
-    (_fsdp_param.py alloc_storage/free_storage): no op the dispatch mode sees. Tell the counter each time."""
+    """Follow FSDP2's buffers in the counter, in the category "communication".
+
+    FSDP2 frees an unsharded parameter by `storage.resize_(0)` and re-allocates it by resizing back
+    (_fsdp_param.py alloc_storage/free_storage): no op the dispatch mode sees, so each resize is reported. The
+    unsharded parameters, the flat all-gather output (`foreach_all_gather`, _fsdp_collectives.py) and the flat
+    reduce-scatter input (`foreach_reduce`) are tagged "communication"; the reduce-scatter output, which becomes
+    the sharded gradients, "gradients".
+    """
     from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
 
-    saved = _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage
+    saved = (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage,
+             _fsdp_param_group.foreach_all_gather, _fsdp_param_group.foreach_reduce)
 
     def alloc(tensor):
         saved[0](tensor)
         counter.resized(tensor)
+        counter.reclassify(tensor, "communication")
 
     def free(tensor):
         saved[1](tensor)
         counter.resized(tensor)
 
-    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
+    def all_gather(*args, **kwargs):
+        result = saved[3](*args, **kwargs)
+        if result is not None:
+            counter.reclassify(result.all_gather_output, "communication")
+        return result
+
+    def reduce(fsdp_params, unsharded_grads, *args, **kwargs):
+        out = saved[4](fsdp_params, unsharded_grads, *args, **kwargs)
+        counter.reclassify(out[0], "communication")
+        for p in fsdp_params:
+            if p.sharded_param.grad is not None:
+                counter.reclassify(p.sharded_param.grad, "gradients")
+        return out
+
+    (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage,
+     _fsdp_param_group.foreach_all_gather, _fsdp_param_group.foreach_reduce) = alloc, free, alloc, all_gather, reduce
     try:
         yield
     finally:
-        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = saved
+        (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage,
+         _fsdp_param_group.foreach_all_gather, _fsdp_param_group.foreach_reduce) = saved
 
 
 def close() -> None:
