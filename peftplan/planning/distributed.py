@@ -103,6 +103,7 @@ def shard_phases(card: ModelCard, plan: Plan, p: ParamCounts, phases: tuple[Memo
     offload_opt = plan.offload in ("optimizer", "optimizer+params")
     offload_params = plan.offload == "optimizer+params"
     out, cpu = [], 0
+    fsdp = {fm.phase: fm for fm in fsdp_phases(card, plan, S, phases)} if s in FSDP else {}
     for m in phases:
         g = m.gradients_bytes
         f, t, o, comm, tmp = m.frozen_weights_bytes, m.trainable_weights_bytes, m.optimizer_states_bytes, 0, 0
@@ -138,24 +139,20 @@ def shard_phases(card: ModelCard, plan: Plan, p: ParamCounts, phases: tuple[Memo
             if offload_params:
                 cpu += f + t
                 f = t = 0
-        else:  # FSDP2
-            f, t, o = f / S, t / S, o / S
-            g = g / S
-            if m.phase in ("forward", "backward"):
-                if s == "fsdp-grad-op" and m.phase == "forward":
-                    comm = (Wf + Wt) * e16 / max(te, e16) + root  # every unit unsharded until its backward
-                else:
-                    comm = 2 * block * e16 / max(te, e16) + root  # current + prefetched unit, the root
-                if m.phase == "backward":
-                    comm += block_t  # one unit's unsharded gradients before the reduce-scatter
+        else:  # FSDP2: its own moments (fsdp_phases); here only what offload moves
+            fm = fsdp[m.phase]
+            f, t, g, o, comm, tmp = (fm.frozen_weights_bytes, fm.trainable_weights_bytes, fm.gradients_bytes,
+                                     fm.optimizer_states_bytes, fm.communication_bytes, 0)
             if offload_opt:
                 cpu = o
                 o = 0
             if offload_params:
                 cpu += f + t
                 f = t = 0
+            m = replace(m, activations_bytes=fm.activations_bytes, logits_bytes=fm.logits_bytes,
+                        temporaries_bytes=fm.temporaries_bytes)
         base_tmp = m.temporaries_bytes
-        if m.phase == "optimizer" and s not in ("ddp",):
+        if m.phase == "optimizer" and s in DEEPSPEED:
             base_tmp = base_tmp / S  # the optimizer runs on the shards: its foreach temporaries shrink with them
         tensor = f + t + g + o + comm + tmp + m.activations_bytes + m.logits_bytes + base_tmp
         frag = int(m.allocator_overhead_bytes * tensor / max(m.tensor_bytes, 1))
@@ -163,6 +160,76 @@ def shard_phases(card: ModelCard, plan: Plan, p: ParamCounts, phases: tuple[Memo
                            optimizer_states_bytes=int(o), communication_bytes=int(comm),
                            temporaries_bytes=int(base_tmp + tmp), allocator_overhead_bytes=frag))
     return tuple(out), Sharding(s, W, S, int(cpu))
+
+
+def _mem(phase: str, **b: float) -> Memory:
+    return Memory(phase=phase, frozen_weights_bytes=int(b.get("f", 0)), trainable_weights_bytes=int(b.get("t", 0)),
+                  gradients_bytes=int(b.get("g", 0)), optimizer_states_bytes=int(b.get("o", 0)),
+                  activations_bytes=int(b.get("act", 0)), logits_bytes=int(b.get("logits", 0)),
+                  temporaries_bytes=int(b.get("tmp", 0)), cuda_context_bytes=0, allocator_overhead_bytes=0,
+                  communication_bytes=int(b.get("comm", 0)))
+
+
+def _largest(phase: str, candidates: list[dict]) -> Memory:
+    return max((_mem(phase, **c) for c in candidates), key=lambda m: m.tensor_bytes)
+
+
+def fsdp_phases(card: ModelCard, plan: Plan, S: int, phases: tuple[Memory, ...]) -> tuple[Memory, ...]:
+    """One rank's phases under FSDP2 (`fully_shard` per decoder block, then the root), sharded over S ranks.
+
+    Bytes live at the moments that can peak, as FSDP2 orders them (torch/distributed/fsdp/_fully_shard/
+    _fsdp_param_group.py): R is the root unit unsharded (embeddings, final norm, head), B one block unsharded
+    (stored dtype: the trace applies no MixedPrecisionPolicy), B_t its trainable part (its unsharded gradients,
+    and the flat reduce-scatter input they are copied into), vd the head's gradient (full fine-tuning).
+    - forward, `wait_for_unshard` of unit i: the previous unit's flat all-gather output is still referenced (it
+      is freed after the copy-out returns), so flat(i−1) + flat(i) + unsharded(i) are live: 2R + 2B at block 0,
+      R + 3B at block i ≥ 1; at the head, R + flat(L−1) with every saved activation and the logits.
+    - backward start: the root all-gathered again (2R for the copy-out) under the saved activations, then R
+      with the logits' gradient; block i: R, unsharded(i), prefetched flat(i−1), the last reduce-scatter input
+      (`reduce_scatter_max_input_buffers` = 1), block i's unsharded gradients and the head's unsharded gradient
+      (the root reduce-scatters last); full fine-tuning ends with the embedding's gradient (and, tied, the sum).
+    - optimizer: every state sharded; the foreach temporaries shrink with the shards.
+    `fsdp-grad-op` (reshard_after_forward=False): units stay unsharded from forward to their backward.
+    Frozen weights are sharded too; only trainable ones have gradients and optimizer states.
+    Returns (forward, backward, optimizer) Memory with communication_bytes set and no GPU overheads.
+    """
+    from peftplan.planning.memory import (activations, cached_static_memory, embedding_backward_bytes)
+
+    st = cached_static_memory(card, plan)
+    act = activations(card, plan)
+    L, ae, tok = card.n_layers, plan.bytes_per_element, plan.tokens
+    opt = next(m for m in phases if m.phase == "optimizer")
+    block, root, block_t = _units(card, None, plan, opt.frozen_weights_bytes, opt.trainable_weights_bytes)
+    base = {"f": st.frozen_weights_bytes / S, "t": st.trainable_weights_bytes / S, "o": st.optimizer_states_bytes / S}
+    full = plan.method == "full"
+    vd = card.vocab_size * card.d_embed * plan.bytes_per_element if full else 0
+    g_blocks = (st.gradients_bytes - (root if full else 0)) / S  # every block's sharded gradient
+    f, d = card.d_ff, card.d_model
+    ffn_fwd = ((4 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * tok
+    ffn_bwd = ((3 if card.gated_mlp else 2) * ae * f + 2 * ae * d) * tok
+    saved = act.saved_bytes
+    keep = plan.strategy == "fsdp-grad-op"
+    held = L * block if keep else 0  # units left unsharded after their forward
+    fwd = [
+        dict(base, comm=2 * root + 2 * block),
+        dict(base, comm=root + held + (3 * block if not keep else 2 * block), act=saved * (L - 1) / L),
+        dict(base, comm=root + held + block, act=saved, logits=act.logits_forward_bytes),
+    ]
+    if plan.grad_checkpointing:
+        fwd.append(dict(base, comm=root + held + 2 * block, act=saved + ffn_fwd))
+    late_act = act.block_bytes + ffn_bwd + (saved if plan.grad_checkpointing else 0)
+    rs = block_t  # the reduce-scatter input kept for the next unit's post_backward
+    bwd = [
+        dict(base, comm=2 * root + held, act=saved, logits=act.logits_backward_bytes // 3),  # saved log-softmax
+        dict(base, comm=root + held, act=saved, logits=act.logits_backward_bytes),
+        dict(base, comm=root + (block if keep else 2 * block) + rs, act=late_act,
+             g=g_blocks * (L - 1) / L, tmp=block_t + vd),
+    ]
+    if full:
+        emb = embedding_backward_bytes(card, plan)
+        bwd.append(dict(base, comm=root + rs, g=g_blocks, tmp=emb + vd + (0 if card.tie_embeddings else vd)))
+    opt_m = _mem("optimizer", **dict(base, g=st.gradients_bytes / S, tmp=st.optimizer_temporaries_bytes / S))
+    return _largest("forward", fwd), _largest("backward", bwd), opt_m
 
 
 # ---------------------------------------------------------------- DeepSpeed's own estimators, for comparison

@@ -6,8 +6,9 @@ from dataclasses import asdict
 
 import typer
 
-from peftplan.cli import (AdapterSize, Alpha, Attention, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
-                          KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
+from peftplan.cli import (AdapterSize, Alpha, Attention, Batch, DoubleQuant, Dropout, Dtype, Foreach, Gpus, GradCkpt,
+                          Json, KbitPrep, Method, Model, Nodes, Optim, Placement, R, Seq, Strategy, Targets, TopK, fail,
+                          make_plan)
 from peftplan.errors import PlanError
 
 
@@ -22,9 +23,12 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True,
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
-    json_out: Json = False,
+    json_out: Json = False, gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none",
 ) -> None:
-    """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
+    """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak.
+
+    With --gpus N --strategy fsdp|fsdp-grad-op|fsdp-hybrid: PyTorch's FSDP2 step on a fake process group of N
+    ranks, one process; rank 0's live bytes."""
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
     from peftplan.trace.check import compare
@@ -32,6 +36,10 @@ def trace_cmd(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy)
+        if gpus > 1 and strategy not in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
+            raise PlanError(f"the distributed trace runs FSDP2: give --strategy fsdp|fsdp-grad-op|fsdp-hybrid "
+                            f"with --gpus {gpus} (got {strategy})")
         card = load_card(model)
         est = estimate(card, plan)
         from peftplan.trace.run import trace
