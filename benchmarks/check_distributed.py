@@ -19,7 +19,8 @@ from pathlib import Path
 
 
 def grid(quick: bool):
-    """Each card cut to 2 blocks: every block is its own FSDP unit of the same shape, so the terms sharding adds
+    """Each card cut to 3 blocks (the least that has a middle block in backward: one unsharded, the next
+    prefetched, the previous one's reduce-scatter input): every block is its own FSDP unit of the same shape, so the terms sharding adds
     (one block unsharded, the root, the per-block gradients and states) are those of the full card exactly and
     only the count of blocks changes; the root (embeddings, head) is uncut. QLoRA is left out: bitsandbytes'
     Params4bit cannot be re-created from FSDP2's fake DTensor shards (the trace fails in forward)."""
@@ -32,7 +33,7 @@ def grid(quick: bool):
     for model in cards:
         for method in ("full", "lora"):
             for strategy, gpus, nodes, ckpt in runs:
-                yield model, 2, Plan(method=method, gpus=gpus, nodes=nodes, strategy=strategy, batch_size=1,
+                yield model, 3, Plan(method=method, gpus=gpus, nodes=nodes, strategy=strategy, batch_size=1,
                                      seq_len=256, grad_checkpointing=ckpt)
 
 

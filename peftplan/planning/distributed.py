@@ -217,14 +217,27 @@ def fsdp_phases(card: ModelCard, plan: Plan, S: int, phases: tuple[Memory, ...])
     ]
     if plan.grad_checkpointing:
         fwd.append(dict(base, comm=root + held + 2 * block, act=saved + ffn_fwd))
-    late_act = act.block_bytes + ffn_bwd + (saved if plan.grad_checkpointing else 0)
-    rs = block_t  # the reduce-scatter input kept for the next unit's post_backward
+    rs = block_t  # the reduce-scatter input kept until the next unit's post_backward
+
+    def late(i: int, comm: float) -> dict:
+        """Block i in backward: what it holds, its unsharded gradients, the head's, and the blocks below's
+        saved activations (with checkpointing, their inputs) and the sharded gradients of the blocks above."""
+        below = saved * i / L
+        return dict(base, comm=comm, act=act.block_bytes + ffn_bwd + below, g=g_blocks * (L - 1 - i) / L,
+                    tmp=block_t + vd)
+
     bwd = [
-        dict(base, comm=2 * root + held, act=saved, logits=act.logits_backward_bytes // 3),  # saved log-softmax
-        dict(base, comm=root + held, act=saved, logits=act.logits_backward_bytes),
-        dict(base, comm=root + (block if keep else 2 * block) + rs, act=late_act,
-             g=g_blocks * (L - 1) / L, tmp=block_t + vd),
+        # the root all-gathered again (not under fsdp-grad-op: it stayed unsharded), the saved log-softmax live
+        dict(base, comm=(1 if keep else 2) * root + held, act=saved, logits=act.logits_backward_bytes // 3),
+        # the logits' gradient; the root prefetched the last block's all-gather (no-op when it stayed unsharded)
+        dict(base, comm=root + (held if keep else block), act=saved, logits=act.logits_backward_bytes),
+        # block 0: itself and the reduce-scatter input of block 1
+        late(0, root + block + rs),
+        # the last block, first in backward: itself and the prefetched flat all-gather of the one below
+        late(L - 1, root + (held if keep else 2 * block)),
     ]
+    if L >= 3:  # a middle block: itself, the prefetched one below, the reduce-scatter input of the one above
+        bwd.append(late(L - 2, root + ((L - 1) * block if keep else 2 * block) + rs))
     if full:
         emb = embedding_backward_bytes(card, plan)
         bwd.append(dict(base, comm=root + rs, g=g_blocks, tmp=emb + vd + (0 if card.tie_embeddings else vd)))
