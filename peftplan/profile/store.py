@@ -154,6 +154,17 @@ class ThroughputRow:
 
 
 @dataclass(frozen=True)
+class RankPeak:
+    """One rank's own figures under torchrun (profile/ranks.py merges them into rank 0's result)."""
+
+    rank: int
+    status: str
+    peak_allocated_bytes: int  # torch.cuda.max_memory_allocated on that rank, over the measured steps
+    peak_reserved_bytes: int  # torch.cuda.max_memory_reserved
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
 class Measurement:
     model: str
     plan: Plan
@@ -172,6 +183,7 @@ class Measurement:
     throughput: ThroughputRow | None = None
     card: dict = field(default_factory=dict)  # the ModelCard, so a renamed card still reproduces this
     warnings: tuple[str, ...] = ()
+    ranks: tuple[RankPeak, ...] = ()  # under torchrun: every rank's peaks (rank 0's figures are the rest)
     seconds: float = 0.0  # wall time spent on this configuration
     created_utc: str = ""
     schema: str = SCHEMA
