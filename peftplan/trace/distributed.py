@@ -10,6 +10,7 @@ after forward (`reshard_after_forward=False`); `fsdp-hybrid` shards over the GPU
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 from peftplan.errors import PlanError
@@ -84,11 +85,25 @@ def storage_resizes(counter):
 
     (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage,
      _fsdp_param_group.foreach_all_gather, _fsdp_param_group.foreach_reduce) = alloc, free, alloc, all_gather, reduce
+    bnb = sys.modules.get("bitsandbytes.nn.modules")
+    fix = getattr(bnb, "fix_4bit_weight_quant_state_from_module", None)
+    if fix is not None:
+        bnb.fix_4bit_weight_quant_state_from_module = _fix_4bit_fake
     try:
         yield
     finally:
+        if fix is not None:
+            bnb.fix_4bit_weight_quant_state_from_module = fix
         (_fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage,
          _fsdp_param_group.foreach_all_gather, _fsdp_param_group.foreach_reduce) = saved
+
+
+def _fix_4bit_fake(module) -> None:
+    """bitsandbytes' own recovery of a Linear4bit's quant_state after FSDP replaced its weight
+    (nn/modules.py `fix_4bit_weight_quant_state_from_module`), less the re-wrap in `Params4bit`, which a fake
+    tensor cannot take: the state is attached to FSDP's unsharded Parameter, as to our fake NF4 weights."""
+    if getattr(module.weight, "quant_state", None) is None:
+        module.weight.quant_state = module.quant_state
 
 
 def close() -> None:
