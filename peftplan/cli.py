@@ -47,6 +47,14 @@ Json = Annotated[bool, typer.Option("--json", help="print one JSON object to std
 From = Annotated[Optional[list[str]], typer.Option(
     "--from", help="training config(s) to plan from: peft adapter_config.json, BitsAndBytesConfig, Trainer/TRL "
                    "arguments, axolotl or LLaMA-Factory YAML (repeatable; flags override files)")]
+Gpus = Annotated[int, typer.Option("--gpus", help="GPUs in all (world size W); per-GPU memory is shown")]
+Nodes = Annotated[int, typer.Option(help="nodes (must divide --gpus)")]
+Strategy = Annotated[str, typer.Option(help="none (DDP past one GPU) | ddp | zero1 | zero2 | zero3 | fsdp | "
+                                            "fsdp-grad-op | fsdp-hybrid")]
+Offload = Annotated[str, typer.Option(help="none | optimizer | optimizer+params (ZeRO / FSDP CPU offload)")]
+ReduceBucket = Annotated[int, typer.Option(help="DeepSpeed reduce_bucket_size (elements)")]
+Prefetch = Annotated[int, typer.Option("--stage3-prefetch-bucket-size", help="DeepSpeed ZeRO-3 prefetch (elements)")]
+MaxLive = Annotated[int, typer.Option("--stage3-max-live-parameters", help="DeepSpeed ZeRO-3 live parameters cap")]
 
 
 def fail(message: str) -> None:
@@ -109,6 +117,9 @@ def estimate(
     dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
     use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
     from_files: From = None,
+    gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none", offload: Offload = "none",
+    reduce_bucket_size: ReduceBucket = 500_000_000, stage3_prefetch_bucket_size: Prefetch = 50_000_000,
+    stage3_max_live_parameters: MaxLive = 1_000_000_000,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -118,6 +129,9 @@ def estimate(
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+        plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy, offload=offload,
+                          reduce_bucket_size=reduce_bucket_size, stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
+                          stage3_max_live_parameters=stage3_max_live_parameters)
         model, plan = with_files(from_files, plan, model)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:

@@ -14,6 +14,8 @@ DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit", "sgd", "sgd-momentum")
 ATTENTIONS = ("sdpa", "eager", "flash")  # flash: transformers' attn_implementation="flash_attention_2"
 AUTOCASTS = ("none", "bf16", "fp16")  # the Trainer's bf16=True / fp16=True: torch.autocast around forward + loss
+STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "fsdp-hybrid")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
 PLACEMENTS = ("houlsby", "ffn")  # two adapters per block (after attention and after FFN) or one (after FFN)
 
 
@@ -47,6 +49,15 @@ class Plan:
     grad_accum: int = 1  # TrainingArguments.gradient_accumulation_steps: micro-steps per optimizer step
     max_grad_norm: float = 1.0  # TrainingArguments.max_grad_norm: clip_grad_norm_ before the step (0: off)
     use_reentrant: bool = False  # gradient_checkpointing_kwargs["use_reentrant"]; transformers 5 defaults to False
+    # -- past one GPU (planning/distributed.py)
+    gpus: int = 1  # world size W (all nodes)
+    nodes: int = 1
+    strategy: str = "none"  # none (DDP when gpus > 1) | ddp | zero1 | zero2 | zero3 | fsdp | fsdp-grad-op | fsdp-hybrid
+    offload: str = "none"  # none | optimizer | optimizer+params (ZeRO-Offload / FSDP CPUOffloadPolicy)
+    reduce_bucket_size: int = 500_000_000  # DeepSpeed zero_optimization defaults (elements)
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -78,6 +89,14 @@ class Plan:
              f"adapter dtype {self.adapter_dtype} over {self.dtype} weights: peft keeps adapters in the base "
              "dtype or fp32")
         need(not self.use_dora or self.uses_lora, "--dora applies to LoRA and QLoRA only")
+        need(self.strategy in STRATEGIES, f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        need(self.offload in OFFLOADS, f"unknown offload '{self.offload}' (choose from {', '.join(OFFLOADS)})")
+        need(self.gpus >= 1, f"--gpus must be at least 1, got {self.gpus}")
+        need(self.nodes >= 1, f"--nodes must be at least 1, got {self.nodes}")
+        need(self.gpus % self.nodes == 0, f"--nodes {self.nodes} does not divide --gpus {self.gpus}")
+        for f in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                  "stage3_max_live_parameters"):
+            need(getattr(self, f) >= 0, f"{f} cannot be negative, got {getattr(self, f)}")
         if self.method in ("lora", "qlora"):
             need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
             need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")

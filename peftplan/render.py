@@ -16,6 +16,7 @@ COMPONENTS = {
     "temporaries_bytes": "temporaries",
     "allocator_overhead_bytes": "allocator overhead",
     "cuda_context_bytes": "CUDA context + cuBLAS",
+    "communication_bytes": "gathered params + buckets",
 }
 
 
@@ -46,7 +47,8 @@ def _params_table(est: Estimate) -> Table:
 
 def _memory_table(est: Estimate) -> Table:
     peak = est.peak
-    t = Table(title=f"peak memory by component (b={est.plan.batch_size}, s={est.plan.seq_len}, "
+    per_gpu = f"per GPU, {est.strategy} on {est.plan.gpus} GPUs, " if est.strategy != "none" else ""
+    t = Table(title=f"peak memory by component ({per_gpu}b={est.plan.batch_size}, s={est.plan.seq_len}, "
                     f"{est.plan.dtype}, {est.plan.optimizer}"
                     f"{', checkpointing' if est.plan.grad_checkpointing else ''}, {est.plan.attention})",
               title_justify="left")
@@ -55,6 +57,8 @@ def _memory_table(est: Estimate) -> Table:
         name = f"{m.phase} ★" if m is peak else m.phase
         t.add_column(name, justify="right")
     for key, label in COMPONENTS.items():
+        if key == "communication_bytes" and not any(m.communication_bytes for m in est.phases):
+            continue
         t.add_row(label, *(gib(getattr(m, key)) for m in est.phases))
     t.add_section()
     t.add_row("tensors (torch allocated)", *(gib(m.tensor_bytes) for m in est.phases))
@@ -77,6 +81,12 @@ def _time_lines(est: Estimate) -> list[str]:
                      f"memory-bound {tm.memory_s * 1e3:,.1f} ms · optimizer {tm.optimizer_s * 1e3:,.1f} ms")
         if tm.tokens:
             lines.append(f"{tm.tokens:,} tokens: {tm.gpu_hours:,.2f} GPU-hours · ${tm.cost_usd:,.2f}")
+        if est.plan.gpus > 1:  # data parallel: the same GPU-hours, W times the rate (communication not modelled)
+            wall = f" · {tm.gpu_hours / est.plan.gpus:,.2f} h wall-clock" if tm.tokens else ""
+            lines.append(f"{est.plan.gpus} GPUs ({est.strategy}): {tm.tokens_per_s * est.plan.gpus:,.0f} tokens/s in "
+                         f"all{wall} (communication time not modelled)")
+    if est.cpu_offload_bytes:
+        lines.append(f"CPU memory per rank for offloaded {est.plan.offload}: {gib(est.cpu_offload_bytes)}")
     return lines
 
 

@@ -25,13 +25,14 @@ class Memory:
     temporaries_bytes: int  # transient buffers: optimizer-step temporaries, dequantized NF4 weight, ...
     cuda_context_bytes: int  # CUDA context + cuBLAS workspace: outside torch's allocator
     allocator_overhead_bytes: int  # caching allocator rounding and fragmentation (reserved − allocated)
+    communication_bytes: int = 0  # several GPUs: gathered parameters in flight, gradient buckets (distributed.py)
 
     @property
     def tensor_bytes(self) -> int:
         """What torch.cuda.max_memory_allocated sees (and what the fake-tensor trace counts)."""
         return (self.frozen_weights_bytes + self.trainable_weights_bytes + self.gradients_bytes
                 + self.optimizer_states_bytes + self.activations_bytes + self.logits_bytes
-                + self.temporaries_bytes)
+                + self.temporaries_bytes + self.communication_bytes)
 
     @property
     def reserved_bytes(self) -> int:
@@ -78,6 +79,8 @@ class Estimate:
     gpu_memory_bytes: int | None = None  # usable memory of the GPU card
     time: Time | None = None
     warnings: tuple[str, ...] = ()
+    strategy: str = "none"  # resolved sharding strategy; phases are per GPU
+    cpu_offload_bytes: int = 0  # host memory per rank for offloaded states/parameters
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -137,8 +137,9 @@ def test_plotly_js_is_embedded_once_and_every_plot_is_drawn(page):
     divs = re.findall(r'<div class="plot" id="(plot-\d+)">', page)
     calls = re.findall(r'Plotly\.newPlot\("(plot-\d+)"', page)
     assert divs and divs == calls
-    # per model: breakdown, batch, sequence, rank, checkpointing, cost; per method: fit; measured: 2 + timeline
-    assert len(divs) == 3 * 6 + len(METHODS) + 3
+    # per model: breakdown, batch, sequence, rank, checkpointing, cost, per GPU; per method: fit; measured: 2 +
+    # timeline
+    assert len(divs) == 3 * 7 + len(METHODS) + 3
 
 
 def test_user_names_are_escaped(page):

@@ -23,6 +23,13 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     p = count(card, plan)
     mem = phases(card, plan)
     warnings = []
+    strategy, cpu = "none", 0
+    if plan.gpus > 1 or plan.strategy != "none" or plan.offload != "none":
+        from peftplan.planning.distributed import check, shard_phases
+
+        warnings += check(plan)
+        mem, sharding = shard_phases(card, plan, p, mem)
+        strategy, cpu = sharding.strategy, sharding.cpu_offload_bytes
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
@@ -47,4 +54,4 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
             rate = peak_tflops(g, plan.compute_dtype)
         time = step_time(card, plan, g, tokens, stack=stack_of(plan), peak_tflops=rate)
     return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
-                    time=time, warnings=tuple(warnings))
+                    time=time, warnings=tuple(warnings), strategy=strategy, cpu_offload_bytes=cpu)

@@ -120,6 +120,9 @@ def render_measurement(console, m: Measurement) -> None:
             step = f" step {s.step}" if s.step >= 0 else ""
             console.print(f"  NVML spike +{_fmt_bytes(s.excess_bytes)} for {s.duration_s * 1e3:.1f} ms in "
                           f"{s.phase or '?'}{step} at +{s.phase_offset_s * 1e3:.1f} ms")
+    for rp in m.ranks:
+        console.print(f"  rank {rp.rank}: {rp.status}, peak allocated {_fmt_bytes(rp.peak_allocated_bytes)}, "
+                      f"reserved {_fmt_bytes(rp.peak_reserved_bytes)}")
     for w in m.warnings:
         console.print(f"  [yellow]warning:[/] {w}")
 
@@ -151,6 +154,23 @@ def make_session(device_index: int, use_nvml: bool):
 
 
 STEP_API = None  # None: peftplan.measure.step (tests put a stand-in here)
+
+
+def dry_session():
+    """--dry-run: a simulated device (FakeCuda) whose memory follows each point's estimate, NVML stand-in, and
+    the toy step (an embedding and a head, trained): the whole command, torchrun included, on the CPU."""
+    from peftplan.planning import estimate
+    from peftplan.profile.fake import FakeCuda, ToyStepApi, script_from_estimate
+    from peftplan.profile.run import load_card, open_session
+
+    fake = FakeCuda()
+
+    class Scripted(ToyStepApi):
+        def build_model(self, card, plan, device="cpu", *, seed=0):
+            fake.expect(script_from_estimate(estimate(card, plan)))
+            return super().build_model(card, plan, device, seed=seed)
+
+    return open_session(fake, nvml=fake.nvml()), Scripted()
 
 
 def profile(
@@ -187,11 +207,19 @@ def profile(
     budget_s: Annotated[Optional[float], typer.Option(help="start no new point after this many seconds")] = None,
     device: Annotated[int, typer.Option(help="CUDA device index")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print the results as one JSON list")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="CPU: simulated CUDA and NVML, a toy step")] = False,
 ) -> None:
-    """Measure real training steps on this machine's GPU and compare them with the estimate."""
+    """Measure real training steps on this machine's GPU and compare them with the estimate.
+
+    Under torchrun every rank measures on its LOCAL_RANK device and rank 0 writes one result per point, with
+    every rank's peaks (`ranks`)."""
     from rich.console import Console
 
+    from peftplan.profile import ranks
     from peftplan.profile import run as run_mod
+
+    world = ranks.world_from_env()
+    step_api = STEP_API
 
     settings = {"steps": steps, "warmup": warmup, "interval_s": interval_ms / 1e3, "nvml": nvml,
                 "phase_sync": phase_sync, "impl": impl}
@@ -207,7 +235,11 @@ def profile(
         Settings(**settings)  # bad settings are an input error even for a grid file
         for name in dict.fromkeys(p.model for p in points):
             run_mod.load_card(name)  # an unknown card is an input error, before any GPU work
-        session = make_session(device, nvml)
+        ranks.init(world)
+        if dry_run:
+            session, step_api = dry_session()
+        else:
+            session = make_session(world.local_rank if world.size > 1 else device, nvml)
     except (GpuUnavailable, PlanError) as e:
         typer.echo(f"peftplan: error: {e}", err=True)
         raise typer.Exit(2)
@@ -216,12 +248,18 @@ def profile(
     from peftplan.profile.store import save
 
     def run_point(p):
-        return run_mod.profile_point(session, p.model, p.plan, p.settings, step_api=STEP_API, with_trace=trace)
+        m = run_mod.profile_point(session, p.model, p.plan, p.settings, step_api=step_api, with_trace=trace)
+        return ranks.gather(world, m) or m  # rank 0: merged; the others keep theirs, unsaved
 
     deadline = time.monotonic() + budget_s if budget_s else None
+    if not world.is_main:  # the other ranks measure and send; rank 0 saves and reports
+        run_grid(points, run_point, isolate=lambda: run_mod.isolate(session.backend), deadline=deadline)
+        ranks.close(world)
+        return
     with ProgressBar() as bar:
         result = run_grid(points, run_point, save=lambda m: save(m, out),
                           isolate=lambda: run_mod.isolate(session.backend), observer=bar, deadline=deadline)
+    ranks.close(world)
     if json_out:
         typer.echo(json.dumps([m.to_dict() for m in result.measurements], indent=1))
     else:

@@ -167,6 +167,17 @@ class StepMeasure:
 
 
 @dataclass(frozen=True)
+class RankPeak:
+    """One rank's own figures under torchrun (profile/ranks.py merges them into rank 0's result)."""
+
+    rank: int
+    status: str
+    peak_allocated_bytes: int  # torch.cuda.max_memory_allocated on that rank, over the measured steps
+    peak_reserved_bytes: int  # torch.cuda.max_memory_reserved
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
 class Measurement:
     model: str
     plan: Plan
@@ -186,6 +197,7 @@ class Measurement:
     card: dict = field(default_factory=dict)  # the ModelCard, so a renamed card still reproduces this
     warnings: tuple[str, ...] = ()
     steps: tuple[StepMeasure, ...] = ()  # per-step peaks of a user's run (Trainer callback); empty for profiles
+    ranks: tuple[RankPeak, ...] = ()  # under torchrun: every rank's peaks (rank 0's figures are the rest)
     seconds: float = 0.0  # wall time spent on this configuration
     created_utc: str = ""
     schema: str = SCHEMA

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftplan.cli import AdapterSize, Attention, Dtype, From, Json, Optim, R, Seq, Targets, TopK, fail, with_files
+from peftplan.cli import (AdapterSize, Attention, Batch, Dtype, From, GradCkpt, Json, Optim, R, Seq, Targets, TopK,
+                          fail, with_files)
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 
@@ -84,10 +85,20 @@ def fit(
     seq_len: Seq = 512, r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2,
     dtype: Dtype = "bf16", optimizer: Optim = "adamw", attention: Attention = "sdpa", json_out: Json = False,
     from_files: From = None,
+    cluster: Annotated[bool, typer.Option("--cluster", help="fewest GPUs per card × strategy, cheapest first")] = False,
+    strategies: Annotated[str, typer.Option(help="with --cluster: strategies to compare")] = "ddp,zero2,zero3,fsdp",
+    gpus_per_node: Annotated[int, typer.Option(help="with --cluster: GPUs in one node")] = 8,
+    batch_size: Batch = 1, grad_checkpointing: GradCkpt = False,
+    tokens: Annotated[float, typer.Option(help="with --cluster: token budget for GPU-hours and cost")] = 0,
 ) -> None:
-    """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method."""
+    """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method.
+
+    With --cluster: for each model and method, the fewest GPUs of each card under each strategy, cheapest first."""
     from peftplan.planning.fit import fit_matrix
 
+    if cluster:
+        return fit_cluster(model, gpus, methods, seq_len, batch_size, grad_checkpointing, strategies, gpus_per_node,
+                           tokens, base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention), json_out)
     try:
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
                                                               attention), model)
@@ -98,6 +109,43 @@ def fit(
         typer.echo(json.dumps(fm.to_dict(), indent=2))
         return
     render_fit(fm)
+
+
+def fit_cluster(models, gpus: str, methods: str, seq_len: int, batch_size: int, ckpt: bool, strategies: str,
+                gpus_per_node: int, tokens: float, base: Plan, json_out: bool) -> None:
+    from peftplan.planning.cluster import cheapest_cluster
+
+    try:
+        if not (tokens == tokens and 0 <= tokens < 1e18):
+            raise PlanError(f"token budget must be a non-negative number, got {tokens:g}")
+        plans = [cheapest_cluster(m, base.with_(method=meth, seq_len=seq_len, batch_size=batch_size,
+                                                 grad_checkpointing=ckpt), split(gpus), split(strategies),
+                                  int(tokens), gpus_per_node)
+                 for m in need_models(models) for meth in split(methods)]
+    except PlanError as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps([p.to_dict() for p in plans], indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for cp in plans:
+        t = Table(title=f"{escape(cp.model)} · {cp.method}: fewest GPUs per card and strategy, cheapest first",
+                  title_justify="left")
+        for col in ("GPU", "strategy", "GPUs", "nodes", "peak/GPU", "tokens/s", "$/hour") + (("$",) if cp.tokens else ()):
+            t.add_column(col, justify="left" if col in ("GPU", "strategy") else "right", no_wrap=True)
+        for o in cp.options:
+            if not o.fits:
+                t.add_row(escape(o.gpu), o.strategy, "[red]✗[/red]", "", "", "", "", *(("",) if cp.tokens else ()))
+                continue
+            row = [escape(o.gpu), o.strategy, str(o.gpus), str(o.nodes), f"{o.peak_bytes / 2**30:.1f} GiB",
+                   f"{o.tokens_per_s:,.0f}", f"{o.usd_per_hour:,.2f}"]
+            t.add_row(*row, *((f"{o.cost_usd:,.0f}",) if cp.tokens else ()))
+        console.print(t)
+    console.print("✗: does not fit up to 512 GPUs · communication time is not modelled", style="dim")
 
 
 def cell_text(c) -> str:

@@ -110,6 +110,29 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class ClusterRow:
+    """One method on W GPUs of one card: the per-GPU peak and what the cluster costs."""
+
+    method: str
+    gpus: int  # W
+    strategy: str  # "none" for one GPU
+    fits: bool
+    tokens_per_s: float  # the whole cluster (data parallel; communication time not modelled)
+    usd_per_hour: float  # the whole cluster
+    cost_usd: float  # for the token budget (0 without one)
+
+
+@dataclass(frozen=True)
+class PerGpu:
+    """Per-GPU breakdowns at W = 1, 2, 4, 8 (`distributed.shard_phases`), on the report's first GPU card."""
+
+    gpu: str
+    strategy: str
+    breakdown: Breakdown  # its `methods` are labels "method ×W"
+    rows: tuple[ClusterRow, ...]
+
+
+@dataclass(frozen=True)
 class ModelSection:
     model: str
     source: str
@@ -120,6 +143,7 @@ class ModelSection:
     ranks: RankSweep
     checkpointing: Checkpointing
     throughput: Throughput
+    per_gpu: PerGpu | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +245,31 @@ def throughput(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo], 
                       cells=cells)
 
 
+WORLD_SIZES = (1, 2, 4, 8)
+
+
+def per_gpu(card: ModelCard, plans: Sequence[Plan], gpu: GpuInfo, tokens: int, strategy: str = "fsdp") -> PerGpu:
+    """Each plan on W = 1, 2, 4, 8 GPUs of `gpu` under `strategy` (one node): the per-GPU peak components and the
+    cluster's throughput, price per hour and cost (W × the card's price; GPU-hours of a budget do not change
+    with W, see planning/cluster.py)."""
+    labels, peaks, rows = [], [], []
+    for p in plans:
+        for w in WORLD_SIZES:
+            s = strategy if w > 1 else "none"
+            e = estimate(card, p.with_(gpus=w, nodes=1, strategy=s), gpu=gpu.name, tokens=tokens)
+            labels.append(f"{p.method} ×{w}")
+            peaks.append(e.peak)
+            t = e.time
+            rows.append(ClusterRow(method=p.method, gpus=w, strategy=s, fits=bool(e.fits),
+                                   tokens_per_s=t.tokens_per_s * w if t else 0.0,
+                                   usd_per_hour=gpu.price_per_hour_usd * w, cost_usd=t.cost_usd if t else 0.0))
+    b = Breakdown(model=card.name, batch_size=plans[0].batch_size, seq_len=plans[0].seq_len, methods=tuple(labels),
+                  peak_phases=tuple(m.phase for m in peaks), components=COMPONENTS,
+                  bytes=tuple(tuple(getattr(m, c) for m in peaks) for c in COMPONENTS),
+                  peak_bytes=tuple(m.device_bytes for m in peaks))
+    return PerGpu(gpu=gpu.name, strategy=strategy, breakdown=b, rows=tuple(rows))
+
+
 def model_section(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo], tokens: int) -> ModelSection:
     from peftplan.planning.params import total_params
 
@@ -232,6 +281,7 @@ def model_section(card: ModelCard, plans: Sequence[Plan], gpus: Sequence[GpuInfo
         ranks=rank_sweep(card, plans),
         checkpointing=checkpointing(card, plans),
         throughput=throughput(card, plans, gpus, tokens),
+        per_gpu=per_gpu(card, plans, gpus[0], tokens) if gpus else None,
     )
 
 

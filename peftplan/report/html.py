@@ -273,6 +273,25 @@ def measured_section(m: Measured, plot: Plots) -> str:
 # ---------------------------------------------------------------- the page
 
 
+def per_gpu_section(d: ReportData, plot: Plots) -> str:
+    parts = ["<h2 id='per-gpu'>Past one GPU: per-GPU memory on 1, 2, 4, 8 GPUs</h2>"]
+    for s in d.sections:
+        pg = s.per_gpu
+        if pg is None:
+            continue
+        b = pg.breakdown
+        parts.append(f'<p class="note">{esc(s.model)} on {esc(pg.gpu)}, {esc(pg.strategy)} past one GPU: frozen '
+                     "weights, gradients and optimizer states sharded; communication = units all-gathered in flight "
+                     "and reduce-scatter buffers. Cost = W × the card's price; the GPU-hours of the token budget do "
+                     "not change with W (data parallel, communication time not modelled).</p>")
+        rows = [(r.method, r.gpus, r.strategy, g(peak), "yes" if r.fits else "no", f"{r.tokens_per_s:,.0f}",
+                 f"{r.usd_per_hour:,.2f}", f"{r.cost_usd:,.0f}" if d.tokens else "—")
+                for r, peak in zip(pg.rows, b.peak_bytes)]
+        tab = table(("method", "GPUs", "strategy", "peak/GPU GiB", "fits", "tokens/s", "$/hour", "$ for budget"), rows)
+        parts.append(card(plot(fig.breakdown_figure(b, [x for x in d.gpus if x.name == pg.gpu])), tab))
+    return "".join(parts)
+
+
 def render_html(d: ReportData, plotly_js: str | None = None) -> str:
     """The whole page. `plotly_js` defaults to the bundle shipped with the plotly package."""
     if plotly_js is None:
@@ -281,10 +300,10 @@ def render_html(d: ReportData, plotly_js: str | None = None) -> str:
         plotly_js = get_plotlyjs()
     plot = Plots()
     body = "".join([header(d), breakdown_section(d, plot), fit_section(d, plot), curves_section(d, plot),
-                    throughput_section(d, plot), measured_section(d.measured, plot)])
+                    throughput_section(d, plot), per_gpu_section(d, plot), measured_section(d.measured, plot)])
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("breakdown", "breakdown"), ("fit", "what fits"), ("curves", "curves"), ("cost", "cost"),
-        ("measured", "measured")))
+        ("per-gpu", "per GPU"), ("measured", "measured")))
     title = esc(f"peftplan report: {', '.join(d.models)}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'

@@ -19,6 +19,7 @@ COMPONENTS = {
     "activations_bytes": "activations",
     "logits_bytes": "logits",
     "temporaries_bytes": "temporaries",
+    "communication_bytes": "communication",  # FSDP2: gathered units, reduce-scatter inputs (trace/distributed.py)
 }
 
 

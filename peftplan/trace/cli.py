@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Dora, GradAccum, MaxGradNorm, Reentrant, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
-                          KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
-from peftplan.cli import From, with_files
+from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Batch, Dora, DoubleQuant, Dropout,
+                          Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model,
+                          Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail, make_plan,
+                          with_files)
 from peftplan.errors import PlanError
 
 
@@ -32,9 +33,12 @@ def trace_cmd(
     seq_lens: str = typer.Option(None, help="one sequence length per step, e.g. 512,2048,1024 (implies --reserved)"),
     seq_percentiles: str = typer.Option(None, help="lengths drawn per step from percentiles, e.g. 50:512,90:2048"),
     alloc_conf: str = typer.Option("", help="PYTORCH_CUDA_ALLOC_CONF for the replay, e.g. expandable_segments:True"),
-    json_out: Json = False, from_files: From = None,
+    json_out: Json = False, from_files: From = None, gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none",
 ) -> None:
-    """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
+    """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak.
+
+    With --gpus N --strategy fsdp|fsdp-grad-op|fsdp-hybrid: PyTorch's FSDP2 step on a fake process group of N
+    ranks, one process; rank 0's live bytes."""
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
     from peftplan.trace.check import compare
@@ -44,6 +48,10 @@ def trace_cmd(
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+        plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy)
+        if gpus > 1 and strategy not in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
+            raise PlanError(f"the distributed trace runs FSDP2: give --strategy fsdp|fsdp-grad-op|fsdp-hybrid "
+                            f"with --gpus {gpus} (got {strategy})")
         model, plan = with_files(from_files, plan, model)
         card = load_card(model)
         if n_layers is not None:

@@ -34,6 +34,9 @@ class PhasePeak:
 
 
 def _storage(t: torch.Tensor):
+    local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP2 shards): its local shard holds the bytes
+    if isinstance(local, torch.Tensor):
+        t = local
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):
@@ -86,6 +89,24 @@ class LiveBytes(TorchDispatchMode):
                 self.events.append(("f", key, 0, 0, self.phase, self.op, self.module, self.step))
             self.by_category[entry[1]] -= entry[0]
             self.total -= entry[0]
+
+    def resized(self, t: torch.Tensor) -> None:
+        """Re-read a storage's size after `storage.resize_()` (FSDP2 frees and re-allocates unsharded parameters
+        that way, keeping the storage object): the bytes follow the new size."""
+        st = _storage(t)
+        if st is None:
+            return
+        n = st.nbytes()
+        n = rounded(n) if n else 0
+        entry = self.live.get(st._cdata)
+        if entry is None:
+            if n:
+                self.track(t, self._category_for_new(t))
+            return
+        delta = n - entry[0]
+        entry[0] = n
+        self.by_category[entry[1]] += delta
+        self.total += delta
 
     def reclassify(self, t: torch.Tensor, category: str) -> None:
         """Move a tracked tensor's storage to a category (tracking it if new)."""

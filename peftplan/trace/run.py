@@ -149,8 +149,17 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     from peftplan.planning.layout import layout
 
     head = layout(card).head
+    mesh = None
+    if plan.strategy in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
+        from peftplan.trace.distributed import fake_world
+
+        mesh = fake_world(plan)
     with mode:
         model, _ = build_model(card, plan, "cpu", impl=impl)
+        if mesh is not None:
+            from peftplan.trace.distributed import shard
+
+            shard(model, plan, mesh, _blocks(model, card))
         batch = make_batch(card, replace(plan, seq_len=seq_lens[0]) if seq_lens else plan, "cpu")
         optimizer = make_optimizer(model, plan)
     handles = module_hooks(model, counter, head)
@@ -175,8 +184,13 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
             counter.reclassify(v, "activations")
 
     timeline: list = []
+    resizes = nullcontext()
+    if mesh is not None:
+        from peftplan.trace.distributed import storage_resizes
+
+        resizes = storage_resizes(counter)
     try:
-        with cuda_like(), mode, counter:
+        with cuda_like(), resizes, mode, counter:
             for step in range(steps):
                 counter.step, counter.phase, counter.op = step, "setup", "(batch)"
                 if seq_lens is not None and step > 0:
@@ -205,6 +219,14 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
                  timeline=_decimate(timeline, timeline_points), ops=counter.ops,
                  seconds=time.perf_counter() - t0, impl=resolve_impl(plan, impl), events=tuple(counter.events or ()),
                  seq_lens=tuple(seq_lens or ()))
+
+
+def _blocks(model, card: ModelCard) -> list:
+    """The decoder blocks (the repeated layer list named by the card's layout)."""
+    from peftplan.planning.layout import layout
+
+    prefix = layout(card).block_prefix
+    return [model.get_submodule(f"{prefix}.{i}") for i in range(card.n_layers)]
 
 
 def _on_phase(counter):
