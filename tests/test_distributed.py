@@ -75,9 +75,9 @@ def test_peft_frozen_sharded_states_only_for_adapters(strategy, method):
     assert o8.gradients_bytes <= 4 * n_adapters / 8 * 1.1 + 1
     assert o8.optimizer_states_bytes <= (12 if strategy == "zero3" else 8) * n_adapters / 8 * 1.2 + 512 * 8000
     # activations are not sharded: each GPU runs its own micro-batch (FSDP's forward may peak when the last of
-    # the 40 blocks is gathered, before it saves its own: 39/40 of them)
+    # the 40 blocks is gathered, before it saves its own: all but about one block, never a shard)
     a1, a8 = (next(p for p in e.phases if p.phase == "forward") for e in (one, eight))
-    assert a1.activations_bytes * 39 / 40 - 1 <= a8.activations_bytes <= a1.activations_bytes
+    assert a1.activations_bytes * 0.95 <= a8.activations_bytes <= a1.activations_bytes
 
 
 def test_deepspeed_bucket_does_not_shrink_with_lora():

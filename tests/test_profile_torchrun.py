@@ -33,9 +33,11 @@ def test_torchrun_two_ranks_merge_into_one_result(tmp_path):
     assert len(files) == 1  # rank 0 alone writes
     m = load(files[0])
     assert [p.rank for p in m.ranks] == [0, 1] and all(p.status == "ok" for p in m.ranks)
-    # the simulated device follows the estimate: each rank's own peak is the estimate's peak tensor bytes
+    # the simulated device follows the estimate's script (phase by phase, warm-up included): each rank's own
+    # peak is the estimate's peak tensor bytes within 2%, and the two ranks agree
     est = estimate("opt-125m", Plan(method="lora", seq_len=8))
-    assert all(p.peak_allocated_bytes == est.peak.tensor_bytes for p in m.ranks)
+    assert all(abs(p.peak_allocated_bytes / est.peak.tensor_bytes - 1) < 0.02 for p in m.ranks)
+    assert m.ranks[0].peak_allocated_bytes == m.ranks[1].peak_allocated_bytes
     assert m.ranks[0].peak_allocated_bytes == m.peak_allocated_bytes
 
 

@@ -226,7 +226,8 @@ def _blocks(model, card: ModelCard) -> list:
     from peftplan.planning.layout import layout
 
     prefix = layout(card).block_prefix
-    return [model.get_submodule(f"{prefix}.{i}") for i in range(card.n_layers)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's PeftModel wraps it
+    return [base.get_submodule(f"{prefix}.{i}") for i in range(card.n_layers)]
 
 
 def _on_phase(counter):
