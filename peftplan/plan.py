@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from peftplan.errors import PlanError
 
 METHODS = ("full", "top", "adapter", "lora", "qlora")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
@@ -41,25 +40,9 @@ class Plan:
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise PlanError(msg)
+        from peftplan.planning.validate import validate_plan  # the one table of field checks
 
-        need(self.method in METHODS, f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        need(self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        need(self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
-        need(self.attention in ATTENTIONS, f"unknown attention '{self.attention}' (choose from {', '.join(ATTENTIONS)})")
-        need(self.adapter_placement in PLACEMENTS,
-             f"unknown adapter placement '{self.adapter_placement}' (choose from {', '.join(PLACEMENTS)})")
-        need(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        need(self.seq_len > 0, f"sequence length must be positive, got {self.seq_len}")
-        if self.method in ("lora", "qlora"):
-            need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
-            need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "adapter":
-            need(self.adapter_size > 0, f"adapter size must be positive, got {self.adapter_size}")
-        if self.method == "top":
-            need(self.top_k > 0, f"top-k must be positive, got {self.top_k}")
+        validate_plan(self)
 
     @property
     def bytes_per_element(self) -> int:
