@@ -1,11 +1,16 @@
 """The `peftplan` command line: parse options, call the API, render its typed results.
 
-Every command turns a PlanError into one line on stderr and exit code 2. Data goes to stdout, warnings
-to stderr. `--json` prints `Estimate.to_dict()` (versioned by `schema_version`).
+One error renderer (`main` -> `run_app`): a PlanError, a click/typer usage error (wrong type, unknown option,
+missing value, unknown command), an unreadable input or an unwritable stdout all end as one line
+`peftplan: error: ...` on stderr and exit code 2, for every command. Data goes to stdout, warnings to
+stderr. `--json` prints `Estimate.to_dict()` (versioned by `schema_version`). On a terminal whose encoding
+is not UTF-8 the output falls back to ASCII (`ascii_fallback`).
 """
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -40,8 +45,19 @@ Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and c
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
 
 
+MAX_ERROR_CHARS = 1000
+
+
+def error_line(message: str) -> str:
+    """One printable line: control characters (newlines, ESC) shown escaped, cut to MAX_ERROR_CHARS."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message).strip())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"…<{len(text) - MAX_ERROR_CHARS} more>"
+    return f"peftplan: error: {text}"
+
+
 def fail(message: str) -> None:
-    typer.echo(f"peftplan: error: {message}", err=True)
+    typer.echo(error_line(message), err=True)
     raise typer.Exit(2)
 
 
@@ -69,7 +85,7 @@ def estimate(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
-        est = run(model, plan, gpu=gpu, tokens=int(tokens))
+        est = run(model, plan, gpu=gpu, tokens=tokens)
     except PlanError as e:
         fail(str(e))
     for w in est.warnings:
@@ -96,7 +112,7 @@ def compare(
         results = [
             run(model, Plan(method=m, r=r, adapter_size=adapter_size, top_k=top_k, targets=targets,
                             batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
-                            grad_checkpointing=grad_checkpointing, attention=attention), gpu=gpu, tokens=int(tokens))
+                            grad_checkpointing=grad_checkpointing, attention=attention), gpu=gpu, tokens=tokens)
             for m in ("full", "top", "adapter", "lora", "qlora")
         ]
     except PlanError as e:
@@ -156,13 +172,78 @@ def _register_optional() -> None:
 
 CORE = {"estimate", "compare", "models", "gpus"}
 
+# what the ASCII fallback writes for the few non-ASCII symbols the tables use (anything else becomes '?')
+ASCII = {"·": "-", "★": "*", "→": "->", "✗": "x", "≥": ">=", "≤": "<=", "×": "x", "α": "alpha", "—": "-",
+         "−": "-", "…": "...", "±": "+-", "│": "|", "─": "-", "━": "-", "┃": "|", "╭": "+", "╮": "+", "╰": "+",
+         "╯": "+"}
 
-def main() -> None:
-    # the planning commands start fast: the other commands' modules load only when one of them may run
-    if not (len(sys.argv) > 1 and sys.argv[1] in CORE):
-        _register_optional()
+
+def _ascii_replace(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    bad = err.object[err.start:err.end]
+    return "".join(ASCII.get(c, "?") for c in bad), err.end
+
+
+codecs.register_error("peftplan-ascii", _ascii_replace)
+
+
+def ascii_fallback() -> None:
+    """On stdout/stderr whose encoding is not UTF-8 (PYTHONIOENCODING=ascii, latin-1), write ASCII for the
+    symbols the output uses instead of failing with UnicodeEncodeError (rich picks ASCII boxes itself)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding and not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="peftplan-ascii")
+            except (OSError, ValueError):
+                pass
+
+
+def _silence_stdout() -> None:
+    """After a failed write to stdout, point fd 1 at /dev/null so the exit-time flush cannot fail again."""
     try:
-        app()
-    except PlanError as e:  # a command that let one through
-        typer.echo(f"peftplan: error: {e}", err=True)
-        sys.exit(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def run_app(args: list[str]) -> int:
+    """Run one command line; return its exit code. Every refusal is one line on stderr and code 2."""
+    try:
+        try:
+            rv = app(args=args, prog_name="peftplan", standalone_mode=False)
+            code = rv if isinstance(rv, int) else 0
+        except typer.TyperException as e:  # typer's click: usage errors (wrong type, unknown option, ...)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `peftplan` alone: the help, on stdout
+                typer.echo(e.ctx.get_help())
+                code = 0
+            else:
+                typer.echo(error_line(e.format_message()), err=True)
+                code = 2
+        except (typer.Abort, KeyboardInterrupt):
+            code = 130
+        except PlanError as e:  # a command that let one through
+            typer.echo(error_line(str(e)), err=True)
+            code = 2
+        sys.stdout.flush()
+        return code
+    except OSError as e:  # stdout full, closed, or a device that refuses writes
+        _silence_stdout()
+        try:
+            typer.echo(error_line(f"cannot write the output: {e.strerror or e}"), err=True)
+        except OSError:
+            pass
+        return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `peftplan` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    ascii_fallback()
+    # the planning commands start fast: the other commands' modules load only when one of them may run
+    if not (args and args[0] in CORE):
+        _register_optional()
+    sys.exit(run_app(args))

@@ -82,8 +82,8 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
         other = [n.size for n in lay.other_norms] + [n.size for n in lay.other_norms if n.bias]
         return (per + norms) * L + other
     out = []
-    for lin, in_block in lora_targets(card, plan.targets):
-        out += [plan.r * lin.d_in, lin.d_out * plan.r] * (L if in_block else 1)
+    for lin, _, copies in lora_targets(card, plan.targets):
+        out += [plan.r * lin.d_in, lin.d_out * plan.r] * copies
     return out
 
 
@@ -165,7 +165,8 @@ def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
 def _lora_wrapped(card: ModelCard, plan: Plan) -> set[str]:
     if not plan.uses_lora:
         return set()
-    return {lin.name for lin, in_block in lora_targets(card, plan.targets) if in_block}
+    # a block linear wrapped in some blocks only is counted as wrapped in every block (an upper bound)
+    return {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if in_block}
 
 
 def _groups(card: ModelCard) -> tuple[list[str], str, list[str], str]:

@@ -79,17 +79,21 @@ class ProgressBar:
     def point_done(self, index: int, point, result, error: str) -> None:
         status = result.status if result is not None else "error"
         if status != "ok":
-            self.progress.console.print(f"[yellow]{point.label}: {status}[/] {error}".rstrip())
+            from peftplan.render import safe
+
+            self.progress.console.print(f"[yellow]{safe(point.label)}: {status}[/] {safe(error)}".rstrip())
         self.progress.advance(self.task)
 
 
 def render_measurement(console, m: Measurement) -> None:
     from rich.table import Table
 
-    title = f"{m.model}  {m.plan.method}  b={m.plan.batch_size} s={m.plan.seq_len}"
+    from peftplan.render import safe
+
+    title = f"{safe(m.model)}  {m.plan.method}  b={m.plan.batch_size} s={m.plan.seq_len}"
     if m.plan.grad_checkpointing:
         title += "  ckpt"
-    title += f"  on {m.environment.gpu_name}"
+    title += f"  on {safe(m.environment.gpu_name)}"
     if m.environment.simulated:
         title += " [simulated]"
     if m.status != "ok":
@@ -98,7 +102,7 @@ def render_measurement(console, m: Measurement) -> None:
         what = "does not fit" if m.status == "does-not-fit" else "failed"
         console.print(f"[bold]{title}[/]: {what} in {where}: allocated {_fmt_bytes(f.allocated_bytes)}, "
                       f"peak allocated {_fmt_bytes(f.peak_allocated_bytes)}, reserved "
-                      f"{_fmt_bytes(f.peak_reserved_bytes)}; {f.message}")
+                      f"{_fmt_bytes(f.peak_reserved_bytes)}; {safe(f.message)}")
         return
     table = Table(title=title, title_justify="left")
     for col in ("figure", "measured", "predicted", "error", "error %"):
@@ -121,13 +125,14 @@ def render_measurement(console, m: Measurement) -> None:
             console.print(f"  NVML spike +{_fmt_bytes(s.excess_bytes)} for {s.duration_s * 1e3:.1f} ms in "
                           f"{s.phase or '?'}{step} at +{s.phase_offset_s * 1e3:.1f} ms")
     for w in m.warnings:
-        console.print(f"  [yellow]warning:[/] {w}")
+        console.print(f"  [yellow]warning:[/] {safe(w)}")
 
 
 def render_summary(console, measurements) -> None:
     from rich.table import Table
 
     from peftplan.profile.compare import grid_summary
+    from peftplan.render import safe
 
     table = Table(title="errors over the grid (predicted − measured) / measured", title_justify="left")
     for col in ("metric", "n", "median |error|", "max |error|", "bias", "worst"):
@@ -135,7 +140,7 @@ def render_summary(console, measurements) -> None:
     for s in grid_summary(measurements):
         if s.n:
             table.add_row(s.metric, str(s.n), _fmt_err(s.median_abs_error), _fmt_err(s.max_abs_error),
-                          _fmt_err(s.bias), s.worst)
+                          _fmt_err(s.bias), safe(s.worst))
     console.print(table)
 
 

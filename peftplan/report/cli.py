@@ -98,8 +98,9 @@ def cell_text(c) -> str:
 
 def render_fit(fm, console=None) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    from peftplan.render import safe as escape
 
     console = console or Console()
     for method in fm.methods:

@@ -56,7 +56,9 @@ def trace_cmd(
     from peftplan.trace.check import COMPONENTS
 
     console = Console()
-    t = Table(title=f"trace: {card.name} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
+    from peftplan.render import safe
+
+    t = Table(title=f"trace: {safe(card.name)} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
                     f"({tr.ops:,} ops, {tr.seconds:.2f} s)", title_justify="left")
     t.add_column("category")
     by_phase = {m.phase: m for m in est.phases}
@@ -75,7 +77,7 @@ def trace_cmd(
     t.add_row(*row, style="bold")
     console.print(t)
     for p in tr.phases:
-        console.print(f"{p.phase}: peak at op #{p.op_index} {p.op} in {p.module or '-'}")
+        console.print(f"{p.phase}: peak at op #{p.op_index} {safe(p.op)} in {safe(p.module or '-')}")
     console.print(f"estimate vs trace: {100 * cmp.peak_error:+.2f}% at the peak "
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
 
