@@ -43,6 +43,7 @@ KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoR
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
+Yes = Annotated[bool, typer.Option("--yes", help="run work past the documented size bound (see README)")]
 
 
 MAX_ERROR_CHARS = 1000

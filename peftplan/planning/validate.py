@@ -307,3 +307,28 @@ def validate_card(card: Any) -> None:
         raise ConfigError(f"{who}: n_heads {card.n_heads} is not a multiple of n_kv_heads {card.n_kv_heads}")
     if not isinstance(card.hf, dict):
         raise ConfigError(f"{who}: hf must be a table")
+
+
+# ---------------------------------------------------------------- bounded work (refused past a bound unless --yes)
+
+TRACE_OPS_PER_BLOCK = 800  # ops one block records per training step (measured: OPT ~530, Llama ~780)
+TRACE_OPS_FIXED = 300  # embeddings, head, loss and optimizer set-up per step
+MAX_TRACE_OPS = 100_000  # about a minute of fake-tensor tracing on 2 CPU cores
+MAX_CHECK_CONFIGS = 512  # configurations in one `check` grid
+MAX_GRID_POINTS = 1_000  # points in one `profile` grid
+
+
+def predicted_trace_ops(n_layers: int, steps: int) -> int:
+    """Ops the fake-tensor trace records: steps · (800 · L + 300) (an upper bound of the measured counts)."""
+    return steps * (TRACE_OPS_PER_BLOCK * n_layers + TRACE_OPS_FIXED)
+
+
+def check_work(what: str, amount: int, bound: int, yes: bool) -> None:
+    """Refuse work past a documented bound unless the user said `--yes`.
+
+    Raises WorkTooLargeError: '<what> is N, past the bound of B; pass --yes to run it anyway'.
+    """
+    from peftplan.errors import WorkTooLargeError
+
+    if amount > bound and not yes:
+        raise WorkTooLargeError(f"{what} is {amount:,}, past the bound of {bound:,}; pass --yes to run it anyway")

@@ -34,7 +34,7 @@ def _fmt_err(e: float | None) -> str:
 def points_from_options(model: str, method: str, r: str, alpha: float, dropout: float, targets: str | None,
                         adapter_size: str, adapter_placement: str, top_k: str, batch_size: str, seq_len: str,
                         dtype: str, optimizer: str, foreach: bool, grad_checkpointing: bool, attention: str,
-                        double_quant: bool, kbit_prep: bool, settings: dict) -> list:
+                        double_quant: bool, kbit_prep: bool, settings: dict, max_points: int | None = None) -> list:
     from peftplan.profile.grid import dedupe, expand, split_list
 
     spec = {
@@ -46,7 +46,7 @@ def points_from_options(model: str, method: str, r: str, alpha: float, dropout: 
         "grad_checkpointing": grad_checkpointing, "attention": split_list(attention),
         "double_quant": double_quant, "kbit_prep": kbit_prep,
     }
-    return dedupe(expand(spec, settings))
+    return dedupe(expand(spec, settings, max_points))
 
 
 # ---------------------------------------------------------------- rendering
@@ -192,6 +192,7 @@ def profile(
     budget_s: Annotated[Optional[float], typer.Option(help="start no new point after this many seconds")] = None,
     device: Annotated[int, typer.Option(help="CUDA device index")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print the results as one JSON list")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="run a grid past the bound of 1,000 points")] = False,
 ) -> None:
     """Measure real training steps on this machine's GPU and compare them with the estimate."""
     from rich.console import Console
@@ -200,15 +201,19 @@ def profile(
 
     settings = {"steps": steps, "warmup": warmup, "interval_s": interval_ms / 1e3, "nvml": nvml,
                 "phase_sync": phase_sync, "impl": impl}
+    from peftplan.planning.validate import MAX_GRID_POINTS
+
+    max_points = None if yes else MAX_GRID_POINTS  # counted before any point is built
     try:
         if grid is not None:
             from peftplan.profile.grid import load_grid
 
-            points = load_grid(grid, defaults=settings)  # the file's own defaults and values win
+            points = load_grid(grid, defaults=settings, max_points=max_points)  # the file's values win
         else:
             points = points_from_options(model, method, r, alpha, dropout, targets, adapter_size,
                                          adapter_placement, top_k, batch_size, seq_len, dtype, optimizer, foreach,
-                                         grad_checkpointing, attention, double_quant, kbit_prep, settings)
+                                         grad_checkpointing, attention, double_quant, kbit_prep, settings,
+                                         max_points)
         Settings(**settings)  # bad settings are an input error even for a grid file
         for name in dict.fromkeys(p.model for p in points):
             run_mod.load_card(name)  # an unknown card is an input error, before any GPU work

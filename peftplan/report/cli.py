@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from peftplan.cli import AdapterSize, Attention, Dtype, Json, Optim, R, Seq, Targets, TopK, fail
-from peftplan.errors import PlanError
+from peftplan.errors import PlanError, quote
+from peftplan.planning.validate import check_tokens
 from peftplan.plan import Plan
 
 DEFAULT_GPUS = "t4,rtx4090,a100-40gb,h100-sxm"
@@ -26,8 +27,21 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="HTML file to write
 MeasuredDir = Annotated[Optional[Path], typer.Option(help="measured results to compare with (profiles/measured/)")]
 
 
-def split(csv: str) -> list[str]:
-    return [x.strip() for x in csv.split(",") if x.strip()]
+def split(csv: str, option: str = "") -> list[str]:
+    """A comma list option; with `option` named, an empty list is refused."""
+    items = [x.strip() for x in csv.split(",") if x.strip()]
+    if option and not items:
+        raise PlanError(f"{option} needs at least one value, got {quote(csv)}")
+    return items
+
+
+def need_dir(path: Path | None) -> Path | None:
+    """A `--measured-dir` the user named must be a folder that exists."""
+    from peftplan.planning.cards import _exists
+
+    if path is not None and not _exists(path)[0]:
+        raise PlanError(f"--measured-dir {quote(str(path))} is not a folder")
+    return path
 
 
 def need_models(models: list[str] | None) -> list[str]:
@@ -53,12 +67,11 @@ def report(
     from peftplan.report.measured import MEASURED_DIR
 
     try:
-        if tokens < 0:
-            raise PlanError(f"token budget cannot be negative, got {tokens:g}")
         page = build_report(
-            need_models(model), split(gpus), methods=split(methods), seq_len=seq_len, batch_size=batch_size,
-            tokens=int(tokens), base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention),
-            measured_dir=measured_dir or MEASURED_DIR,
+            need_models(model), split(gpus, "--gpus"), methods=split(methods, "--methods"), seq_len=seq_len,
+            batch_size=batch_size, tokens=check_tokens(tokens),
+            base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention),
+            measured_dir=need_dir(measured_dir) or MEASURED_DIR,
         )
     except PlanError as e:
         fail(str(e))
@@ -66,7 +79,7 @@ def report(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(page, encoding="utf-8")
     except OSError as e:
-        fail(f"cannot write '{output}': {e.strerror or e}")
+        fail(f"cannot write {quote(str(output))}: {e.strerror or e}")
     typer.echo(f"{output} ({len(page.encode()) / 2**20:.1f} MiB)")
 
 
@@ -79,7 +92,7 @@ def fit(
     from peftplan.planning.fit import fit_matrix
 
     try:
-        fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len,
+        fm = fit_matrix(need_models(model), split(gpus, "--gpus"), split(methods, "--methods"), seq_len,
                         base=base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention))
     except PlanError as e:
         fail(str(e))

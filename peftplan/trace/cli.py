@@ -7,8 +7,8 @@ from dataclasses import asdict
 import typer
 
 from peftplan.cli import (AdapterSize, Alpha, Attention, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
-                          KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
-from peftplan.errors import PlanError
+                          KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, Yes, fail, make_plan)
+from peftplan.errors import PlanError, quote
 
 
 def _gib(n: float) -> str:
@@ -22,18 +22,23 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True,
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
-    json_out: Json = False,
+    json_out: Json = False, yes: Yes = False,
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak."""
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
+    from peftplan.planning.validate import MAX_TRACE_OPS, check_work, predicted_trace_ops
     from peftplan.trace.check import compare
 
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        if steps < 1:
+            raise PlanError(f"steps must be at least 1, got {steps}")
         card = load_card(model)
         est = estimate(card, plan)
+        check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
+                   predicted_trace_ops(card.n_layers, steps), MAX_TRACE_OPS, yes)
         from peftplan.trace.run import trace
 
         tr = trace(card, plan, steps=steps)
@@ -82,6 +87,25 @@ def trace_cmd(
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
 
 
+def parse_list(text: str, option: str, kind: type = str, choices: tuple[str, ...] = ()) -> tuple:
+    """A comma list option: non-empty, each item of the kind (and among the choices); one-line errors."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise PlanError(f"{option} needs at least one value, got {quote(text)}")
+    out = []
+    for x in items:
+        if choices and x not in choices:
+            raise PlanError(f"{option}: unknown value {quote(x)} (choose from {', '.join(choices)})")
+        if kind is int:
+            try:
+                out.append(int(x))
+            except ValueError:
+                raise PlanError(f"{option}: {quote(x)} is not a whole number") from None
+        else:
+            out.append(x)
+    return tuple(out)
+
+
 def check_cmd(
     model: list[str] = typer.Option(["opt-125m", "llama-3.2-1b"], "--model", "-m", help="cards to check"),
     methods: str = typer.Option("full,adapter,lora,qlora", help="comma list"),
@@ -92,29 +116,42 @@ def check_cmd(
     checkpointing: str = typer.Option("off,on", help="comma list: off,on"),
     optimizers: str = typer.Option("adamw", help="comma list"),
     tolerance: float = typer.Option(0.02, help="relative error bound for the summary"),
-    json_out: Json = False,
+    json_out: Json = False, yes: Yes = False,
 ) -> None:
-    """Estimate vs trace over a grid: per-configuration errors and median / p90 / max."""
+    """Estimate vs trace over a grid: per-configuration errors and median / p90 / max.
+
+    A configuration that cannot be estimated or traced is a FAIL row with its reason and the others go on;
+    then one line on stderr says how many failed, and the exit code is 2.
+    """
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
+    from peftplan.planning.validate import (MAX_CHECK_CONFIGS, MAX_TRACE_OPS, check_float, check_work,
+                                            predicted_trace_ops)
+    from peftplan.render import safe
     from peftplan.trace.check import compare, grid, summarize
     from peftplan.trace.run import trace
 
-    def split(s: str) -> list[str]:
-        return [x.strip() for x in s.split(",") if x.strip()]
-
     try:
+        check_float(tolerance, "tolerance", 0.0, 1.0, lo_open=True)
         cards = [load_card(m) for m in model]
-        configs = grid(cards, methods=tuple(split(methods)), ranks=tuple(int(x) for x in split(ranks)),
-                       batches=tuple(int(x) for x in split(batches)), seqs=tuple(int(x) for x in split(seqs)),
-                       checkpointing=tuple(x == "on" for x in split(checkpointing)),
-                       attentions=tuple(split(attentions)), optimizers=tuple(split(optimizers)))
-    except (PlanError, ValueError) as e:
+        configs = grid(cards, methods=parse_list(methods, "--methods"),
+                       ranks=parse_list(ranks, "--ranks", int), batches=parse_list(batches, "--batches", int),
+                       seqs=parse_list(seqs, "--seqs", int),
+                       checkpointing=tuple(x == "on" for x in parse_list(checkpointing, "--checkpointing",
+                                                                           choices=("off", "on"))),
+                       attentions=parse_list(attentions, "--attentions"),
+                       optimizers=parse_list(optimizers, "--optimizers"))
+        check_work("the number of configurations", len(configs), MAX_CHECK_CONFIGS, yes)
+        for card in cards:
+            check_work(f"the predicted trace of {card.name} (ops)", predicted_trace_ops(card.n_layers, 1),
+                       MAX_TRACE_OPS, yes)
+    except PlanError as e:
         fail(str(e))
-    results, failures = [], []
+    results, failures, rows = [], [], []
     from rich.console import Console
 
     console = Console(stderr=json_out)
+    interrupted = False
     for card, plan in configs:
         label = (f"{card.name} {plan.method} r={plan.r} b={plan.batch_size} s={plan.seq_len} "
                  f"gc={'on' if plan.grad_checkpointing else 'off'} {plan.attention} {plan.optimizer}")
@@ -122,20 +159,28 @@ def check_cmd(
             c = compare(estimate(card, plan), trace(card, plan))
         except PlanError as e:  # one failure never loses the others
             failures.append(f"{label}: {e}")
-            console.print(f"[red]FAIL[/red] {label}: {e}")
+            rows.append({"config": label, "error": str(e)})
+            console.print(f"[red]FAIL[/red] {safe(label)}: {safe(e)}", soft_wrap=True)
             continue
+        except KeyboardInterrupt:  # keep what finished
+            interrupted = True
+            break
         results.append(c)
+        rows.append({"config": label, "error": None})
         mark = "ok " if abs(c.peak_error) <= tolerance else "OUT"
-        console.print(f"{mark} {label}: {100 * c.peak_error:+6.2f}%  ({c.trace_phase})")
+        console.print(f"{mark} {safe(label)}: {100 * c.peak_error:+6.2f}%  ({c.trace_phase})", soft_wrap=True)
     s = summarize(results, failures)
     if json_out:
-        typer.echo(json.dumps({"summary": asdict(s), "results": [asdict(c) for c in results]}, indent=2, default=str))
-    else:
+        typer.echo(json.dumps({"summary": asdict(s), "results": [asdict(c) for c in results], "rows": rows},
+                              indent=2, default=str))
+    elif s.n:
         console.print(f"{s.n} configurations: median |error| {100 * s.median_abs_error:.2f}%, "
                       f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
                       f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    if interrupted:
+        raise typer.Exit(130)
     if failures:
-        raise typer.Exit(1)
+        fail(f"{len(failures)} of {len(rows)} configurations failed; first: {failures[0]}")
 
 
 def register(app: typer.Typer) -> None:

@@ -114,6 +114,22 @@ def cuda_like():
         F.dropout, F.scaled_dot_product_attention = dropout, sdpa
 
 
+@contextmanager
+def quiet_torch_logs():
+    """torch logs a failing fake-tensor op (with its traceback) before raising; the raised error is enough."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._subclasses", "torch._subclasses.fake_tensor")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True) -> Trace:
     """Count the live tensor bytes of `steps` training steps; report the last.
 
@@ -134,10 +150,16 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     from peftplan.planning.layout import layout
 
     head = layout(card).head
-    with mode:
-        model, _ = build_model(card, plan, "cpu")
-        batch = make_batch(card, plan, "cpu")
-        optimizer = make_optimizer(model, plan)
+    try:
+        with mode, quiet_torch_logs():
+            model, _ = build_model(card, plan, "cpu")
+            batch = make_batch(card, plan, "cpu")
+            optimizer = make_optimizer(model, plan)
+    except PlanError:
+        raise
+    except Exception as e:  # transformers refuses the config, or a shape past int64: one line, not a traceback
+        msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise TraceError(f"cannot build {card.name} for the trace: {type(e).__name__}: {msg[:300]}") from None
     handles = module_hooks(model, counter, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -161,7 +183,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
 
     timeline: list = []
     try:
-        with cuda_like(), mode, counter:
+        with cuda_like(), mode, counter, quiet_torch_logs():
             for step in range(steps):
                 classify_static()
                 counter.peaks.clear()
