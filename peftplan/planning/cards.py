@@ -147,7 +147,7 @@ def _exists(path: Path) -> tuple[bool, bool]:
     try:
         return path.is_dir(), path.is_file()
     except (OSError, ValueError) as e:
-        raise InputFileError(f"cannot read {quote(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+        raise InputFileError(f"cannot read {quote(str(path), 200)}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_card(model: str) -> ModelCard:
@@ -187,10 +187,11 @@ def read_text_file(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
 
     Raises InputFileError for anything else (missing, no permission, too long a name, binary, too big).
     """
-    where = quote(str(path))
+    where = quote(str(path), 200)
     is_dir, is_file = _exists(path)
     if not is_file:
-        raise InputFileError(f"no {what} at {where}" + (" (a folder)" if is_dir else ""))
+        why = "a folder" if is_dir else "not a regular file" if path.exists() else "no such file"
+        raise InputFileError(f"cannot read {what} {where}: {why}")
     try:
         with path.open("rb") as f:
             data = f.read(limit + 1)
