@@ -77,7 +77,7 @@ def command_line(rng: random.Random, tmp: Path, configs: list[str]) -> list[str]
     argv += ["-m", model]
     if command == "trace":  # kept to refusals and tiny shapes: a real trace takes seconds
         return argv + rng.choice([["-s", "8", "--steps", "1000000"], ["-b", "9" * 30], ["--r", "abc"],
-                                  ["-m", "llama-2-70b"], ["--steps", "0"], ["--method", "magic"]])
+                                  ["-m", "llama-2-70b", "--steps", "4"], ["--steps", "0"], ["--method", "magic"]])
     if command == "check":
         return argv + rng.choice([["--checkpointing", "maybe"], ["--batches", ""], ["--ranks", "x"],
                                   ["--tolerance", "nan"], ["--batches", ",".join(map(str, range(1, 200)))],
@@ -204,14 +204,18 @@ def main() -> None:
         configs = [config_file(rng, tmp, i) for i in range(a.n // 3)]
         configs += [special_file(rng, tmp, i) for i in range(a.n // 50)]
         corpus = [["estimate", "-m", c, "--json"] for c in configs]
+        n_config = len(corpus)
         corpus += [command_line(rng, tmp, configs[:50]) for _ in range(a.n - len(corpus))]
+        reasons: collections.Counter = collections.Counter()
         slowest = 0.0
-        for argv in corpus:
+        for index, argv in enumerate(corpus):
             code, out, err, seconds, exc = run_in_process(argv)
             outcome = classify(argv, code, out, err, seconds, exc)
             slowest = max(slowest, seconds)
             counts[outcome] += 1
-            by_kind["config.json" if argv[2:3] and argv[2] in configs and len(argv) == 4 else argv[0]][outcome] += 1
+            by_kind["config.json" if index < n_config else argv[0]][outcome] += 1
+            if outcome == "refused":
+                reasons[" ".join(err.split(":", 2)[2].split()[:4])[:50]] += 1
             if outcome not in ("accepted", "refused"):
                 bad.append((outcome, argv, (repr(exc) if exc else err)[-300:]))
         wall = time.perf_counter() - t_start
@@ -236,6 +240,7 @@ def main() -> None:
         print(f"{kind:<14}" + "".join(f"{by_kind[kind][o]:>11}" for o in order))
     print(f"{'total':<14}" + "".join(f"{counts[o]:>11}" for o in order))
     print(f"subprocess sample ({sum(sub.values())} inputs): " + ", ".join(f"{o} {sub[o]}" for o in order if sub[o]))
+    print("most common refusals: " + "; ".join(f"{r} ({n})" for r, n in reasons.most_common(12)))
     for outcome, argv, why in bad[:20]:
         print(f"BAD {outcome}: {argv!r:.200}: {why!r}")
     n_bad = sum(counts[o] for o in order[2:]) + sum(sub[o] for o in order[2:])

@@ -8,15 +8,14 @@ is not UTF-8 the output falls back to ASCII (`ascii_fallback`).
 """
 from __future__ import annotations
 
-import codecs
 import json
-import os
 import sys
 from typing import Annotated, Optional
 
 import typer
 
 from peftplan.errors import PlanError
+from peftplan.terminal import ascii_fallback, error_line, silence_stdout
 from peftplan.plan import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,17 +43,6 @@ Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`)
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
 Yes = Annotated[bool, typer.Option("--yes", help="run work past the documented size bound (see README)")]
-
-
-MAX_ERROR_CHARS = 1000
-
-
-def error_line(message: str) -> str:
-    """One printable line: control characters (newlines, ESC) shown escaped, cut to MAX_ERROR_CHARS."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message).strip())
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[:MAX_ERROR_CHARS] + f"…<{len(text) - MAX_ERROR_CHARS} more>"
-    return f"peftplan: error: {text}"
 
 
 def fail(message: str) -> None:
@@ -173,44 +161,6 @@ def _register_optional() -> None:
 
 CORE = {"estimate", "compare", "models", "gpus"}
 
-# what the ASCII fallback writes for the few non-ASCII symbols the tables use (anything else becomes '?')
-ASCII = {"·": "-", "★": "*", "→": "->", "✗": "x", "≥": ">=", "≤": "<=", "×": "x", "α": "alpha", "—": "-",
-         "−": "-", "…": "...", "±": "+-", "│": "|", "─": "-", "━": "-", "┃": "|", "╭": "+", "╮": "+", "╰": "+",
-         "╯": "+"}
-
-
-def _ascii_replace(err: UnicodeError) -> tuple[str, int]:
-    if not isinstance(err, UnicodeEncodeError):
-        raise err
-    bad = err.object[err.start:err.end]
-    return "".join(ASCII.get(c, "?") for c in bad), err.end
-
-
-codecs.register_error("peftplan-ascii", _ascii_replace)
-
-
-def ascii_fallback() -> None:
-    """On stdout/stderr whose encoding is not UTF-8 (PYTHONIOENCODING=ascii, latin-1), write ASCII for the
-    symbols the output uses instead of failing with UnicodeEncodeError (rich picks ASCII boxes itself)."""
-    for stream in (sys.stdout, sys.stderr):
-        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
-        if encoding and not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
-            try:
-                stream.reconfigure(errors="peftplan-ascii")
-            except (OSError, ValueError):
-                pass
-
-
-def _silence_stdout() -> None:
-    """After a failed write to stdout, point fd 1 at /dev/null so the exit-time flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-    except OSError:
-        pass
-
-
 def run_app(args: list[str]) -> int:
     """Run one command line; return its exit code. Every refusal is one line on stderr and code 2."""
     try:
@@ -232,7 +182,7 @@ def run_app(args: list[str]) -> int:
         sys.stdout.flush()
         return code
     except OSError as e:  # stdout full, closed, or a device that refuses writes
-        _silence_stdout()
+        silence_stdout()
         try:
             typer.echo(error_line(f"cannot write the output: {e.strerror or e}"), err=True)
         except OSError:

@@ -264,7 +264,8 @@ def test_work_is_bounded_unless_yes(capsys, tmp_path):
                                           "seq_len": list(range(1, 1001))}]}))
     refused(["profile", "--grid", str(grid)], capsys, "--yes")
     refused(["trace", "-m", "opt-125m", "-s", "8", "--steps", "1000000"], capsys, "--yes")
-    refused(["trace", "-m", "llama-2-70b", "-s", "8"], capsys, "--yes")
+    refused(["trace", "-m", "llama-2-70b", "-s", "8", "--steps", "4"], capsys, "--yes")
+    refused(["trace", "-m", write_config(tmp_path, with_(LLAMA, num_hidden_layers=2048)), "-s", "8"], capsys, "--yes")
     refused(["check", "-m", "opt-125m", "--batches", ",".join(map(str, range(1, 100))), "--seqs", "8,16,32"],
             capsys, "--yes")
     assert time.monotonic() - t0 < TIME_BOUND_S
@@ -477,3 +478,11 @@ def test_plan_error_kinds_are_plan_errors():
 
     for kind in (PlanValueError, ConfigError, InputFileError, WorkTooLargeError):
         assert issubclass(kind, PlanError)
+
+
+def test_a_stray_file_named_like_a_card_does_not_shadow_it(capsys, tmp_path, monkeypatch):
+    # D4: a file './opt-125m' in the working folder used to be read as the model's config.json
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opt-125m").write_text("not json")
+    code, out, err = run(["estimate", "-m", "opt-125m", "--json"], capsys)
+    assert code == 0 and json.loads(out)["model"] == "opt-125m", err

@@ -159,10 +159,11 @@ def load_card(model: str) -> ModelCard:
         raise PlanError(f"a model name or path is needed, got {quote(model)}")
     path = Path(model)
     is_dir, is_file = _exists(path)
-    if model.endswith(".json") or is_dir or is_file:
-        return card_from_config_path(path)
     own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
-    if "/" not in model and "\\" not in model and _exists(own)[1]:
+    is_card = "/" not in model and "\\" not in model and _exists(own)[1]
+    if model.endswith(".json") or is_dir or (is_file and not is_card):  # a stray file never shadows a card
+        return card_from_config_path(path)
+    if is_card:
         card = _loaded.get(model) or load_card_file(own, ModelCard, "card")
         if card.name == model:
             _loaded[model] = card

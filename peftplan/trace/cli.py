@@ -143,7 +143,7 @@ def check_cmd(
                        optimizers=parse_list(optimizers, "--optimizers"))
         check_work("the number of configurations", len(configs), MAX_CHECK_CONFIGS, yes)
         for card in cards:
-            check_work(f"the predicted trace of {card.name} (ops)", predicted_trace_ops(card.n_layers, 1),
+            check_work(f"the predicted trace of {card.name} (ops)", predicted_trace_ops(card.n_layers, 2),
                        MAX_TRACE_OPS, yes)
     except PlanError as e:
         fail(str(e))

@@ -116,10 +116,12 @@ def cuda_like():
 
 @contextmanager
 def quiet_torch_logs():
-    """torch logs a failing fake-tensor op (with its traceback) before raising; the raised error is enough."""
+    """torch logs a failing fake-tensor op (with its traceback) before raising, transformers warns about config
+    fields it fixes itself: the raised error (one line) is enough."""
     import logging
 
-    loggers = [logging.getLogger(n) for n in ("torch", "torch._subclasses", "torch._subclasses.fake_tensor")]
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._subclasses", "torch._subclasses.fake_tensor",
+                                              "transformers", "bitsandbytes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
