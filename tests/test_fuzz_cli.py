@@ -88,6 +88,7 @@ NUMBERS = [  # RC1, RC2, RC3, RC4: non-finite, negative and overflowing numbers 
     (["estimate", "-m", "opt-125m", "--dropout", "nan"], "dropout"),
     (["estimate", "-m", "opt-125m", "--method", "full", "--dropout", "5"], "dropout"),
     (["trace", "-m", "opt-125m", "-b", "9" * 30], ""),
+    (["trace", "-m", "llama-3.2-1b", "-s", "1099511627776", "--attention", "eager"], "sequence length"),
     (["report", "-m", "opt-125m", "--tokens", "nan", "-o", "{tmp}/r.html"], "tokens"),
     (["fit", "-m", "opt-125m", "-s", "1" + "0" * 30], ""),
 ]
@@ -486,3 +487,17 @@ def test_a_stray_file_named_like_a_card_does_not_shadow_it(capsys, tmp_path, mon
     (tmp_path / "opt-125m").write_text("not json")
     code, out, err = run(["estimate", "-m", "opt-125m", "--json"], capsys)
     assert code == 0 and json.loads(out)["model"] == "opt-125m", err
+
+
+@pytest.mark.parametrize("line, needle", [("d_model = 768.5", "d_model"), ("max_positions = -2048", "max_positions"),
+                                          ("tie_embeddings = 1", "tie_embeddings"), ("n_kv_heads = 5", "n_kv_heads")])
+def test_toml_cards_are_validated(tmp_path, line, needle):
+    # a TOML card (shipped, or reached by path) gets the same checks as a config.json
+    from peftplan.planning.cards import MODELS_DIR, ModelCard, load_card_file
+
+    key = line.split(" = ")[0]
+    text = "\n".join(line if ln.split(" = ")[0] == key else ln
+                     for ln in (MODELS_DIR / "opt-125m.toml").read_text().splitlines())
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_card_file(tmp_path / "c.toml", ModelCard, "card")
