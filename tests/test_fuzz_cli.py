@@ -501,3 +501,15 @@ def test_toml_cards_are_validated(tmp_path, line, needle):
     (tmp_path / "c.toml").write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_card_file(tmp_path / "c.toml", ModelCard, "card")
+
+
+def test_report_output_places(capsys, tmp_path):
+    # kind 3: -o under a file, onto a folder, into a missing folder (created), written atomically
+    (tmp_path / "a_file").write_text("x")
+    base = ["report", "-m", "opt-125m", "--gpus", "t4", "--methods", "lora"]
+    refused([*base, "-o", str(tmp_path / "a_file" / "x.html")], capsys, "is a file, not a folder")
+    refused([*base, "-o", str(tmp_path)], capsys, "it is a folder")
+    out = tmp_path / "new" / "deeper" / "r.html"
+    code, _, err = run([*base, "-o", str(out)], capsys)
+    assert code == 0 and out.read_text().startswith("<!DOCTYPE html>"), err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.html"]  # no temporary file left

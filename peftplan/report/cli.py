@@ -75,12 +75,29 @@ def report(
         )
     except PlanError as e:
         fail(str(e))
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(page, encoding="utf-8")
-    except OSError as e:
-        fail(f"cannot write {quote(str(output))}: {e.strerror or e}")
+    write_output(output, page)
     typer.echo(f"{output} ({len(page.encode()) / 2**20:.1f} MiB)")
+
+
+def write_output(output: Path, page: str) -> None:
+    """A regular file (new or replaced) is written atomically; a device or pipe (/dev/stdout) directly."""
+    from peftplan.profile.store import write_atomic
+
+    where = quote(str(output), 200)
+    try:
+        for parent in (output.parent, *output.parent.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    fail(f"cannot write {where}: {quote(str(parent), 200)} is a file, not a folder")
+                break
+        if output.is_dir():
+            fail(f"cannot write {where}: it is a folder")
+        if output.exists() and not output.is_file():
+            output.write_text(page, encoding="utf-8")
+        else:
+            write_atomic(output, page)
+    except OSError as e:
+        fail(f"cannot write {where}: {e.strerror or e}")
 
 
 def fit(
