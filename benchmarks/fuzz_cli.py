@@ -42,8 +42,9 @@ CHOICES = {"--method": ["full", "top", "adapter", "lora", "qlora", "LoRA", "magi
            "--dtype": ["bf16", "fp16", "fp32", "int8"], "--optimizer": ["adamw", "sgd", "adamw8bit", "adam"],
            "--attention": ["sdpa", "eager", "flash"], "--adapter-placement": ["houlsby", "ffn", "both"],
            "--gpu": ["t4", "a100-40gb", "h100-sxm", "h100x", ""],
-           "--targets": ["all-linear", "q_proj", "re:.*v_proj", "re:(", "all-linear,q_proj", "decoder.layers.0.self_attn.q_proj",
-                         "layers.5.self_attn.q_proj", "nonexistent", ",", "lm_head"],
+           "--targets": ["all-linear", "q_proj", "re:.*v_proj", "re:(", "all-linear,q_proj",
+                         "decoder.layers.0.self_attn.q_proj", "layers.5.self_attn.q_proj", "nonexistent", ",",
+                         "lm_head"],
            "--model": ["opt-125m", "gpt2", "llama-3.2-1b", "phi-3-mini", "opt-6.7x", "", "x" * 300, "[/]"]}
 INT_OPTS = ["--r", "--adapter-size", "--top-k", "-b", "-s"]
 FLOAT_OPTS = ["--alpha", "--dropout", "--tokens"]
