@@ -513,3 +513,17 @@ def test_report_output_places(capsys, tmp_path):
     code, _, err = run([*base, "-o", str(out)], capsys)
     assert code == 0 and out.read_text().startswith("<!DOCTYPE html>"), err
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.html"]  # no temporary file left
+
+
+@pytest.mark.parametrize("method, spec", [("lora", "decoder.layers.5.self_attn.q_proj"),
+                                          ("qlora", r"re:.*layers\.(3|4|5)\..*")])
+def test_block_specific_targets_memory_held_to_the_trace(method, spec):
+    # blocks below the lowest wrapped one need no gradient and save nothing (the upper bound was +6 to +12%)
+    from peftplan.planning import estimate
+    from peftplan.planning.cards import load_card
+    from peftplan.trace.check import compare
+    from peftplan.trace.run import trace
+
+    card = load_card("opt-125m")
+    plan = Plan(method=method, r=8, targets=spec, batch_size=2, seq_len=128)
+    assert abs(compare(estimate(card, plan), trace(card, plan)).peak_error) <= 0.01

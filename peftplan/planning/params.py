@@ -136,6 +136,22 @@ def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool,
     return tuple(chosen)
 
 
+@lru_cache(maxsize=1024)
+def lora_block_sets(card: ModelCard, spec: str | None) -> tuple[frozenset[str], ...]:
+    """Per block i, the names (as in `layout(card).block_linears`) of the Linears LoRA wraps in block i."""
+    kind, names = parse_targets(spec, card.model_type)
+    lay = layout(card)
+    if kind == "all-linear":
+        return (frozenset(lin.name for lin in lay.block_linears),) * card.n_layers
+    if kind == "regex":
+        pat = re.compile(names[0])
+        hit = lambda full: pat.fullmatch(full) is not None  # noqa: E731
+    else:
+        hit = lambda full: any(full == t or full.endswith("." + t) for t in names)  # noqa: E731
+    return tuple(frozenset(lin.name for lin in lay.block_linears if hit(lay.block_name(i, lin.name)))
+                 for i in range(card.n_layers))
+
+
 # ---------------------------------------------------------------- per-method counts
 
 
