@@ -1,7 +1,10 @@
 """The `peftplan` command line: parse options, call the API, render its typed results.
 
-Every command turns a PlanError into one line on stderr and exit code 2. Data goes to stdout, warnings
-to stderr. `--json` prints `Estimate.to_dict()` (versioned by `schema_version`).
+One error renderer (`main` -> `run_app`): a PlanError, a click/typer usage error (wrong type, unknown option,
+missing value, unknown command), an unreadable input or an unwritable stdout all end as one line
+`peftplan: error: ...` on stderr and exit code 2, for every command. Data goes to stdout, warnings to
+stderr. `--json` prints `Estimate.to_dict()` (versioned by `schema_version`). On a terminal whose encoding
+is not UTF-8 the output falls back to ASCII (`ascii_fallback`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftplan.errors import PlanError
+from peftplan.terminal import ascii_fallback, error_line, silence_stdout
 from peftplan.plan import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,10 +59,11 @@ Offload = Annotated[str, typer.Option(help="none | optimizer | optimizer+params 
 ReduceBucket = Annotated[int, typer.Option(help="DeepSpeed reduce_bucket_size (elements)")]
 Prefetch = Annotated[int, typer.Option("--stage3-prefetch-bucket-size", help="DeepSpeed ZeRO-3 prefetch (elements)")]
 MaxLive = Annotated[int, typer.Option("--stage3-max-live-parameters", help="DeepSpeed ZeRO-3 live parameters cap")]
+Yes = Annotated[bool, typer.Option("--yes", help="run work past the documented size bound (see README)")]
 
 
 def fail(message: str) -> None:
-    typer.echo(f"peftplan: error: {message}", err=True)
+    typer.echo(error_line(message), err=True)
     raise typer.Exit(2)
 
 
@@ -133,7 +138,7 @@ def estimate(
                           reduce_bucket_size=reduce_bucket_size, stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
                           stage3_max_live_parameters=stage3_max_live_parameters)
         model, plan = with_files(from_files, plan, model)
-        est = run(model, plan, gpu=gpu, tokens=int(tokens))
+        est = run(model, plan, gpu=gpu, tokens=tokens)
     except PlanError as e:
         fail(str(e))
     for w in est.warnings:
@@ -164,7 +169,7 @@ def compare(
                     attention=attention, adapter_dtype=adapter_dtype, autocast=autocast, grad_accum=grad_accum,
                     max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         model, base = with_files(from_files, base, model)  # every method is compared: the files' method is not used
-        results = [run(model, base.with_(method=m), gpu=gpu, tokens=int(tokens))
+        results = [run(model, base.with_(method=m), gpu=gpu, tokens=tokens)
                    for m in ("full", "top", "adapter", "lora", "qlora")]
     except PlanError as e:
         fail(str(e))
@@ -265,13 +270,40 @@ def _register_optional() -> None:
 
 CORE = {"estimate", "compare", "advise", "models", "gpus"}
 
-
-def main() -> None:
-    # the planning commands start fast: the other commands' modules load only when one of them may run
-    if not (len(sys.argv) > 1 and sys.argv[1] in CORE):
-        _register_optional()
+def run_app(args: list[str]) -> int:
+    """Run one command line; return its exit code. Every refusal is one line on stderr and code 2."""
     try:
-        app()
-    except PlanError as e:  # a command that let one through
-        typer.echo(f"peftplan: error: {e}", err=True)
-        sys.exit(2)
+        try:
+            rv = app(args=args, prog_name="peftplan", standalone_mode=False)
+            code = rv if isinstance(rv, int) else 0
+        except typer.TyperException as e:  # typer's click: usage errors (wrong type, unknown option, ...)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `peftplan` alone: the help, on stdout
+                typer.echo(e.ctx.get_help())
+                code = 0
+            else:
+                typer.echo(error_line(e.format_message()), err=True)
+                code = 2
+        except (typer.Abort, KeyboardInterrupt):
+            code = 130
+        except PlanError as e:  # a command that let one through
+            typer.echo(error_line(str(e)), err=True)
+            code = 2
+        sys.stdout.flush()
+        return code
+    except OSError as e:  # stdout full, closed, or a device that refuses writes
+        silence_stdout()
+        try:
+            typer.echo(error_line(f"cannot write the output: {e.strerror or e}"), err=True)
+        except OSError:
+            pass
+        return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `peftplan` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    ascii_fallback()
+    # the planning commands start fast: the other commands' modules load only when one of them may run
+    if not (args and args[0] in CORE):
+        _register_optional()
+    sys.exit(run_app(args))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from peftplan.errors import PlanError
 
 METHODS = ("full", "top", "adapter", "lora", "qlora")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
@@ -60,50 +59,9 @@ class Plan:
     stage3_max_live_parameters: int = 1_000_000_000
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise PlanError(msg)
+        from peftplan.planning.validate import validate_plan  # the one table of field checks
 
-        need(self.method in METHODS, f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        need(self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        need(self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
-        need(self.attention in ATTENTIONS, f"unknown attention '{self.attention}' (choose from {', '.join(ATTENTIONS)})")
-        need(self.adapter_placement in PLACEMENTS,
-             f"unknown adapter placement '{self.adapter_placement}' (choose from {', '.join(PLACEMENTS)})")
-        need(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        need(self.seq_len > 0, f"sequence length must be positive, got {self.seq_len}")
-        need(self.adapter_dtype in DTYPES,
-             f"unknown adapter dtype '{self.adapter_dtype}' (choose from {', '.join(DTYPES)})")
-        need(self.autocast in AUTOCASTS, f"unknown autocast '{self.autocast}' (choose from {', '.join(AUTOCASTS)})")
-        need(self.grad_accum >= 1, f"gradient accumulation steps must be at least 1, got {self.grad_accum}")
-        need(self.max_grad_norm >= 0, f"max grad norm must be ≥ 0 (0: no clipping), got {self.max_grad_norm}")
-        # contradictory precision choices: autocast lowers fp32 ops to one half type; weights loaded in the
-        # other half type would run every matmul with mismatched operands
-        need(self.autocast == "none" or self.dtype in ("fp32", self.autocast),
-             f"autocast {self.autocast} over {self.dtype} weights: load the weights in fp32 (mixed precision) "
-             f"or in {self.autocast}")
-        need(not (self.uses_lora and DTYPES[self.adapter_dtype] < DTYPES[self.dtype]),
-             f"adapter dtype {self.adapter_dtype} is narrower than the {self.dtype} weights (peft only upcasts "
-             "adapters)")
-        need(not (self.uses_lora and self.adapter_dtype != self.dtype and DTYPES[self.adapter_dtype] == 2),
-             f"adapter dtype {self.adapter_dtype} over {self.dtype} weights: peft keeps adapters in the base "
-             "dtype or fp32")
-        need(not self.use_dora or self.uses_lora, "--dora applies to LoRA and QLoRA only")
-        need(self.strategy in STRATEGIES, f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
-        need(self.offload in OFFLOADS, f"unknown offload '{self.offload}' (choose from {', '.join(OFFLOADS)})")
-        need(self.gpus >= 1, f"--gpus must be at least 1, got {self.gpus}")
-        need(self.nodes >= 1, f"--nodes must be at least 1, got {self.nodes}")
-        need(self.gpus % self.nodes == 0, f"--nodes {self.nodes} does not divide --gpus {self.gpus}")
-        for f in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                  "stage3_max_live_parameters"):
-            need(getattr(self, f) >= 0, f"{f} cannot be negative, got {getattr(self, f)}")
-        if self.method in ("lora", "qlora"):
-            need(self.r > 0, f"LoRA rank r must be positive, got {self.r}")
-            need(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "adapter":
-            need(self.adapter_size > 0, f"adapter size must be positive, got {self.adapter_size}")
-        if self.method == "top":
-            need(self.top_k > 0, f"top-k must be positive, got {self.top_k}")
+        validate_plan(self)
 
     @property
     def bytes_per_element(self) -> int:

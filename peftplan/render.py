@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftplan.results import Estimate, Memory
@@ -20,6 +21,12 @@ COMPONENTS = {
 }
 
 
+def safe(text: object) -> str:
+    """A user's string (model name from a config.json or a path, a GPU or target name) for rich: markup
+    escaped (`[/]` prints as itself) and control characters (newline, ESC/ANSI, OSC) shown as escapes."""
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)))
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
@@ -30,7 +37,7 @@ def count(n: int) -> str:
 
 def _params_table(est: Estimate) -> Table:
     p = est.params
-    t = Table(title=f"{est.model} · {est.plan.method} · parameters", title_justify="left")
+    t = Table(title=f"{safe(est.model)} · {est.plan.method} · parameters", title_justify="left")
     t.add_column("")
     t.add_column("count", justify="right")
     t.add_row("base model", count(p.base))
@@ -41,7 +48,7 @@ def _params_table(est: Estimate) -> Table:
     if p.quantized:
         t.add_row("stored in NF4", f"{count(p.quantized)} in {p.quantized_tensors} tensors")
     if est.plan.uses_lora:
-        t.add_row("LoRA targets", ", ".join(p.targets))
+        t.add_row("LoRA targets", safe(", ".join(p.targets)))
     return t
 
 
@@ -71,7 +78,7 @@ def _time_lines(est: Estimate) -> list[str]:
     lines = []
     if est.gpu_memory_bytes is not None:
         verdict = "fits" if est.fits else "does NOT fit"
-        lines.append(f"{est.gpu}: {gib(est.gpu_memory_bytes)} usable → {verdict} "
+        lines.append(f"{safe(est.gpu)}: {gib(est.gpu_memory_bytes)} usable → {verdict} "
                      f"(peak {gib(est.peak_bytes)}, {100 * est.peak_bytes / est.gpu_memory_bytes:.0f}%)")
     if est.time:
         tm = est.time
@@ -103,12 +110,12 @@ def render_estimate(est: Estimate, console: Console | None = None) -> None:
 def render_compare(results: list[Estimate], console: Console | None = None) -> None:
     console = console or Console()
     first = results[0]
-    t = Table(title=f"{first.model}: methods side by side (b={first.plan.batch_size}, s={first.plan.seq_len})",
+    t = Table(title=f"{safe(first.model)}: methods side by side (b={first.plan.batch_size}, s={first.plan.seq_len})",
               title_justify="left")
     for col in ("method", "trainable", "%", "peak", "phase", "tensors"):
         t.add_column(col, justify="right" if col not in ("method", "phase") else "left")
     if first.gpu:
-        t.add_column(f"fits {first.gpu}")
+        t.add_column(f"fits {safe(first.gpu)}")
         t.add_column("tokens/s", justify="right")
     for est in results:
         row = [est.plan.method, count(est.params.trainable), f"{est.params.trainable_percent:.3g}",
@@ -153,7 +160,7 @@ def render_models(cards, console: Console | None = None) -> None:
     for col in ("name", "type", "params", "d", "L", "h", "kv", "d_ff", "V", "tied"):
         t.add_column(col, justify="left" if col in ("name", "type") else "right")
     for c in cards:
-        t.add_row(c.name, c.model_type, count(total_params(c)), str(c.d_model), str(c.n_layers), str(c.n_heads),
+        t.add_row(safe(c.name), c.model_type, count(total_params(c)), str(c.d_model), str(c.n_layers), str(c.n_heads),
                   str(c.n_kv_heads), str(c.d_ff), str(c.vocab_size), "yes" if c.tie_embeddings else "no")
     console.print(t)
 
@@ -164,9 +171,9 @@ def render_gpus(gpus, console: Console | None = None) -> None:
     for col in ("name", "GPU", "memory", "usable", "bf16 TFLOP/s", "fp16 TFLOP/s", "GB/s", "$/h"):
         t.add_column(col, justify="left" if col in ("name", "GPU") else "right")
     for g in gpus:
-        t.add_row(g.name, g.full_name, gib(g.memory_bytes), gib(g.usable_memory_bytes), f"{g.bf16_tflops:g}",
+        t.add_row(safe(g.name), safe(g.full_name), gib(g.memory_bytes), gib(g.usable_memory_bytes), f"{g.bf16_tflops:g}",
                   f"{g.fp16_tflops:g}", f"{g.mem_bandwidth_gbs:g}", f"{g.price_per_hour_usd:.2f}")
     console.print(t)
 
 
-__all__ = ["render_estimate", "render_compare", "render_models", "render_gpus", "Memory"]
+__all__ = ["safe", "render_estimate", "render_compare", "render_models", "render_gpus", "Memory"]

@@ -82,7 +82,7 @@ def test_matching_agrees_with_params(family, spec):
         spec = {"opt": "fc1,fc2", "llama": "up_proj", "gpt2": "c_fc", "bert": "intermediate.dense"}[family]
     inj = inject(meta_model(card), card, Plan(method="lora", r=4, targets=spec))
     expected = {layout(card).block_name(i, lin.name) if in_block else lin.name
-                for lin, in_block in lora_targets(card, spec) for i in range(card.n_layers if in_block else 1)}
+                for lin, in_block, _ in lora_targets(card, spec) for i in range(card.n_layers if in_block else 1)}
     assert set(inj.wrapped) == expected
 
 

@@ -8,14 +8,18 @@ from peftplan.planning.params import count
 from peftplan.plan import Plan
 from peftplan.results import Estimate
 from peftplan.planning.timing import stack_of, step_time
+from peftplan.planning.validate import check_tokens
 
 
-def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None = None, tokens: int = 0,
+def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None = None, tokens: int | float = 0,
              **plan_fields) -> Estimate:
     """Plan a fine-tuning run: `estimate("opt-6.7b", method="qlora", r=16, gpu="a100-40gb")`.
 
-    Raises PlanError (one line) for bad input.
+    `tokens`: tokens of data for GPU-hours and cost, a whole number in [0, 10^18] (1e8 is fine).
+    Raises PlanError (one line) for bad input: PlanValueError for a plan field or `tokens`, ConfigError for a
+    bad config.json or card, InputFileError for an unreadable path (planning/validate.py).
     """
+    tokens = check_tokens(tokens)
     card = model if isinstance(model, ModelCard) else load_card(model)
     plan = plan.with_(**plan_fields) if plan is not None and plan_fields else (plan or Plan(**plan_fields))
     if plan.use_dora:

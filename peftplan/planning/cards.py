@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-from peftplan.errors import PlanError, suggest
+from peftplan.errors import ConfigError, InputFileError, PlanError, quote, suggest
+from peftplan.planning.validate import validate_card, validate_config
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 MODELS_DIR = PROFILES / "models"
@@ -75,14 +76,10 @@ class ModelCard:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise PlanError(
-                f"model type '{self.model_type}' is not supported (supported: {', '.join(MODEL_TYPES)})"
+            raise ConfigError(
+                f"model type {quote(self.model_type)} is not supported (supported: {', '.join(MODEL_TYPES)})"
             )
-        for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size"):
-            if getattr(self, f) <= 0:
-                raise PlanError(f"model card '{self.name}': {f} must be positive, got {getattr(self, f)}")
-        if self.n_heads % self.n_kv_heads:
-            raise PlanError(f"model card '{self.name}': n_heads {self.n_heads} is not a multiple of n_kv_heads")
+        validate_card(self)  # types, ranges and divisibility of every field (planning/validate.py)
 
     @property
     def encoder(self) -> bool:
@@ -111,8 +108,13 @@ class ModelCard:
 
 def load_card_file(path: Path, cls: type, what: str):
     """One TOML card as `cls(**fields)`; unknown or missing fields are one-line errors."""
-    with path.open("rb") as f:
-        data = tomllib.load(f)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise InputFileError(f"cannot read {quote(str(path))}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path.name}: not a valid TOML card: {str(e).splitlines()[0][:200]}") from None
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise PlanError(f"{path.name}: unknown {what} field(s) {', '.join(unknown)}")
@@ -140,13 +142,28 @@ def registry() -> dict[str, ModelCard]:
     return load_registry(MODELS_DIR, ModelCard, "card")
 
 
+def _exists(path: Path) -> tuple[bool, bool]:
+    """(is a folder, is a regular file); a name the OS refuses (too long, NUL) or cannot search is an error."""
+    try:
+        return path.is_dir(), path.is_file()
+    except (OSError, ValueError) as e:
+        raise InputFileError(f"cannot read {quote(str(path), 200)}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def load_card(model: str) -> ModelCard:
-    """A card by registry name, or from a config.json path or a folder holding one."""
+    """A card by registry name, or from a config.json path or a folder holding one.
+
+    Raises PlanError (unknown name), InputFileError (unreadable path), ConfigError (bad config.json).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise PlanError(f"a model name or path is needed, got {quote(model)}")
     path = Path(model)
-    if model.endswith(".json") or path.is_dir() or path.is_file():
-        return card_from_config_path(path)
+    is_dir, is_file = _exists(path)
     own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
-    if own.is_file():
+    is_card = "/" not in model and "\\" not in model and _exists(own)[1]
+    if model.endswith(".json") or is_dir or (is_file and not is_card):  # a stray file never shadows a card
+        return card_from_config_path(path)
+    if is_card:
         card = _loaded.get(model) or load_card_file(own, ModelCard, "card")
         if card.name == model:
             _loaded[model] = card
@@ -163,41 +180,77 @@ def load_card(model: str) -> ModelCard:
 # ---------------------------------------------------------------- config.json <-> card
 
 
-def card_from_config_path(path: Path) -> ModelCard:
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise PlanError(f"no config.json at '{path}'")
+MAX_CONFIG_BYTES = 2**24  # a real config.json is a few KiB
+
+
+def read_text_file(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A small UTF-8 text file: regular files only (never a FIFO or device), at most `limit` bytes.
+
+    Raises InputFileError for anything else (missing, no permission, too long a name, binary, too big).
+    """
+    where = quote(str(path), 200)
+    is_dir, is_file = _exists(path)
+    if not is_file:
+        why = "a folder" if is_dir else "not a regular file" if path.exists() else "no such file"
+        raise InputFileError(f"cannot read {what} {where}: {why}")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"'{path}' is not valid JSON: {e}") from None
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {where}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise InputFileError(f"{what} {where} is larger than {limit // 2**20} MiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputFileError(f"{what} {where} is not UTF-8 text") from None
+
+
+def card_from_config_path(path: Path) -> ModelCard:
+    if _exists(path)[0]:
+        path = path / "config.json"
+    text = read_text_file(path, "config.json")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{quote(str(path))} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{quote(str(path))} is nested too deeply to be a config.json") from None
     if not isinstance(config, dict):
-        raise PlanError(f"'{path}' does not hold a JSON object")
+        raise ConfigError(f"{quote(str(path))} does not hold a JSON object")
+    validate_config(config)
     name = config.get("_name_or_path") or path.parent.name or path.stem
     return card_from_hf_config(config, name=str(name), source=str(path))
 
 
-def _need(config: dict, key: str, model_type: str):
+def _need(config: dict, key: str, model_type: str) -> int:
+    """A required size (already checked by `validate_config`: a whole number in its bounds)."""
     if key not in config or config[key] is None:
-        raise PlanError(f"config.json of a '{model_type}' model lacks '{key}'")
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"config.json field '{key}' must be a number, got {value!r}")
-    return int(value)
+        raise ConfigError(f"config.json of a '{model_type}' model lacks '{key}'")
+    return int(config[key])
+
+
+_INT_KEYS = ("n_inner", "num_key_value_heads", "head_dim", "word_embed_proj_dim", "type_vocab_size")
 
 
 def card_from_hf_config(config: dict, name: str, source: str) -> ModelCard:
-    """Read the shape facts of a transformers config dict; say clearly what cannot be read."""
+    """Read the shape facts of a transformers config dict; say clearly what cannot be read.
+
+    Raises ConfigError (planning/validate.py `validate_config`) before any arithmetic on the fields.
+    """
+    validate_config(config)
     mt = config.get("model_type")
     if not mt:
         raise PlanError("config.json has no 'model_type'")
     if mt not in MODEL_TYPES:
-        raise PlanError(f"model type '{mt}' is not supported (supported: {', '.join(MODEL_TYPES)})")
+        raise ConfigError(f"model type {quote(mt)} is not supported (supported: {', '.join(MODEL_TYPES)})")
     if config.get("quantization_config"):
         pass  # a pre-quantized checkpoint still has the same shapes; the plan decides the storage
     n = lambda key: _need(config, key, mt)  # noqa: E731
-    get = config.get
+    def get(key: str, default=None):  # null means absent; validate_config has checked the rest
+        value = config.get(key)
+        return default if value is None else (int(value) if key in _INT_KEYS else value)
+
     if mt == "gpt2":
         d = n("n_embd")
         return ModelCard(

@@ -17,7 +17,8 @@ from functools import lru_cache
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
-from peftplan.planning.params import ParamCounts, count, lora_targets, qlora_weight_bytes, quantizable
+from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
+                                      quantizable)
 from peftplan.plan import DTYPES, Plan
 from peftplan.results import Memory
 
@@ -118,8 +119,8 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
         other = [n.size for n in lay.other_norms] + [n.size for n in lay.other_norms if n.bias]
         return (per + norms) * L + other
     out = []
-    for lin, in_block in lora_targets(card, plan.targets):
-        out += [plan.r * lin.d_in, lin.d_out * plan.r] * (L if in_block else 1)
+    for lin, _, copies in lora_targets(card, plan.targets):
+        out += [plan.r * lin.d_in, lin.d_out * plan.r] * copies
     return out
 
 
@@ -202,10 +203,11 @@ def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
 # ---------------------------------------------------------------- activations
 
 
-def _lora_wrapped(card: ModelCard, plan: Plan) -> set[str]:
+def _lora_wrapped(card: ModelCard, plan: Plan) -> frozenset[str]:
+    """Block linears LoRA wraps in any block."""
     if not plan.uses_lora:
-        return set()
-    return {lin.name for lin, in_block in lora_targets(card, plan.targets) if in_block}
+        return frozenset()
+    return frozenset(lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if in_block)
 
 
 def _groups(card: ModelCard) -> tuple[list[str], str, list[str], str]:
@@ -232,33 +234,36 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
     return e * d + 2 * FP32
 
 
-def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False) -> float:
+def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
+                          wrapped: frozenset[str] | None = None) -> float:
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
-           trainable_block, first)
+           trainable_block, first, wrapped)
     v = _BLOCK.get(key)
     if v is None:
         if len(_BLOCK) > 65536:
             _BLOCK.clear()
-        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first)
+        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first, wrapped)
     return v
 
 
 _BLOCK: dict[tuple, float] = {}
 
 
-def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False) -> float:
+def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
+                           wrapped: frozenset[str] | None = None) -> float:
     """Bytes per token one block saves for backward.
 
     A Linear saves its input when its weight trains or LoRA wraps it (lora_A reads the same input);
     inputs shared by several Linears are saved once. SDPA saves q, k, v, its output (which is also the
     attention output projection's input: flash kernels return it in (b, s, h, d_h) layout) and a fp32
-    logsumexp per head. `first`: block 0 of a frozen base, whose input needs no gradient.
+    logsumexp per head. `first`: the lowest block of a frozen base that needs a gradient, whose input needs
+    none. `wrapped`: the linears LoRA wraps in this block (default: those it wraps in any block).
     """
     c, e = card, activation_element_bytes(plan)
     d, f, q, k = c.d_model, c.d_ff, c.d_q, c.d_kv
-    lora = _lora_wrapped(c, plan)
+    lora = _lora_wrapped(c, plan) if wrapped is None else wrapped
     attn_in, attn_out, ffn_in, ffn_out = _groups(c)
 
     # peft's lora.Linear casts x to lora_A's dtype (`_cast_input_dtype`): with adapters in another dtype than the
@@ -357,11 +362,18 @@ class Activations:
 def activations(card: ModelCard, plan: Plan) -> Activations:
     c, e, t = card, activation_element_bytes(plan), plan.tokens
     L, V, d = c.n_layers, c.vocab_size, c.d_model
+    checkpointed = None
     if plan.method == "full":
         blocks = [block_saved_per_token(c, plan, True)] * L
     elif plan.method == "top":
         # blocks below the trained ones need no input gradient and save nothing
         blocks = [block_saved_per_token(c, plan, True)] * plan.top_k
+    elif plan.uses_lora and len(sets := lora_block_sets(c, plan.targets)) and len(set(sets)) > 1:
+        # targets naming some blocks: blocks below the lowest wrapped one need no gradient and save nothing
+        # (checkpointed, every block still keeps its input: measured with the trace)
+        low = next(i for i, names in enumerate(sets) if names)
+        blocks = [block_saved_per_token(c, plan, False, first=(i == low), wrapped=sets[i]) for i in range(low, L)]
+        checkpointed = L
     else:
         blocks = [block_saved_per_token(c, plan, False, first=True)] + \
             [block_saved_per_token(c, plan, False)] * (L - 1)
@@ -369,8 +381,10 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     x = e if c.encoder else FP32
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = e if c.hf.get("final_logit_softcapping") else 0
+    if checkpointed is None:
+        checkpointed = len(blocks)
     if plan.grad_checkpointing:
-        kept = len(blocks) * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
+        kept = checkpointed * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
     final = outside_saved_per_token(c, plan)

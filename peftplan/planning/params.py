@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from peftplan.planning.cards import ModelCard
-from peftplan.errors import PlanError
+from peftplan.errors import PlanError, quote
 from peftplan.planning.layout import Linear, layout
 from peftplan.plan import Plan
 
@@ -102,41 +102,54 @@ def parse_targets(spec: str | None, model_type: str) -> tuple[str, tuple[str, ..
 
 
 @lru_cache(maxsize=4096)
-def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool], ...]:
-    """The Linears (and whether each is in every block) that LoRA wraps, as peft would match them.
+def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool, int], ...]:
+    """(linear, in_block, copies wrapped) for each Linear LoRA wraps, as peft would match them.
 
-    peft: a list matches a module whose full name equals a target or ends with "." + target; a string is a
-    regex matched in full; "all-linear" is every Linear/Conv1D except the output head.
-    Block linears are matched on block 0's name (every block has the same names).
+    peft (tuners_utils.check_target_module_exists): a list matches a module whose full name equals a target
+    or ends with "." + target; a string is a regex matched in full; "all-linear" is every Linear/Conv1D
+    except the output head. Each block's own names are matched, so a target naming one block
+    ('decoder.layers.0.self_attn.q_proj', 're:.*layers\\.[0-3]\\..*q_proj') wraps just those blocks.
     """
     kind, names = parse_targets(spec, card.model_type)
-    candidates = _all_linears(card)
+    lay = layout(card)
     if kind == "all-linear":
-        chosen = candidates
-    elif kind == "regex":
-        lay = layout(card)
-        pat = re.compile(names[0])
-        chosen = []
-        for name, lin, in_block in candidates:
-            if not in_block:
-                if pat.fullmatch(name):
-                    chosen.append((name, lin, in_block))
-                continue
-            hits = [pat.fullmatch(lay.block_name(i, lin.name)) is not None for i in range(card.n_layers)]
-            if all(hits):
-                chosen.append((name, lin, in_block))
-            elif any(hits):
-                raise PlanError(f"target regex '{names[0]}' matches '{lin.name}' in some blocks only; "
-                                "per-block targets are not supported")
+        chosen = [(lin, True, card.n_layers) for lin in lay.block_linears]
+        chosen += [(lin, False, 1) for lin in lay.other_linears]
     else:
-        chosen = [c for c in candidates if any(c[0] == t or c[0].endswith("." + t) for t in names)]
+        if kind == "regex":
+            pat = re.compile(names[0])
+            hit = lambda full: pat.fullmatch(full) is not None  # noqa: E731
+        else:
+            hit = lambda full: any(full == t or full.endswith("." + t) for t in names)  # noqa: E731
+        chosen = []
+        for lin in lay.block_linears:
+            copies = sum(hit(lay.block_name(i, lin.name)) for i in range(card.n_layers))
+            if copies:
+                chosen.append((lin, True, copies))
+        chosen += [(lin, False, 1) for lin in lay.other_linears if hit(lin.name)]
     if not chosen:
-        avail = sorted({lin.name.rsplit(".", 1)[-1] for _, lin, _ in candidates})
+        avail = sorted({lin.name.rsplit(".", 1)[-1] for _, lin, _ in _all_linears(card)})
         raise PlanError(
-            f"LoRA targets '{spec if spec is not None else ','.join(names)}' match no Linear of "
+            f"LoRA targets {quote(spec if spec is not None else ','.join(names))} match no Linear of "
             f"{card.name} (candidates: {', '.join(avail)})"
         )
-    return tuple((lin, in_block) for _, lin, in_block in chosen)
+    return tuple(chosen)
+
+
+@lru_cache(maxsize=1024)
+def lora_block_sets(card: ModelCard, spec: str | None) -> tuple[frozenset[str], ...]:
+    """Per block i, the names (as in `layout(card).block_linears`) of the Linears LoRA wraps in block i."""
+    kind, names = parse_targets(spec, card.model_type)
+    lay = layout(card)
+    if kind == "all-linear":
+        return (frozenset(lin.name for lin in lay.block_linears),) * card.n_layers
+    if kind == "regex":
+        pat = re.compile(names[0])
+        hit = lambda full: pat.fullmatch(full) is not None  # noqa: E731
+    else:
+        hit = lambda full: any(full == t or full.endswith("." + t) for t in names)  # noqa: E731
+    return tuple(frozenset(lin.name for lin in lay.block_linears if hit(lay.block_name(i, lin.name)))
+                 for i in range(card.n_layers))
 
 
 # ---------------------------------------------------------------- per-method counts
@@ -226,17 +239,17 @@ def _count(card: ModelCard, plan: Plan) -> ParamCounts:
     # lora / qlora
     targets = lora_targets(card, plan.targets)
     added = 0
-    for lin, in_block in targets:
+    for lin, _, copies in targets:
         if plan.r > min(lin.d_in, lin.d_out):
             raise PlanError(f"LoRA rank r = {plan.r} exceeds the smaller side of {lin.name} "
                             f"({lin.d_in}×{lin.d_out})")
-        added += (L if in_block else 1) * lora_params(lin.d_in, lin.d_out, plan.r)
+        added += copies * lora_params(lin.d_in, lin.d_out, plan.r)
     quantized = tensors = 0
     if plan.method == "qlora":
         for lin, n in quantizable(card):
             quantized += n * lin.weight_numel
             tensors += n
-    return ParamCounts(base, added, added, base, quantized, tensors, tuple(lin.name for lin, _ in targets))
+    return ParamCounts(base, added, added, base, quantized, tensors, tuple(lin.name for lin, _, _ in targets))
 
 
 def qlora_weight_bytes(card: ModelCard, double_quant: bool = True) -> int:

@@ -34,7 +34,7 @@ def _fmt_err(e: float | None) -> str:
 def points_from_options(model: str, method: str, r: str, alpha: float, dropout: float, targets: str | None,
                         adapter_size: str, adapter_placement: str, top_k: str, batch_size: str, seq_len: str,
                         dtype: str, optimizer: str, foreach: bool, grad_checkpointing: bool, attention: str,
-                        double_quant: bool, kbit_prep: bool, settings: dict) -> list:
+                        double_quant: bool, kbit_prep: bool, settings: dict, max_points: int | None = None) -> list:
     from peftplan.profile.grid import dedupe, expand, split_list
 
     spec = {
@@ -46,7 +46,7 @@ def points_from_options(model: str, method: str, r: str, alpha: float, dropout: 
         "grad_checkpointing": grad_checkpointing, "attention": split_list(attention),
         "double_quant": double_quant, "kbit_prep": kbit_prep,
     }
-    return dedupe(expand(spec, settings))
+    return dedupe(expand(spec, settings, max_points))
 
 
 # ---------------------------------------------------------------- rendering
@@ -79,17 +79,21 @@ class ProgressBar:
     def point_done(self, index: int, point, result, error: str) -> None:
         status = result.status if result is not None else "error"
         if status != "ok":
-            self.progress.console.print(f"[yellow]{point.label}: {status}[/] {error}".rstrip())
+            from peftplan.render import safe
+
+            self.progress.console.print(f"[yellow]{safe(point.label)}: {status}[/] {safe(error)}".rstrip())
         self.progress.advance(self.task)
 
 
 def render_measurement(console, m: Measurement) -> None:
     from rich.table import Table
 
-    title = f"{m.model}  {m.plan.method}  b={m.plan.batch_size} s={m.plan.seq_len}"
+    from peftplan.render import safe
+
+    title = f"{safe(m.model)}  {m.plan.method}  b={m.plan.batch_size} s={m.plan.seq_len}"
     if m.plan.grad_checkpointing:
         title += "  ckpt"
-    title += f"  on {m.environment.gpu_name}"
+    title += f"  on {safe(m.environment.gpu_name)}"
     if m.environment.simulated:
         title += " [simulated]"
     if m.status != "ok":
@@ -98,7 +102,7 @@ def render_measurement(console, m: Measurement) -> None:
         what = "does not fit" if m.status == "does-not-fit" else "failed"
         console.print(f"[bold]{title}[/]: {what} in {where}: allocated {_fmt_bytes(f.allocated_bytes)}, "
                       f"peak allocated {_fmt_bytes(f.peak_allocated_bytes)}, reserved "
-                      f"{_fmt_bytes(f.peak_reserved_bytes)}; {f.message}")
+                      f"{_fmt_bytes(f.peak_reserved_bytes)}; {safe(f.message)}")
         return
     table = Table(title=title, title_justify="left")
     for col in ("figure", "measured", "predicted", "error", "error %"):
@@ -124,13 +128,14 @@ def render_measurement(console, m: Measurement) -> None:
         console.print(f"  rank {rp.rank}: {rp.status}, peak allocated {_fmt_bytes(rp.peak_allocated_bytes)}, "
                       f"reserved {_fmt_bytes(rp.peak_reserved_bytes)}")
     for w in m.warnings:
-        console.print(f"  [yellow]warning:[/] {w}")
+        console.print(f"  [yellow]warning:[/] {safe(w)}")
 
 
 def render_summary(console, measurements) -> None:
     from rich.table import Table
 
     from peftplan.profile.compare import grid_summary
+    from peftplan.render import safe
 
     table = Table(title="errors over the grid (predicted − measured) / measured", title_justify="left")
     for col in ("metric", "n", "median |error|", "max |error|", "bias", "worst"):
@@ -138,7 +143,7 @@ def render_summary(console, measurements) -> None:
     for s in grid_summary(measurements):
         if s.n:
             table.add_row(s.metric, str(s.n), _fmt_err(s.median_abs_error), _fmt_err(s.max_abs_error),
-                          _fmt_err(s.bias), s.worst)
+                          _fmt_err(s.bias), safe(s.worst))
     console.print(table)
 
 
@@ -208,6 +213,7 @@ def profile(
     device: Annotated[int, typer.Option(help="CUDA device index")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print the results as one JSON list")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="CPU: simulated CUDA and NVML, a toy step")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="run a grid past the bound of 1,000 points")] = False,
 ) -> None:
     """Measure real training steps on this machine's GPU and compare them with the estimate.
 
@@ -223,15 +229,19 @@ def profile(
 
     settings = {"steps": steps, "warmup": warmup, "interval_s": interval_ms / 1e3, "nvml": nvml,
                 "phase_sync": phase_sync, "impl": impl}
+    from peftplan.planning.validate import MAX_GRID_POINTS
+
+    max_points = None if yes else MAX_GRID_POINTS  # counted before any point is built
     try:
         if grid is not None:
             from peftplan.profile.grid import load_grid
 
-            points = load_grid(grid, defaults=settings)  # the file's own defaults and values win
+            points = load_grid(grid, defaults=settings, max_points=max_points)  # the file's values win
         else:
             points = points_from_options(model, method, r, alpha, dropout, targets, adapter_size,
                                          adapter_placement, top_k, batch_size, seq_len, dtype, optimizer, foreach,
-                                         grad_checkpointing, attention, double_quant, kbit_prep, settings)
+                                         grad_checkpointing, attention, double_quant, kbit_prep, settings,
+                                         max_points)
         Settings(**settings)  # bad settings are an input error even for a grid file
         for name in dict.fromkeys(p.model for p in points):
             run_mod.load_card(name)  # an unknown card is an input error, before any GPU work

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,7 +29,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
-from peftplan.errors import PlanError
+from peftplan.errors import PlanError, quote
+from peftplan.planning.validate import check_work
 from peftplan.plan import Plan
 from peftplan.profile.store import Measurement, Settings, config_key
 
@@ -79,13 +81,19 @@ def point(spec: Mapping) -> GridPoint:
     return GridPoint(str(spec["model"]), plan, settings)
 
 
-def expand(spec: Mapping, defaults: Mapping | None = None) -> list[GridPoint]:
-    """The cartesian product of the list-valued entries of `defaults | spec`, in the order the keys appear."""
+def expand(spec: Mapping, defaults: Mapping | None = None, max_points: int | None = None) -> list[GridPoint]:
+    """The cartesian product of the list-valued entries of `defaults | spec`, in the order the keys appear.
+
+    The number of points (the product of the axis lengths) is checked against `max_points` before any is
+    built: WorkTooLargeError past it (planning/validate.py `check_work`; the CLI's `--yes` lifts it).
+    """
     merged = {**(defaults or {}), **spec}
     axes = [(k, v if isinstance(v, (list, tuple)) else [v]) for k, v in merged.items()]
     for k, values in axes:
         if not values:
-            raise PlanError(f"grid axis '{k}' is empty")
+            raise PlanError(f"grid axis {quote(k)} is empty")
+    if max_points is not None:
+        check_work("the number of grid points", math.prod(len(v) for _, v in axes), max_points, yes=False)
     keys = [k for k, _ in axes]
     return [point(dict(zip(keys, combo))) for combo in itertools.product(*(v for _, v in axes))]
 
@@ -99,7 +107,7 @@ def dedupe(points: Iterable[GridPoint]) -> list[GridPoint]:
     return out
 
 
-def points_from_doc(doc, defaults: Mapping | None = None) -> list[GridPoint]:
+def points_from_doc(doc, defaults: Mapping | None = None, max_points: int | None = None) -> list[GridPoint]:
     """Points from a parsed grid file: {defaults, grid: [...]}, a list of tables, or one table.
 
     `defaults` (e.g. the command line's settings) fill what the file's own defaults and tables leave out.
@@ -116,31 +124,45 @@ def points_from_doc(doc, defaults: Mapping | None = None) -> list[GridPoint]:
         tables = [{k: v for k, v in doc.items() if k != "defaults"}]
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise PlanError("'grid' must be a list of tables")
-    return dedupe(p for t in tables for p in expand(t, defaults))
+    if max_points is not None:
+        total = sum(math.prod(len(v) if isinstance(v, (list, tuple)) else 1 for v in {**defaults, **t}.values())
+                    for t in tables)
+        check_work("the number of grid points", total, max_points, yes=False)
+    return dedupe(p for t in tables for p in expand(t, defaults, max_points))
 
 
-def load_grid(path: Path | str, defaults: Mapping | None = None) -> list[GridPoint]:
+def load_grid(path: Path | str, defaults: Mapping | None = None, max_points: int | None = None) -> list[GridPoint]:
+    """Points from a grid file (TOML, or JSON by its suffix): a regular UTF-8 file of at most 16 MiB.
+
+    Raises InputFileError (unreadable, FIFO, binary, too big), PlanError (does not parse, bad keys or
+    values), WorkTooLargeError (more than `max_points` points).
+    """
+    from peftplan.planning.cards import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise PlanError(f"cannot read grid file '{path}': {e.strerror or e}") from None
+    text = read_text_file(path, "grid file")
     try:
         doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise PlanError(f"grid file '{path}' does not parse: {e}") from None
+        raise PlanError(f"grid file {quote(str(path))} does not parse: {str(e).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise PlanError(f"grid file {quote(str(path))} is nested too deeply") from None
     try:
-        return points_from_doc(doc, defaults)
-    except TypeError as e:
-        raise PlanError(f"grid file '{path}': {e}") from None
+        return points_from_doc(doc, defaults, max_points)
+    except (TypeError, RecursionError) as e:
+        raise PlanError(f"grid file {quote(str(path))}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def split_list(text: str, convert: Callable = str) -> list:
     """'1,4' -> [1, 4]: a list-valued command-line option."""
-    try:
-        return [convert(v.strip()) for v in str(text).split(",") if v.strip()]
-    except ValueError as e:
-        raise PlanError(f"cannot read '{text}': {e}") from None
+    out = []
+    for v in str(text).split(","):
+        if v.strip():
+            try:
+                out.append(convert(v.strip()))
+            except ValueError:
+                raise PlanError(f"cannot read {quote(text)}: {quote(v.strip())} is not a whole number") from None
+    return out
 
 
 # ---------------------------------------------------------------- running

@@ -13,7 +13,8 @@ import typer
 
 from peftplan.cli import (AdapterSize, Attention, Batch, Dtype, From, GradCkpt, Json, Optim, R, Seq, Targets, TopK,
                           fail, with_files)
-from peftplan.errors import PlanError
+from peftplan.errors import PlanError, quote
+from peftplan.planning.validate import check_tokens
 from peftplan.plan import Plan
 
 DEFAULT_GPUS = "t4,rtx4090,a100-40gb,h100-sxm"
@@ -27,8 +28,21 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="HTML file to write
 MeasuredDir = Annotated[Optional[Path], typer.Option(help="measured results to compare with (profiles/measured/)")]
 
 
-def split(csv: str) -> list[str]:
-    return [x.strip() for x in csv.split(",") if x.strip()]
+def split(csv: str, option: str = "") -> list[str]:
+    """A comma list option; with `option` named, an empty list is refused."""
+    items = [x.strip() for x in csv.split(",") if x.strip()]
+    if option and not items:
+        raise PlanError(f"{option} needs at least one value, got {quote(csv)}")
+    return items
+
+
+def need_dir(path: Path | None) -> Path | None:
+    """A `--measured-dir` the user named must be a folder that exists."""
+    from peftplan.planning.cards import _exists
+
+    if path is not None and not _exists(path)[0]:
+        raise PlanError(f"--measured-dir {quote(str(path))} is not a folder")
+    return path
 
 
 def need_models(models: list[str] | None) -> list[str]:
@@ -61,23 +75,38 @@ def report(
     from peftplan.report.measured import MEASURED_DIR
 
     try:
-        if tokens < 0:
-            raise PlanError(f"token budget cannot be negative, got {tokens:g}")
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
                                                               attention), model)
         page = build_report(
-            need_models(model), split(gpus), methods=split(methods), seq_len=seq_len, batch_size=batch_size,
-            tokens=int(tokens), base=base,
-            measured_dir=measured_dir or MEASURED_DIR,
+            need_models(model), split(gpus, "--gpus"), methods=split(methods, "--methods"), seq_len=seq_len,
+            batch_size=batch_size, tokens=check_tokens(tokens), base=base,
+            measured_dir=need_dir(measured_dir) or MEASURED_DIR,
         )
     except PlanError as e:
         fail(str(e))
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(page, encoding="utf-8")
-    except OSError as e:
-        fail(f"cannot write '{output}': {e.strerror or e}")
+    write_output(output, page)
     typer.echo(f"{output} ({len(page.encode()) / 2**20:.1f} MiB)")
+
+
+def write_output(output: Path, page: str) -> None:
+    """A regular file (new or replaced) is written atomically; a device or pipe (/dev/stdout) directly."""
+    from peftplan.profile.store import write_atomic
+
+    where = quote(str(output), 200)
+    try:
+        for parent in (output.parent, *output.parent.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    fail(f"cannot write {where}: {quote(str(parent), 200)} is a file, not a folder")
+                break
+        if output.is_dir():
+            fail(f"cannot write {where}: it is a folder")
+        if output.exists() and not output.is_file():
+            output.write_text(page, encoding="utf-8")
+        else:
+            write_atomic(output, page)
+    except OSError as e:
+        fail(f"cannot write {where}: {e.strerror or e}")
 
 
 def fit(
@@ -102,7 +131,7 @@ def fit(
     try:
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
                                                               attention), model)
-        fm = fit_matrix(need_models(model), split(gpus), split(methods), seq_len, base=base)
+        fm = fit_matrix(need_models(model), split(gpus, "--gpus"), split(methods, "--methods"), seq_len, base=base)
     except PlanError as e:
         fail(str(e))
     if json_out:
@@ -157,8 +186,9 @@ def cell_text(c) -> str:
 
 def render_fit(fm, console=None) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    from peftplan.render import safe as escape
 
     console = console or Console()
     for method in fm.methods:

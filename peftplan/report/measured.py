@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftplan.errors import PlanError
+
 from peftplan.planning.cards import PROFILES
 
 MEASURED_DIR = PROFILES / "measured"
@@ -194,8 +196,10 @@ def read_measured(directory: Path | str | None, models: Sequence[str]) -> Measur
     points, failed, timelines, skipped, other = [], [], [], [], 0
     for path in files:
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            from peftplan.planning.cards import read_text_file
+
+            doc = json.loads(read_text_file(path, "result file", limit=2**26))  # regular files only: no FIFO
+        except (PlanError, OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             skipped.append(f"{path.name}: not readable JSON ({type(e).__name__})")
             continue
         reason = why_unreadable(doc)

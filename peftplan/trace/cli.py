@@ -10,8 +10,8 @@ import typer
 from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Batch, Dora, DoubleQuant, Dropout,
                           Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model,
                           Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail, make_plan,
-                          with_files)
-from peftplan.errors import PlanError
+                          Yes, with_files)
+from peftplan.errors import PlanError, quote
 
 
 def _gib(n: float) -> str:
@@ -33,7 +33,8 @@ def trace_cmd(
     seq_lens: str = typer.Option(None, help="one sequence length per step, e.g. 512,2048,1024 (implies --reserved)"),
     seq_percentiles: str = typer.Option(None, help="lengths drawn per step from percentiles, e.g. 50:512,90:2048"),
     alloc_conf: str = typer.Option("", help="PYTORCH_CUDA_ALLOC_CONF for the replay, e.g. expandable_segments:True"),
-    json_out: Json = False, from_files: From = None, gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none",
+    json_out: Json = False, yes: Yes = False, from_files: From = None, gpus: Gpus = 1, nodes: Nodes = 1,
+    strategy: Strategy = "none",
 ) -> None:
     """Run the real training step on fake tensors (CPU, no memory) and report the exact live-tensor peak.
 
@@ -41,6 +42,7 @@ def trace_cmd(
     ranks, one process; rank 0's live bytes."""
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
+    from peftplan.planning.validate import MAX_TRACE_OPS, check_work, predicted_trace_ops
     from peftplan.trace.check import compare
 
     try:
@@ -53,12 +55,16 @@ def trace_cmd(
             raise PlanError(f"the distributed trace runs FSDP2: give --strategy fsdp|fsdp-grad-op|fsdp-hybrid "
                             f"with --gpus {gpus} (got {strategy})")
         model, plan = with_files(from_files, plan, model)
+        if steps < 1:
+            raise PlanError(f"steps must be at least 1, got {steps}")
         card = load_card(model)
         if n_layers is not None:
             from peftplan.trace.random_check import cut
 
             card = cut(card, n_layers)
         est = estimate(card, plan)
+        check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
+                   predicted_trace_ops(card.n_layers, steps), MAX_TRACE_OPS, yes)
         from peftplan.planning.allocator import AllocatorConfig
         from peftplan.trace.reserved import parse_seq_lens
         from peftplan.trace.run import trace
@@ -98,7 +104,9 @@ def trace_cmd(
     from peftplan.trace.check import COMPONENTS
 
     console = Console()
-    t = Table(title=f"trace: {card.name} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
+    from peftplan.render import safe
+
+    t = Table(title=f"trace: {safe(card.name)} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
                     f"({tr.ops:,} ops, {tr.seconds:.2f} s)", title_justify="left")
     t.add_column("category")
     by_phase = {m.phase: m for m in est.phases}
@@ -117,13 +125,32 @@ def trace_cmd(
     t.add_row(*row, style="bold")
     console.print(t)
     for p in tr.phases:
-        console.print(f"{p.phase}: peak at op #{p.op_index} {p.op} in {p.module or '-'}")
+        console.print(f"{p.phase}: peak at op #{p.op_index} {safe(p.op)} in {safe(p.module or '-')}")
     console.print(f"estimate vs trace: {100 * cmp.peak_error:+.2f}% at the peak "
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
     if rp is not None:
         from peftplan.trace.reserved import render
 
         render(console, rp)
+
+
+def parse_list(text: str, option: str, kind: type = str, choices: tuple[str, ...] = ()) -> tuple:
+    """A comma list option: non-empty, each item of the kind (and among the choices); one-line errors."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise PlanError(f"{option} needs at least one value, got {quote(text)}")
+    out = []
+    for x in items:
+        if choices and x not in choices:
+            raise PlanError(f"{option}: unknown value {quote(x)} (choose from {', '.join(choices)})")
+        if kind is int:
+            try:
+                out.append(int(x))
+            except ValueError:
+                raise PlanError(f"{option}: {quote(x)} is not a whole number") from None
+        else:
+            out.append(x)
+    return tuple(out)
 
 
 def check_cmd(
@@ -139,31 +166,47 @@ def check_cmd(
     random_n: int = typer.Option(0, "--random", help="instead of the grid: N configurations drawn at random "
                                  "over every card family and Plan option (small cuts of the cards)"),
     seed: int = typer.Option(0, help="--random: the seed of the draw (the same seed draws the same list)"),
-    json_out: Json = False,
+    json_out: Json = False, yes: Yes = False,
 ) -> None:
-    """Estimate vs trace over a grid (or a random draw): per-configuration errors and median / p90 / max."""
+    """Estimate vs trace over a grid (or a random draw): per-configuration errors and median / p90 / max.
+
+    A configuration that cannot be estimated or traced is a FAIL row with its reason and the others go on;
+    then one line on stderr says how many failed, and the exit code is 2.
+    """
     if random_n:
+        from peftplan.planning.validate import MAX_CHECK_CONFIGS, check_work
+
+        check_work("the random draw (configurations)", random_n, MAX_CHECK_CONFIGS, yes)
         return _check_random(random_n, seed, tolerance, json_out)
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
+    from peftplan.planning.validate import (MAX_CHECK_CONFIGS, MAX_TRACE_OPS, check_float, check_work,
+                                            predicted_trace_ops)
+    from peftplan.render import safe
     from peftplan.trace.check import compare, grid, summarize
     from peftplan.trace.run import trace
 
-    def split(s: str) -> list[str]:
-        return [x.strip() for x in s.split(",") if x.strip()]
-
     try:
+        check_float(tolerance, "tolerance", 0.0, 1.0, lo_open=True)
         cards = [load_card(m) for m in model]
-        configs = grid(cards, methods=tuple(split(methods)), ranks=tuple(int(x) for x in split(ranks)),
-                       batches=tuple(int(x) for x in split(batches)), seqs=tuple(int(x) for x in split(seqs)),
-                       checkpointing=tuple(x == "on" for x in split(checkpointing)),
-                       attentions=tuple(split(attentions)), optimizers=tuple(split(optimizers)))
-    except (PlanError, ValueError) as e:
+        configs = grid(cards, methods=parse_list(methods, "--methods"),
+                       ranks=parse_list(ranks, "--ranks", int), batches=parse_list(batches, "--batches", int),
+                       seqs=parse_list(seqs, "--seqs", int),
+                       checkpointing=tuple(x == "on" for x in parse_list(checkpointing, "--checkpointing",
+                                                                           choices=("off", "on"))),
+                       attentions=parse_list(attentions, "--attentions"),
+                       optimizers=parse_list(optimizers, "--optimizers"))
+        check_work("the number of configurations", len(configs), MAX_CHECK_CONFIGS, yes)
+        for card in cards:
+            check_work(f"the predicted trace of {card.name} (ops)", predicted_trace_ops(card.n_layers, 2),
+                       MAX_TRACE_OPS, yes)
+    except PlanError as e:
         fail(str(e))
-    results, failures = [], []
+    results, failures, rows = [], [], []
     from rich.console import Console
 
     console = Console(stderr=json_out)
+    interrupted = False
     for card, plan in configs:
         label = (f"{card.name} {plan.method} r={plan.r} b={plan.batch_size} s={plan.seq_len} "
                  f"gc={'on' if plan.grad_checkpointing else 'off'} {plan.attention} {plan.optimizer}")
@@ -171,20 +214,28 @@ def check_cmd(
             c = compare(estimate(card, plan), trace(card, plan))
         except PlanError as e:  # one failure never loses the others
             failures.append(f"{label}: {e}")
-            console.print(f"[red]FAIL[/red] {label}: {e}")
+            rows.append({"config": label, "error": str(e)})
+            console.print(f"[red]FAIL[/red] {safe(label)}: {safe(e)}", soft_wrap=True)
             continue
+        except KeyboardInterrupt:  # keep what finished
+            interrupted = True
+            break
         results.append(c)
+        rows.append({"config": label, "error": None})
         mark = "ok " if abs(c.peak_error) <= tolerance else "OUT"
-        console.print(f"{mark} {label}: {100 * c.peak_error:+6.2f}%  ({c.trace_phase})")
+        console.print(f"{mark} {safe(label)}: {100 * c.peak_error:+6.2f}%  ({c.trace_phase})", soft_wrap=True)
     s = summarize(results, failures)
     if json_out:
-        typer.echo(json.dumps({"summary": asdict(s), "results": [asdict(c) for c in results]}, indent=2, default=str))
-    else:
+        typer.echo(json.dumps({"summary": asdict(s), "results": [asdict(c) for c in results], "rows": rows},
+                              indent=2, default=str))
+    elif s.n:
         console.print(f"{s.n} configurations: median |error| {100 * s.median_abs_error:.2f}%, "
                       f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
                       f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    if interrupted:
+        raise typer.Exit(130)
     if failures:
-        raise typer.Exit(1)
+        fail(f"{len(failures)} of {len(rows)} configurations failed; first: {failures[0]}")
 
 
 def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:

@@ -118,6 +118,24 @@ def cuda_like():
         F.dropout, F.scaled_dot_product_attention = dropout, sdpa
 
 
+@contextmanager
+def quiet_torch_logs():
+    """torch logs a failing fake-tensor op (with its traceback) before raising, transformers warns about config
+    fields it fixes itself: the raised error (one line) is enough."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._subclasses", "torch._subclasses.fake_tensor",
+                                              "transformers", "bitsandbytes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 2000, fake: bool = True,
           impl: str = "auto", *, seq_lens: tuple[int, ...] | None = None, record_events: bool = False) -> Trace:
     """Count the live tensor bytes of `steps` training steps; report the last.
@@ -154,14 +172,20 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
         from peftplan.trace.distributed import fake_world
 
         mesh = fake_world(plan)
-    with mode:
-        model, _ = build_model(card, plan, "cpu", impl=impl)
-        if mesh is not None:
-            from peftplan.trace.distributed import shard
+    try:
+        with mode, quiet_torch_logs():
+            model, _ = build_model(card, plan, "cpu", impl=impl)
+            if mesh is not None:
+                from peftplan.trace.distributed import shard
 
-            shard(model, plan, mesh, _blocks(model, card))
-        batch = make_batch(card, replace(plan, seq_len=seq_lens[0]) if seq_lens else plan, "cpu")
-        optimizer = make_optimizer(model, plan)
+                shard(model, plan, mesh, _blocks(model, card))
+            batch = make_batch(card, replace(plan, seq_len=seq_lens[0]) if seq_lens else plan, "cpu")
+            optimizer = make_optimizer(model, plan)
+    except PlanError:
+        raise
+    except Exception as e:  # transformers refuses the config, or a shape past int64: one line, not a traceback
+        msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise TraceError(f"cannot build {card.name} for the trace: {type(e).__name__}: {msg[:300]}") from None
     handles = module_hooks(model, counter, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -190,7 +214,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
 
         resizes = storage_resizes(counter)
     try:
-        with cuda_like(), resizes, mode, counter:
+        with cuda_like(), resizes, mode, counter, quiet_torch_logs():
             for step in range(steps):
                 counter.step, counter.phase, counter.op = step, "setup", "(batch)"
                 if seq_lens is not None and step > 0:
