@@ -99,9 +99,9 @@ def grad_flow(card: ModelCard, plan: Plan) -> GradFlow:
         opt_post = card.model_type == "opt" and not card.final_norm
         return GradFlow(0, (False, False, True, True) if opt_post else _ALL, False)
     targets = lora_targets(card, plan.targets)
-    if any(not in_block and "project_in" in lin.name for lin, in_block in targets):
+    if any(not in_block and "project_in" in lin.name for lin, in_block, _ in targets):
         return GradFlow(0, _ALL, False)
-    stages = {stage(lin) for lin, in_block in targets if in_block}
+    stages = {stage(lin) for lin, in_block, _ in targets if in_block}
     if not stages:
         return GradFlow(card.n_layers, _ALL, False)
     return GradFlow(0, tuple(any(s < k for s in stages) for k in range(4)), False)
@@ -162,7 +162,7 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
     n_above = max(n_bwd - 1, 0)  # blocks above the lowest one: every input requires grad
     low = n_bwd > 0
     full = plan.method == "full"
-    lora = {lin.name: in_block for lin, in_block in lora_targets(card, plan.targets)} if plan.uses_lora else {}
+    lora = {lin.name: in_block for lin, in_block, _ in lora_targets(card, plan.targets)} if plan.uses_lora else {}
     r, m = plan.r, plan.adapter_size
     ck = plan.grad_checkpointing
     out: list[_Pass] = []
@@ -260,7 +260,7 @@ def _qkv_rg(card: ModelCard, plan: Plan, flow: GradFlow) -> tuple[bool, bool, bo
     """Whether q, k and v require grad in the lowest block with a backward."""
     rg = {"q": flow.stage_rg[0], "k": flow.stage_rg[0], "v": flow.stage_rg[0]}
     trained = plan.method in ("full", "top")
-    names = {lin.name for lin, in_block in lora_targets(card, plan.targets) if in_block} if plan.uses_lora else set()
+    names = {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if in_block} if plan.uses_lora else set()
     for lin in layout(card).block_linears:
         role = _ROLE_BY_LEAF.get(lin.name.rsplit(".", 1)[-1])
         if role and (trained or lin.name in names):

@@ -458,7 +458,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
         per = [m * d, m, d * m, d] * (2 if plan.adapter_placement == "houlsby" else 1)
         per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
     else:
-        per = [n for lin, in_block in lora_targets(card, plan.targets) if in_block
+        per = [n for lin, in_block, _ in lora_targets(card, plan.targets) if in_block
                for n in (plan.r * lin.d_in, lin.d_out * plan.r)]
     return sum(rounded(n * te) for n in per)
 

@@ -102,7 +102,7 @@ def _block_elementwise(card: ModelCard, plan: Plan, stack: Stack) -> float:
         total += sum(lin.d_in for lin in lay.block_linears) * (es + e)
     ea = _adapter_bytes(plan, stack)
     if plan.uses_lora:
-        for lin, in_block in lora_targets(card, plan.targets):
+        for lin, in_block, _ in lora_targets(card, plan.targets):
             if not in_block:
                 continue
             site = lin.d_in * ea  # A reads x
