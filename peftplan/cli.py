@@ -38,6 +38,9 @@ KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoR
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
 Tokens = Annotated[float, typer.Option(help="tokens of data, for GPU-hours and cost")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object to stdout")]
+Task = Annotated[Optional[str], typer.Option(help="config.json: causal-lm | masked-lm | seq2seq-lm | "
+                                                  "image-text-to-text | classification (default: its Auto class)")]
+TextOnly = Annotated[bool, typer.Option("--text-only", help="multimodal config.json: plan the text model alone")]
 
 
 def fail(message: str) -> None:
@@ -61,7 +64,7 @@ def estimate(
     top_k: TopK = 2, batch_size: Batch = 1, seq_len: Seq = 512, dtype: Dtype = "bf16", optimizer: Optim = "adamw",
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, gpu: Gpu = None, tokens: Tokens = 0,
-    json_out: Json = False,
+    task: Task = None, text_only: TextOnly = False, json_out: Json = False,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -69,6 +72,10 @@ def estimate(
     try:
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep)
+        if task or text_only:
+            from peftplan.planning.cards import load_card
+
+            model = load_card(model, task, text_only)
         est = run(model, plan, gpu=gpu, tokens=int(tokens))
     except PlanError as e:
         fail(str(e))
@@ -124,6 +131,39 @@ def models(json_out: Json = False) -> None:
     render_models(list(cards.values()))
 
 
+card_app = typer.Typer(no_args_is_help=True, help="Model cards from transformers config.json files.")
+app.add_typer(card_app, name="card")
+
+
+@card_app.command("import")
+def card_import(
+    config: Annotated[str, typer.Argument(help="config.json or a folder holding one")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="card file to write (default: cache)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="card name (default: the config's folder)")] = None,
+    source: Annotated[Optional[str], typer.Option(help="where the config comes from (its URL)")] = None,
+    task: Task = None, text_only: TextOnly = False,
+) -> None:
+    """Build the config's model on the meta device and write its generated card (TOML)."""
+    from pathlib import Path
+
+    from peftplan.planning.cards import card_from_config_path, write_atomic
+
+    try:
+        if output is None:
+            card = card_from_config_path(Path(config), task, text_only)
+            typer.echo(f"{card.name}: cached generated card ({card.model_class}, {card.n_layers} blocks)")
+            return
+        from peftplan.cardgen import import_config
+
+        fields, text = import_config(config, name, source, task, text_only)
+        write_atomic(Path(output), text)
+    except PlanError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write '{output}': {e.strerror or e}")
+    typer.echo(f"wrote {output} ({fields['model_class']}, {fields['n_layers']} blocks)")
+
+
 @app.command()
 def gpus(json_out: Json = False) -> None:
     """The shipped GPU cards."""
@@ -154,7 +194,7 @@ def _register_optional() -> None:
         module.register(app)
 
 
-CORE = {"estimate", "compare", "models", "gpus"}
+CORE = {"estimate", "compare", "models", "gpus", "card"}
 
 
 def main() -> None:

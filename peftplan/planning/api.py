@@ -23,6 +23,11 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
+    if card.task == "image-text-to-text":
+        warnings.append(f"planning the whole {card.model_class} (vision tower included, frozen unless targeted); "
+                        "--text-only plans the text model alone")
+    elif card.text_only:
+        warnings.append(f"planning the text model alone ({card.model_class})")
     if card.model_type == "gemma2" and plan.attention == "sdpa":
         warnings.append("transformers runs Gemma-2 with eager attention only (its SDPA path is refused): "
                         "pass --attention eager")

@@ -10,12 +10,22 @@ Qwen2.5-72B differ in kv heads, biases and tying, and each of those is a field h
     head_dim     d_h    usually d / h (Gemma-2 differs)
     d_ff                FFN inner size (per gate for a gated MLP)
     vocab_size   V
+
+Generated cards (`generated = true`) come from `peftplan card import` or from a config.json on a cache miss
+(peftplan/cardgen.py builds the model on meta and walks its module tree). They carry the config's sha256, the
+transformers version, the config itself (JSON text, so the model can be rebuilt for trace/profile) and the
+module tree (`tree`: block prefix, per-block and model-level entries with shapes and roles, head, ties), which
+`layout()` reads instead of per-family code. Generated cards of a config.json are cached in
+`PEFTPLAN_CACHE` (default: the platform's user cache folder, `platformdirs.user_cache_dir("peftplan")`), keyed
+by sha256 + transformers version + task, so a later call reads TOML and imports no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 
@@ -64,17 +74,36 @@ class ModelCard:
     attention_dropout: float = 0.0  # on the attention probabilities
     embed_dropout: float = 0.0  # on the embedding output
     hf: dict = field(default_factory=dict, compare=False, hash=False)  # config.json fields that fix no shape
+    # -- explicit structure facts of the newer families (generated cards fill them from config + module tree)
+    task: str = ""  # causal-lm | masked-lm | seq2seq-lm | image-text-to-text | classification; "" = family default
+    qk_norm: bool = False  # norms on queries and keys per head (Qwen3, OLMo-2, Gemma-3)
+    cross_attention: bool = False  # decoder blocks attend to an encoder (T5)
+    parallel_block: bool = False  # attention and MLP read the same input (GPT-J, GPT-NeoX, Falcon)
+    n_experts: int = 0  # E routed experts per MoE layer (0: dense)
+    experts_per_token: int = 0  # k experts each token is routed to
+    expert_d_ff: int = 0  # FFN inner size of one expert
+    n_shared_experts: int = 0  # experts every token passes through (DeepSeek-V2, Llama-4)
+    # -- provenance of generated cards
+    generated: bool = False
+    config_sha256: str = ""
+    transformers_version: str = ""
+    model_class: str = ""  # the transformers class the card was read from, e.g. "Qwen3ForCausalLM"
+    text_only: bool = False  # a multimodal config planned as its text model alone
+    config: dict = field(default_factory=dict, compare=False, hash=False)  # the config.json, to rebuild the model
+    tree: dict = field(default_factory=dict, compare=False, hash=False)  # module tree facts (cardgen.module_tree)
 
     def __hash__(self) -> int:
         # cards key the planner's caches: hash the ~30 fields once
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.name != "hf"))
+            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.name not in _UNHASHED))
             object.__setattr__(self, "_hash", h)
         return h
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
+        if isinstance(self.config, str):  # generated cards keep the config as JSON text (TOML has no null)
+            object.__setattr__(self, "config", json.loads(self.config))
+        if self.model_type not in MODEL_TYPES and not self.generated:
             raise PlanError(
                 f"model type '{self.model_type}' is not supported (supported: {', '.join(MODEL_TYPES)})"
             )
@@ -86,7 +115,19 @@ class ModelCard:
 
     @property
     def encoder(self) -> bool:
+        """Encoder-only (bidirectional, masked-LM or classification head)."""
+        if self.generated:
+            return self.task in ("masked-lm", "classification")
         return self.model_type in ENCODERS
+
+    @property
+    def family(self) -> str:
+        """The model type without the text-model suffix ('gemma3_text' -> 'gemma3')."""
+        return self.model_type.removesuffix("_text")
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def d_q(self) -> int:
@@ -131,6 +172,7 @@ def load_registry(directory: Path, cls: type, what: str) -> dict:
     return cards
 
 
+_UNHASHED = ("hf", "config", "tree")
 _loaded: dict[str, ModelCard] = {}
 
 
@@ -140,11 +182,14 @@ def registry() -> dict[str, ModelCard]:
     return load_registry(MODELS_DIR, ModelCard, "card")
 
 
-def load_card(model: str) -> ModelCard:
-    """A card by registry name, or from a config.json path or a folder holding one."""
+def load_card(model: str, task: str | None = None, text_only: bool = False) -> ModelCard:
+    """A card by registry name, or from a config.json path or a folder holding one (see `card_from_config_path`).
+
+    `task` and `text_only` apply to config.json paths (a shipped card has its own task).
+    """
     path = Path(model)
     if model.endswith(".json") or path.is_dir() or path.is_file():
-        return card_from_config_path(path)
+        return card_from_config_path(path, task, text_only)
     own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
     if own.is_file():
         card = _loaded.get(model) or load_card_file(own, ModelCard, "card")
@@ -163,19 +208,81 @@ def load_card(model: str) -> ModelCard:
 # ---------------------------------------------------------------- config.json <-> card
 
 
-def card_from_config_path(path: Path) -> ModelCard:
+def read_config(path: Path) -> tuple[dict, bytes]:
+    """(config dict, file bytes) of a config.json or a folder holding one. Raises PlanError (one line)."""
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise PlanError(f"no config.json at '{path}'")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+        config = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise PlanError(f"cannot read '{path}': {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PlanError(f"'{path}' is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise PlanError(f"'{path}' does not hold a JSON object")
-    name = config.get("_name_or_path") or path.parent.name or path.stem
-    return card_from_hf_config(config, name=str(name), source=str(path))
+    return config, raw
+
+
+def cache_dir() -> Path:
+    """Where generated cards of config.json files are kept: $PEFTPLAN_CACHE, else the user cache folder."""
+    env = os.environ.get("PEFTPLAN_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("peftplan")) / "cards"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        raise PlanError("reading a config.json needs transformers (pip install 'peftplan[torch]')") from None
+
+
+def card_from_config_path(path: Path, task: str | None = None, text_only: bool = False) -> ModelCard:
+    """The generated card of a config.json: from the cache when this config, transformers version and task
+    were seen before (TOML, no torch), else built on meta by `peftplan.cardgen` and cached (atomic write).
+
+    Raises PlanError (one line): unreadable or invalid JSON, remote code (auto_map), contradictory sizes,
+    a model type the installed transformers does not know.
+    """
+    from peftplan.cardgen import check_config  # pure Python; cardgen imports torch only inside functions
+
+    config, raw = read_config(path)
+    check_config(config)
+    sha = hashlib.sha256(raw).hexdigest()
+    where = path if path.is_file() else path / "config.json"
+    name = str(config.get("_name_or_path") or where.parent.name or where.stem)
+    key = f"{sha[:40]}-tf{_transformers_version()}-{task or 'auto'}{'-text' if text_only else ''}.toml"
+    cached = cache_dir() / key
+    if cached.is_file():
+        try:
+            card = load_card_file(cached, ModelCard, "card")
+        except (PlanError, tomllib.TOMLDecodeError, OSError):
+            card = None  # a damaged cache entry is rebuilt
+        if card is not None:
+            same = card.name == name and card.source == str(where)
+            return card if same else replace(card, name=name, source=str(where))
+    from peftplan.cardgen import card_toml, generate
+
+    fields_ = generate(config, name=name, source=str(where), sha256=sha, task=task, text_only=text_only)
+    card = ModelCard(**fields_)
+    write_atomic(cached, card_toml(fields_))
+    return card
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file in the same folder and `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _need(config: dict, key: str, model_type: str):

@@ -17,17 +17,25 @@ from peftplan.errors import PlanError
 from peftplan.planning.layout import Linear, layout
 from peftplan.plan import Plan
 
-# peft's default LoRA targets by model type (peft/utils/constants.py,
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). phi3 has none there.
+# peft's default LoRA targets by model type: peft 0.21 peft/utils/constants.py,
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (its list entries; tests compare the two).
+# Types absent here (phi3, qwen3_moe, olmo2, deepseek_v2, gpt_oss, gemma3, modernbert, ...) have no default:
+# peft raises "Please specify `target_modules`", and so does peftplan.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "opt": ("q_proj", "v_proj"),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
+    "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",), "blip-2": ("q", "v", "q_proj", "v_proj"), "opt": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"), "gpt_neox": ("query_key_value",), "gpt_neo": ("q_proj", "v_proj"),
+    "bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"), "deberta-v2": ("query_proj", "value_proj"), "deberta": ("in_proj",),
+    "layoutlm": ("query", "value"), "llama": ("q_proj", "v_proj"), "llama4": ("q_proj", "v_proj"),
+    "chatglm": ("query_key_value",), "gpt_bigcode": ("c_attn",), "mpt": ("Wqkv",),
+    "RefinedWebModel": ("query_key_value",), "RefinedWeb": ("query_key_value",), "falcon": ("query_key_value",),
+    "btlm": ("c_proj", "c_attn"), "codegen": ("qkv_proj",), "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"), "stablelm": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "gemma3_text": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"), "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
 }
 
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes blocksize for 4-bit)
@@ -39,16 +47,35 @@ DQ_CONST_BYTES = 256 * 4 + 4  # the 8-bit dynamic code book (fp32) and the absma
 def total_params(card: ModelCard) -> int:
     """Parameters of the transformers model built from the card (tied weights counted once)."""
     lay = layout(card)
-    block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
     head = 0 if lay.head_tied else lay.head_rows * lay.head_cols
     return (
-        card.n_layers * block
+        card.n_layers * block_params(card)
         + sum(e.numel for e in lay.embeddings)
         + sum(x.numel for x in lay.other_linears)
         + sum(n.numel for n in lay.other_norms)
+        + sum(p.numel for p in lay.other_params)
         + head
         + lay.head_bias
     )
+
+
+def active_params(card: ModelCard) -> int:
+    """Parameters one token passes through: the total less the (E − k)/E share of every routed-expert tensor.
+
+    Expert tensors are the parameters under an `experts` module (fused (E, ·, ·) weights, or one Linear per
+    expert), shared experts excluded. Equals total_params for a dense model. Mixtral-8x7B: 12.9B of 46.7B
+    (Jiang et al. 2024, §2.1).
+    """
+    E, k = card.n_experts, card.experts_per_token
+    if not E:
+        return total_params(card)
+    lay = layout(card)
+    expert = sum(p.numel for p in lay.block_params if p.expert) * card.n_layers
+    expert += sum(p.numel for p in lay.other_params if p.expert)
+    is_expert = lambda name: ".experts." in f".{name}" and "shared_expert" not in name  # noqa: E731
+    expert += card.n_layers * sum(x.numel for x in lay.block_linears if is_expert(x.name))
+    expert += sum(x.numel for x in lay.other_linears if is_expert(x.name))
+    return total_params(card) - expert * (E - k) // E
 
 
 def nf4_bytes(n: int, double_quant: bool = True) -> int:
@@ -181,8 +208,10 @@ def norm_params(card: ModelCard) -> int:
 
 
 def block_params(card: ModelCard) -> int:
+    """Parameters of one block (those every block has; see cardgen for blocks that differ)."""
     lay = layout(card)
-    return sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+    return (sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+            + sum(p.numel for p in lay.block_params))
 
 
 def quantizable(card: ModelCard) -> list[tuple[Linear, int]]:
