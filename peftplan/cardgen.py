@@ -78,7 +78,12 @@ def role_of(rel: str) -> str:
 # ---------------------------------------------------------------- config checks (before any torch import)
 
 
-_SIZE_KEY = re.compile(r"(^|_)(size|dim|layers|heads|experts|ff|embd|inner|positions|tok)($|_)|^n_|^num_|^d_")
+# Size fields that must not be negative (-1 is a sentinel elsewhere, e.g. DeBERTa's max_relative_positions).
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "head_dim", "d_model", "d_ff", "d_kv", "n_embd", "n_layer", "n_head", "n_inner",
+          "num_layers", "num_heads", "num_decoder_layers", "ffn_dim", "moe_intermediate_size",
+          "num_local_experts", "num_experts", "num_experts_per_tok", "n_routed_experts", "n_shared_experts",
+          "max_position_embeddings", "n_positions")
 
 
 def check_config(config: dict) -> str:
@@ -91,12 +96,22 @@ def check_config(config: dict) -> str:
     mt = config.get("model_type")
     if not isinstance(mt, str) or not mt:
         raise PlanError("config.json has no 'model_type'")
-    if config.get("auto_map") or config.get("trust_remote_code"):
+    if (config.get("auto_map") or config.get("trust_remote_code")) and not _native(mt):
         raise PlanError(f"model type '{mt}' needs its own code (auto_map in config.json); "
                         "peftplan never runs downloaded code")
     for sub in _configs(config):
         _check_sizes(sub, mt)
     return mt
+
+
+def _native(model_type: str) -> bool:
+    """Whether the installed transformers has its own classes for the model type (then an auto_map, as
+    DeepSeek-V2's config.json still carries, is not needed and is ignored)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return False
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 def _configs(config: dict) -> list[dict]:
@@ -109,7 +124,7 @@ def _configs(config: dict) -> list[dict]:
 
 def _check_sizes(c: dict, mt: str) -> None:
     for key, value in c.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0 and _SIZE_KEY.search(key):
+        if key in _SIZES and isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise PlanError(f"config.json of '{mt}': '{key}' is negative ({value})")
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if c.get(key) == 0:

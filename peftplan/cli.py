@@ -141,6 +141,7 @@ def card_import(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="card file to write (default: cache)")] = None,
     name: Annotated[Optional[str], typer.Option(help="card name (default: the config's folder)")] = None,
     source: Annotated[Optional[str], typer.Option(help="where the config comes from (its URL)")] = None,
+    comment: Annotated[str, typer.Option(help="a comment line for the card's head")] = "",
     task: Task = None, text_only: TextOnly = False,
 ) -> None:
     """Build the config's model on the meta device and write its generated card (TOML)."""
@@ -155,7 +156,7 @@ def card_import(
             return
         from peftplan.cardgen import import_config
 
-        fields, text = import_config(config, name, source, task, text_only)
+        fields, text = import_config(config, name, source, task, text_only, comment)
         write_atomic(Path(output), text)
     except PlanError as e:
         fail(str(e))
