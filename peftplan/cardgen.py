@@ -51,7 +51,7 @@ def role_of(rel: str) -> str:
     parts = rel.split(".")
     leaf = parts[-1].lower()
     path = rel.lower()
-    in_attn = any(("attn" in p or "attention" in p) for p in parts[:-1])
+    in_attn = any(("attn" in p or "attention" in p) for p in path.split(".")[:-1])
     if in_attn:
         cross = "encdec" in path or "cross" in path
         if leaf in _ATTN_LATENT:
@@ -72,6 +72,22 @@ def role_of(rel: str) -> str:
         return prefix + "ffn_in"
     if leaf in _FFN_OUT:
         return prefix + "ffn_out"
+    return "other"
+
+
+def param_role(rel: str) -> str:
+    """Role of a bare block parameter: 'expert' (routed experts' fused weights), 'shared_expert', 'router'
+    (a router that is not a Linear, e.g. Mixtral's `mlp.gate.weight`), 'sink' (gpt-oss attention sinks), 'other'."""
+    path = f".{rel.lower()}"
+    module = path.rsplit(".", 2)[-2] if path.count(".") >= 2 else ""
+    if "shared_expert" in path:
+        return "shared_expert"
+    if ".experts." in path:
+        return "expert"
+    if module in _ROUTER or module.endswith("router"):
+        return "router"
+    if path.endswith(".sinks"):
+        return "sink"
     return "other"
 
 
@@ -314,9 +330,11 @@ def module_tree(model) -> dict:
             e = dict(next(iter(by_index.values())), name=rel)
             if e["kind"] == "linear":
                 e["role"] = role_of(rel)
+            elif e["kind"] == "param":
+                e["role"] = param_role(rel)
             block.append(e)
         else:
-            rest += list(by_index.values())
+            rest += [dict(e, role=param_role(e["name"])) if e["kind"] == "param" else e for e in by_index.values()]
     head_mod = model.get_output_embeddings()
     head = next((n for n, m in model.named_modules() if m is head_mod), "") if head_mod is not None else ""
     emb_mod = model.get_input_embeddings()

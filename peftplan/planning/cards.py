@@ -190,6 +190,9 @@ def load_card(model: str, task: str | None = None, text_only: bool = False) -> M
     path = Path(model)
     if model.endswith(".json") or path.is_dir() or path.is_file():
         return card_from_config_path(path, task, text_only)
+    if "/" in model or os.sep in model:  # a path that does not exist, or a hub id (never downloaded)
+        raise PlanError(f"no config.json at '{model}' (peftplan reads local files only: pass a config.json "
+                        "or a folder holding one)")
     own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
     if own.is_file():
         card = _loaded.get(model) or load_card_file(own, ModelCard, "card")

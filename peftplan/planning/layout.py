@@ -63,6 +63,7 @@ class Param:
     routers that are not Linears, attention sinks, convolutions, position tables held as bare parameters."""
     name: str
     shape: tuple[int, ...]
+    role: str = "other"  # expert | shared_expert | router | sink | other (cardgen.param_role)
 
     @property
     def numel(self) -> int:
@@ -74,7 +75,7 @@ class Param:
     @property
     def expert(self) -> bool:
         """Holds routed experts' weights (one slice per expert along dim 0)."""
-        return ".experts." in f".{self.name}" and "shared_expert" not in self.name
+        return self.role == "expert"
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _from_tree(c: ModelCard) -> Layout:
         elif e["kind"] == "norm":  # bias-only norm
             params.append(Param(f"{e['name']}.bias", (e["size"],)))
         else:
-            params.append(Param(e["name"], tuple(e.get("shape", ())) or (e.get("rows", 0), e.get("cols", 0))))
+            params.append(Param(e["name"], tuple(e["shape"]), e.get("role", "other")))
     emb, o_lin, o_norms, o_params = [], [], [], []
     head = None
     for e in t["other"]:
@@ -142,7 +143,7 @@ def _from_tree(c: ModelCard) -> Layout:
         elif k == "norm":
             o_params.append(Param(f"{e['name']}.bias", (e["size"],)))
         else:
-            o_params.append(Param(e["name"], tuple(e["shape"])))
+            o_params.append(Param(e["name"], tuple(e["shape"]), e.get("role", "other")))
     emb.sort(key=lambda x: x.name != t["input_embedding"])  # token embedding first
     if head is not None:  # untied head: its weight (and bias) are counted through head_rows/cols/bias
         rows, cols, bias = head["d_out"], head["d_in"], head["d_out"] if head["bias"] else 0
