@@ -120,11 +120,14 @@ def compare(
 def models(json_out: Json = False) -> None:
     """The shipped model cards."""
     from peftplan.planning.cards import registry
-    from peftplan.planning.params import total_params
+    from peftplan.planning.params import active_params, total_params
 
     cards = registry()
     if json_out:
-        typer.echo(json.dumps([c.to_dict() | {"params": total_params(c)} for c in cards.values()], indent=2))
+        drop = ("config", "tree")  # the module tree stays in the card file
+        typer.echo(json.dumps([{k: v for k, v in c.to_dict().items() if k not in drop}
+                               | {"family": c.family, "params": total_params(c), "active_params": active_params(c)}
+                               for c in cards.values()], indent=2))
         return
     from peftplan.render import render_models
 

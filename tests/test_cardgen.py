@@ -122,12 +122,69 @@ def test_moe_total_and_active_match_published(name, published_total, published_a
     assert abs(active_params(card) - published_active) < 0.1e9
 
 
-def test_experts_are_not_linears_for_peft():
-    """transformers 5 fuses Mixtral's experts into (E, ·, ·) parameters: all-linear reaches attention only."""
+def test_peft_rewrites_mixtral_all_linear_onto_the_fused_experts():
+    """peft 0.21 + transformers 5: all-linear reaches Mixtral's router and fused experts as target_parameters."""
     card = registry()["mixtral-8x7b"]
     targets = count(card, Plan(method="lora", targets="all-linear")).targets
-    assert set(targets) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    assert set(targets) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
     assert (card.n_experts, card.experts_per_token, card.expert_d_ff) == (8, 2, 14_336)
+    gpt_oss = count(registry()["gpt-oss-20b"], Plan(method="lora", targets="all-linear")).targets
+    assert set(gpt_oss) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    with pytest.raises(PlanError, match="targets nothing by default on 'mixtral'"):
+        count(card, Plan(method="lora"))
+
+
+def test_moe_rewrite_table_is_peft_s():
+    conv = pytest.importorskip("peft.utils.transformers_weight_conversion")
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from peftplan.planning.moe_targets import FUSED, PEFT_MOE_FAMILY, RENAMES
+
+    theirs = {t: f for t, f in conv._MODEL_TO_CONVERSION_PATTERN.items()
+              if f in conv._MOE_TARGET_MODULE_MAPPING and get_checkpoint_conversion_mapping(t) is not None}
+    assert {t: f for t, f in PEFT_MOE_FAMILY.items() if get_checkpoint_conversion_mapping(t) is not None} == theirs
+    assert RENAMES == conv._MOE_TARGET_MODULE_MAPPING
+    assert FUSED == {k: {n: tuple(v) for n, v in d.items()} for k, d in conv._MOE_FUSED_TARGETS.items()}
+
+
+TINY_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "deepseek_v2": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention",
+                                                                                          "full_attention"] * 2),
+}
+TINY_TARGETS = {"mixtral": ["all-linear", "q_proj,v_proj", "w1,w3,w2", "w2"],
+                "qwen3_moe": ["all-linear", "q_proj,gate_proj,up_proj", "down_proj"],
+                "deepseek_v2": ["all-linear", "q_proj,down_proj", "kv_b_proj"],
+                "gpt_oss": ["all-linear", "q_proj,v_proj"]}
+
+
+@pytest.mark.parametrize("mt,targets,r", [(mt, t, r) for mt, ts in TINY_TARGETS.items() for t in ts for r in (8, 16)])
+def test_tiny_moe_lora_equals_peft(mt, targets, r, tmp_path):
+    """Small MoE configs of each rewritten (and one not rewritten) family: ours == peft, or both refuse."""
+    peft = pytest.importorskip("peft")
+    config = dict(model_type=mt, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, **TINY_MOE[mt])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    card = load_card(str(path))
+    from peftplan.build import meta_model
+
+    spec = targets if targets == "all-linear" else targets.split(",")
+    try:
+        wrapped = peft.get_peft_model(meta_model(card), peft.LoraConfig(r=r, target_modules=spec))
+        theirs = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    except ValueError as e:
+        theirs = e
+    if isinstance(theirs, Exception):
+        with pytest.raises(PlanError):
+            count(card, Plan(method="lora", r=r, targets=targets))
+    else:
+        assert count(card, Plan(method="lora", r=r, targets=targets)).trainable == theirs
 
 
 def test_roles_and_facts():
@@ -273,3 +330,17 @@ def test_card_import_writes_a_card(tmp_path):
     card = load_card_file(out, ModelCard, "card")
     shipped = registry()["smollm2-135m"]
     assert card.generated and dataclasses.replace(card, name=shipped.name, source=shipped.source) == shipped
+
+
+def test_models_lists_families_with_total_and_active(tmp_path):
+    res = _cli("models", "--json", env_cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr
+    rows = {m["name"]: m for m in json.loads(res.stdout)}
+    assert set(SOURCES) <= set(rows)
+    mixtral = rows["mixtral-8x7b"]
+    assert (mixtral["family"], mixtral["params"]) == ("mixtral", total_params(registry()["mixtral-8x7b"]))
+    assert mixtral["active_params"] == active_params(registry()["mixtral-8x7b"]) < mixtral["params"]
+    assert rows["qwen3-8b"]["active_params"] == rows["qwen3-8b"]["params"]
+    assert rows["gemma-3-4b"]["family"] == "gemma3"
+    table = _cli("models", env_cache=tmp_path / "c").stdout
+    assert "qwen3_moe" in table and "mixtral" in table

@@ -15,6 +15,7 @@ from functools import lru_cache
 from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError
 from peftplan.planning.layout import Linear, layout
+from peftplan.planning.moe_targets import PEFT_MOE_FAMILY, param_lora_shape, rewrite
 from peftplan.plan import Plan
 
 # peft's default LoRA targets by model type: peft 0.21 peft/utils/constants.py,
@@ -136,6 +137,8 @@ def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool]
     regex matched in full; "all-linear" is every Linear/Conv1D except the output head.
     Block linears are matched on block 0's name (every block has the same names).
     """
+    if card.model_type in PEFT_MOE_FAMILY:
+        return _moe_targets(card, spec)
     kind, names = parse_targets(spec, card.model_type)
     candidates = _all_linears(card)
     if kind == "all-linear":
@@ -164,6 +167,31 @@ def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool]
             f"{card.name} (candidates: {', '.join(avail)})"
         )
     return tuple((lin, in_block) for _, lin, in_block in chosen)
+
+
+def _moe_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool], ...]:
+    """lora_targets for the MoE types peft rewrites (moe_targets.py). Fused expert parameters come back as
+    Linears named after the parameter, sized so that r·(d_in + d_out) is peft's ParamWrapper count."""
+    if spec is None or spec == "":
+        if card.model_type in DEFAULT_TARGETS:  # peft's rewrite turns the default None into an empty set
+            raise PlanError(f"peft 0.21 with transformers 5 targets nothing by default on '{card.model_type}' "
+                            "(its MoE rewrite empties the default list); pass --targets")
+    kind, names = parse_targets(spec, card.model_type)
+    candidates = _all_linears(card)
+    leaves = {lin.name.rsplit(".", 1)[-1] for _, lin, _ in candidates}
+    modules, params = rewrite(card.model_type, kind, names, leaves)
+    chosen = [(lin, b) for name, lin, b in candidates if any(name == t or name.endswith("." + t) for t in modules)]
+    lay = layout(card)
+    loose = [(p, True, lay.block_name(0, p.name)) for p in lay.block_params]
+    loose += [(p, False, p.name) for p in lay.other_params]
+    for p, in_block, full in loose:
+        hit = next((t for t in params if full == t or full.endswith("." + t)), None)
+        if hit is not None:
+            d_in, d_out = param_lora_shape(p.shape, params[hit])
+            chosen.append((Linear(p.name, d_in, d_out, False, "param_lora"), in_block))
+    if not chosen:
+        raise PlanError(f"LoRA targets '{spec}' match no Linear or parameter of {card.name}")
+    return tuple(chosen)
 
 
 # ---------------------------------------------------------------- per-method counts
@@ -256,7 +284,7 @@ def _count(card: ModelCard, plan: Plan) -> ParamCounts:
     targets = lora_targets(card, plan.targets)
     added = 0
     for lin, in_block in targets:
-        if plan.r > min(lin.d_in, lin.d_out):
+        if plan.r > min(lin.d_in, lin.d_out) and lin.role != "param_lora":  # peft checks neither
             raise PlanError(f"LoRA rank r = {plan.r} exceeds the smaller side of {lin.name} "
                             f"({lin.d_in}×{lin.d_out})")
         added += (L if in_block else 1) * lora_params(lin.d_in, lin.d_out, plan.r)
