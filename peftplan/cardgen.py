@@ -438,12 +438,22 @@ def generate(config: dict, name: str, source: str, sha256: str, task: str | None
     """Card fields for a config.json dict. Raises PlanError (one line) for what cannot be built."""
     import transformers
 
+    mt = config.get("model_type")
     task, model = meta_model_from_dict(config, task, text_only)
     tree = module_tree(model)
     if not tree["block_prefix"]:
-        raise PlanError(f"model type '{config.get('model_type')}' has no repeated block list peftplan can read")
+        raise PlanError(f"model type '{mt}' is not supported: peftplan found no repeated block list in it")
     cfg = model.config
-    facts = scalar_facts(cfg, tree, task)
+    text = cfg.get_text_config()
+    for what, keys in (("hidden size", ("hidden_size", "d_model", "n_embd")),
+                       ("attention heads", ("num_attention_heads", "num_heads", "n_head"))):
+        if _get(text, *keys) is None:
+            raise PlanError(f"model type '{mt}' is not supported: its config has no {what} (peftplan plans "
+                            "transformer blocks with attention)")
+    try:
+        facts = scalar_facts(cfg, tree, task)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise PlanError(f"model type '{mt}' is not supported: cannot read its sizes ({_first_line(e)})") from None
     return dict(
         name=name, source=source, model_type=cfg.model_type, **facts,
         generated=True, config_sha256=sha256, transformers_version=transformers.__version__,

@@ -41,18 +41,25 @@ def meta(name: str):
 
 
 @cache
-def peft_trainable(name: str, targets: str | None, r: int) -> int:
+def peft_trainable(name: str, targets: str | None, r: int) -> int | None:
+    """peft's trainable count, or None where peft refuses the targets (ValueError)."""
     peft = pytest.importorskip("peft")
     import copy
 
     model = copy.deepcopy(meta(name))  # get_peft_model wraps in place
     config = peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets)
-    wrapped = peft.get_peft_model(model, config)
+    try:
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError:
+        return None
     return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
 
 
-def lora(name: str, targets: str | None, r: int) -> int:
-    return count(registry()[name], Plan(method="lora", r=r, targets=targets)).trainable
+def lora(name: str, targets: str | None, r: int) -> int | None:
+    try:
+        return count(registry()[name], Plan(method="lora", r=r, targets=targets)).trainable
+    except PlanError:
+        return None
 
 
 def _specs(name: str) -> list[str | None]:
