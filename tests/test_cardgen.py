@@ -273,7 +273,7 @@ def test_cached_card_is_read_without_torch(tmp_path):
 def _cli(*args, env_cache):
     import os
 
-    env = dict(os.environ, PEFTPLAN_CACHE=str(env_cache), PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, PEFTPLAN_CACHE=str(env_cache), PYTHONPATH=str(Path(__file__).parents[1]), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "peftplan", *args], capture_output=True, text=True, env=env)
 
 
