@@ -163,11 +163,13 @@ TINY_MOE = {
                         qk_rope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention",
                                                                                           "full_attention"] * 2),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, head_dim=16, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=2),
 }
 TINY_TARGETS = {"mixtral": ["all-linear", "q_proj,v_proj", "w1,w3,w2", "w2"],
                 "qwen3_moe": ["all-linear", "q_proj,gate_proj,up_proj", "down_proj"],
                 "deepseek_v2": ["all-linear", "q_proj,down_proj", "kv_b_proj"],
-                "gpt_oss": ["all-linear", "q_proj,v_proj"]}
+                "gpt_oss": ["all-linear", "q_proj,v_proj"], "llama4_text": ["all-linear", "q_proj,v_proj"]}
 
 
 @pytest.mark.parametrize("mt,targets,r", [(mt, t, r) for mt, ts in TINY_TARGETS.items() for t in ts for r in (8, 16)])

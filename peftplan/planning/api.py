@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from peftplan.planning.cards import ModelCard, load_card
 from peftplan.planning.memory import phases
-from peftplan.planning.params import count
+from peftplan.planning.params import count, lora_targets
 from peftplan.plan import Plan
 from peftplan.results import Estimate
 from peftplan.planning.timing import step_time
@@ -23,6 +23,12 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
+    if plan.uses_lora:
+        small = [lin.name for lin, _ in lora_targets(card, plan.targets)
+                 if lin.role != "param_lora" and plan.r > min(lin.d_in, lin.d_out)]
+        if small:
+            warnings.append(f"LoRA rank r = {plan.r} exceeds the smaller side of {', '.join(small[:3])} "
+                            "(peft allows it; those updates have lower rank than r)")
     if card.task == "image-text-to-text":
         warnings.append(f"planning the whole {card.model_class} (vision tower included, frozen unless targeted); "
                         "--text-only plans the text model alone")
