@@ -334,7 +334,8 @@ def module_tree(model) -> dict:
                 e["role"] = param_role(rel)
             block.append(e)
         else:
-            rest += [dict(e, role=param_role(e["name"])) if e["kind"] == "param" else e for e in by_index.values()]
+            rest += [dict(e, role=param_role(e["name"])) if e["kind"] == "param"
+                     else dict(e, role=role_of(rel)) if e["kind"] == "linear" else e for e in by_index.values()]
     head_mod = model.get_output_embeddings()
     head = next((n for n, m in model.named_modules() if m is head_mod), "") if head_mod is not None else ""
     emb_mod = model.get_input_embeddings()

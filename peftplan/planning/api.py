@@ -25,8 +25,8 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
     if plan.uses_lora:
         small = [lin.name for lin, _ in lora_targets(card, plan.targets)
-                 if lin.role != "param_lora" and plan.r > min(lin.d_in, lin.d_out)]
-        if small:
+                 if lin.role == "router" and plan.r > min(lin.d_in, lin.d_out)]
+        if small:  # a router's side is the number of experts; peft wraps it anyway
             warnings.append(f"LoRA rank r = {plan.r} exceeds the smaller side of {', '.join(small[:3])} "
                             "(peft allows it; those updates have lower rank than r)")
     if card.task == "image-text-to-text":

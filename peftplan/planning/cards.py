@@ -258,7 +258,8 @@ def card_from_config_path(path: Path, task: str | None = None, text_only: bool =
     from peftplan.cardgen import check_config  # pure Python; cardgen imports torch only inside functions
 
     config, raw = read_config(path)
-    check_config(config)
+    if not isinstance(config.get("model_type"), str):
+        check_config(config)  # the one-line error for a config without model_type
     sha = hashlib.sha256(raw).hexdigest()
     where = path if path.is_file() else path / "config.json"
     name = str(config.get("_name_or_path") or where.parent.name or where.stem)
@@ -269,9 +270,10 @@ def card_from_config_path(path: Path, task: str | None = None, text_only: bool =
             card = load_card_file(cached, ModelCard, "card")
         except (PlanError, tomllib.TOMLDecodeError, OSError):
             card = None  # a damaged cache entry is rebuilt
-        if card is not None:
+        if card is not None:  # validated when it was generated
             same = card.name == name and card.source == str(where)
             return card if same else replace(card, name=name, source=str(where))
+    check_config(config)  # refuse remote code and contradictory sizes before importing torch
     from peftplan.cardgen import card_toml, generate
 
     fields_ = generate(config, name=name, source=str(where), sha256=sha, task=task, text_only=text_only)

@@ -135,7 +135,7 @@ def _from_tree(c: ModelCard) -> Layout:
         if k == "linear" and e["name"] == t["head"]:
             head = e
         elif k == "linear":
-            o_lin.append(Linear(e["name"], e["d_in"], e["d_out"], e["bias"]))
+            o_lin.append(Linear(e["name"], e["d_in"], e["d_out"], e["bias"], e.get("role", "other")))
         elif k == "embedding":
             emb.append(Embedding(e["name"], e["rows"], e["cols"]))
         elif k == "norm" and e.get("weight", True):

@@ -284,6 +284,9 @@ def _count(card: ModelCard, plan: Plan) -> ParamCounts:
     targets = lora_targets(card, plan.targets)
     added = 0
     for lin, in_block in targets:
+        if plan.r > min(lin.d_in, lin.d_out) and lin.role not in ("router", "param_lora"):
+            raise PlanError(f"LoRA rank r = {plan.r} exceeds the smaller side of {lin.name} "
+                            f"({lin.d_in}×{lin.d_out})")
         added += (L if in_block else 1) * lora_params(lin.d_in, lin.d_out, plan.r)
     quantized = tensors = 0
     if plan.method == "qlora":
