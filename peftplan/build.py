@@ -31,11 +31,17 @@ _CLASSES: dict[tuple[str, str], str] = {
 
 
 def default_task(card: ModelCard) -> str:
+    if card.generated:
+        return card.task
     return "masked-lm" if card.encoder else "causal-lm"
 
 
 def _task(card: ModelCard, task: str | None) -> str:
     task = task or default_task(card)
+    if card.generated:
+        if task != card.task:
+            raise PlanError(f"model '{card.name}' was imported for '{card.task}', not '{task}'")
+        return task
     if (card.model_type, task) not in _CLASSES:
         raise PlanError(f"model '{card.name}' ({card.model_type}) has no '{task}' head in peftplan "
                         f"(use {default_task(card)})")
@@ -44,6 +50,9 @@ def _task(card: ModelCard, task: str | None) -> str:
 
 def model_class_name(card: ModelCard, task: str | None = None) -> str:
     """The transformers class `meta_model` builds for the card, e.g. 'OPTForCausalLM'."""
+    if card.generated:
+        _task(card, task)
+        return card.model_class
     return _CLASSES[(card.model_type, _task(card, task))]
 
 
@@ -51,6 +60,11 @@ def hf_config(card: ModelCard):
     """The card as a transformers `PretrainedConfig` (no download: every field comes from the card)."""
     from transformers import AutoConfig
 
+    if card.generated:
+        from peftplan.cardgen import hf_config_from_dict
+
+        config = hf_config_from_dict(card.config)
+        return config.get_text_config() if card.text_only else config
     fields = to_hf_config(card)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     pad = getattr(config, "pad_token_id", None)
@@ -64,6 +78,11 @@ def meta_model(card: ModelCard, task: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    if card.generated:
+        from peftplan.cardgen import meta_model_from_dict
+
+        return meta_model_from_dict(card.config, _task(card, task) if not card.text_only else None,
+                                    card.text_only)[1]
     auto = AutoModelForMaskedLM if _task(card, task) == "masked-lm" else AutoModelForCausalLM
     config = hf_config(card)
     with torch.device("meta"):

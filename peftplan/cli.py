@@ -60,6 +60,9 @@ ReduceBucket = Annotated[int, typer.Option(help="DeepSpeed reduce_bucket_size (e
 Prefetch = Annotated[int, typer.Option("--stage3-prefetch-bucket-size", help="DeepSpeed ZeRO-3 prefetch (elements)")]
 MaxLive = Annotated[int, typer.Option("--stage3-max-live-parameters", help="DeepSpeed ZeRO-3 live parameters cap")]
 Yes = Annotated[bool, typer.Option("--yes", help="run work past the documented size bound (see README)")]
+Task = Annotated[Optional[str], typer.Option(help="config.json: causal-lm | masked-lm | seq2seq-lm | "
+                                                  "image-text-to-text | classification (default: its Auto class)")]
+TextOnly = Annotated[bool, typer.Option("--text-only", help="multimodal config.json: plan the text model alone")]
 
 
 def fail(message: str) -> None:
@@ -125,6 +128,7 @@ def estimate(
     gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none", offload: Offload = "none",
     reduce_bucket_size: ReduceBucket = 500_000_000, stage3_prefetch_bucket_size: Prefetch = 50_000_000,
     stage3_max_live_parameters: MaxLive = 1_000_000_000,
+    task: Task = None, text_only: TextOnly = False,
 ) -> None:
     """Exact parameters, per-component peak memory, and time/cost of one fine-tuning plan."""
     from peftplan.planning import estimate as run
@@ -138,6 +142,10 @@ def estimate(
                           reduce_bucket_size=reduce_bucket_size, stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
                           stage3_max_live_parameters=stage3_max_live_parameters)
         model, plan = with_files(from_files, plan, model)
+        if task or text_only:
+            from peftplan.planning.cards import load_card
+
+            model = load_card(model, task, text_only)
         est = run(model, plan, gpu=gpu, tokens=tokens)
     except PlanError as e:
         fail(str(e))
@@ -227,15 +235,52 @@ def advise(
 def models(json_out: Json = False) -> None:
     """The shipped model cards."""
     from peftplan.planning.cards import registry
-    from peftplan.planning.params import total_params
+    from peftplan.planning.params import active_params, total_params
 
     cards = registry()
     if json_out:
-        typer.echo(json.dumps([c.to_dict() | {"params": total_params(c)} for c in cards.values()], indent=2))
+        drop = ("config", "tree")  # the module tree stays in the card file
+        typer.echo(json.dumps([{k: v for k, v in c.to_dict().items() if k not in drop}
+                               | {"family": c.family, "params": total_params(c), "active_params": active_params(c)}
+                               for c in cards.values()], indent=2))
         return
     from peftplan.render import render_models
 
     render_models(list(cards.values()))
+
+
+card_app = typer.Typer(no_args_is_help=True, help="Model cards from transformers config.json files.")
+app.add_typer(card_app, name="card")
+
+
+@card_app.command("import")
+def card_import(
+    config: Annotated[str, typer.Argument(help="config.json or a folder holding one")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="card file to write (default: cache)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="card name (default: the config's folder)")] = None,
+    source: Annotated[Optional[str], typer.Option(help="where the config comes from (its URL)")] = None,
+    comment: Annotated[str, typer.Option(help="a comment line for the card's head")] = "",
+    task: Task = None, text_only: TextOnly = False,
+) -> None:
+    """Build the config's model on the meta device and write its generated card (TOML)."""
+    from pathlib import Path
+
+    from peftplan.planning.cards import card_from_config_path, write_atomic
+
+    try:
+        if output is None:
+            card = card_from_config_path(Path(config), task, text_only)
+            typer.echo(f"{card.name}: cached generated card ({card.model_class}, {card.n_layers} blocks)")
+            return
+        from peftplan.cardgen import import_config
+
+        fields, text = import_config(config, name, source, task, text_only, comment)
+        write_atomic(Path(output), text)
+    except PlanError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write '{output}': {e.strerror or e}")
+    typer.echo(f"wrote {output} ({fields['model_class']}, {fields['n_layers']} blocks)")
 
 
 @app.command()
@@ -268,7 +313,7 @@ def _register_optional() -> None:
         module.register(app)
 
 
-CORE = {"estimate", "compare", "advise", "models", "gpus"}
+CORE = {"estimate", "compare", "advise", "models", "gpus", "card"}
 
 def run_app(args: list[str]) -> int:
     """Run one command line; return its exit code. Every refusal is one line on stderr and code 2."""

@@ -153,14 +153,20 @@ def render_advice(adv, top: int = 10, console: Console | None = None) -> None:
 
 
 def render_models(cards, console: Console | None = None) -> None:
-    from peftplan.planning.params import total_params
+    """The cards grouped by family (model type), each with total and active parameters (MoE: per token)."""
+    from peftplan.planning.params import active_params, total_params
 
     console = console or Console()
     t = Table(title="model cards", title_justify="left")
-    for col in ("name", "type", "params", "d", "L", "h", "kv", "d_ff", "V", "tied"):
-        t.add_column(col, justify="left" if col in ("name", "type") else "right")
-    for c in cards:
-        t.add_row(safe(c.name), c.model_type, count(total_params(c)), str(c.d_model), str(c.n_layers), str(c.n_heads),
+    for col in ("family", "name", "params", "active", "d", "L", "h", "kv", "d_ff", "V", "tied"):
+        t.add_column(col, justify="left" if col in ("family", "name") else "right")
+    rows = sorted(cards, key=lambda c: (c.family, total_params(c)))
+    for i, c in enumerate(rows):
+        if i and c.family != rows[i - 1].family:
+            t.add_section()
+        total, active = total_params(c), active_params(c)
+        t.add_row(c.family if not i or c.family != rows[i - 1].family else "", safe(c.name), count(total),
+                  count(active) if active != total else "", str(c.d_model), str(c.n_layers), str(c.n_heads),
                   str(c.n_kv_heads), str(c.d_ff), str(c.vocab_size), "yes" if c.tie_embeddings else "no")
     console.print(t)
 

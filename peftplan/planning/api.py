@@ -4,7 +4,7 @@ from __future__ import annotations
 from peftplan.errors import PlanError
 from peftplan.planning.cards import ModelCard, load_card
 from peftplan.planning.memory import phases
-from peftplan.planning.params import count
+from peftplan.planning.params import count, lora_targets
 from peftplan.plan import Plan
 from peftplan.results import Estimate
 from peftplan.planning.timing import stack_of, step_time
@@ -37,6 +37,17 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     if plan.seq_len > card.max_positions:
         kind = "learned positions: the real model cannot run it" if card.positions == "learned" else "positions"
         warnings.append(f"sequence length {plan.seq_len} exceeds {card.name}'s {card.max_positions} {kind}")
+    if plan.uses_lora:
+        small = [lin.name for lin, _, _ in lora_targets(card, plan.targets)
+                 if lin.role == "router" and plan.r > min(lin.d_in, lin.d_out)]
+        if small:  # a router's side is the number of experts; peft wraps it anyway
+            warnings.append(f"LoRA rank r = {plan.r} exceeds the smaller side of {', '.join(small[:3])} "
+                            "(peft allows it; those updates have lower rank than r)")
+    if card.task == "image-text-to-text":
+        warnings.append(f"planning the whole {card.model_class} (vision tower included, frozen unless targeted); "
+                        "--text-only plans the text model alone")
+    elif card.text_only:
+        warnings.append(f"planning the text model alone ({card.model_class})")
     if card.model_type == "gemma2" and plan.attention == "sdpa":
         warnings.append("transformers runs Gemma-2 with eager attention only (its SDPA path is refused): "
                         "pass --attention eager")

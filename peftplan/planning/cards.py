@@ -10,12 +10,22 @@ Qwen2.5-72B differ in kv heads, biases and tying, and each of those is a field h
     head_dim     d_h    usually d / h (Gemma-2 differs)
     d_ff                FFN inner size (per gate for a gated MLP)
     vocab_size   V
+
+Generated cards (`generated = true`) come from `peftplan card import` or from a config.json on a cache miss
+(peftplan/cardgen.py builds the model on meta and walks its module tree). They carry the config's sha256, the
+transformers version, the config itself (JSON text, so the model can be rebuilt for trace/profile) and the
+module tree (`tree`: block prefix, per-block and model-level entries with shapes and roles, head, ties), which
+`layout()` reads instead of per-family code. Generated cards of a config.json are cached in
+`PEFTPLAN_CACHE` (default: the platform's user cache folder, `platformdirs.user_cache_dir("peftplan")`), keyed
+by sha256 + transformers version + task, so a later call reads TOML and imports no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 
@@ -65,17 +75,36 @@ class ModelCard:
     attention_dropout: float = 0.0  # on the attention probabilities
     embed_dropout: float = 0.0  # on the embedding output
     hf: dict = field(default_factory=dict, compare=False, hash=False)  # config.json fields that fix no shape
+    # -- explicit structure facts of the newer families (generated cards fill them from config + module tree)
+    task: str = ""  # causal-lm | masked-lm | seq2seq-lm | image-text-to-text | classification; "" = family default
+    qk_norm: bool = False  # norms on queries and keys per head (Qwen3, OLMo-2, Gemma-3)
+    cross_attention: bool = False  # decoder blocks attend to an encoder (T5)
+    parallel_block: bool = False  # attention and MLP read the same input (GPT-J, GPT-NeoX, Falcon)
+    n_experts: int = 0  # E routed experts per MoE layer (0: dense)
+    experts_per_token: int = 0  # k experts each token is routed to
+    expert_d_ff: int = 0  # FFN inner size of one expert
+    n_shared_experts: int = 0  # experts every token passes through (DeepSeek-V2, Llama-4)
+    # -- provenance of generated cards
+    generated: bool = False
+    config_sha256: str = ""
+    transformers_version: str = ""
+    model_class: str = ""  # the transformers class the card was read from, e.g. "Qwen3ForCausalLM"
+    text_only: bool = False  # a multimodal config planned as its text model alone
+    config: dict = field(default_factory=dict, compare=False, hash=False)  # the config.json, to rebuild the model
+    tree: dict = field(default_factory=dict, compare=False, hash=False)  # module tree facts (cardgen.module_tree)
 
     def __hash__(self) -> int:
         # cards key the planner's caches: hash the ~30 fields once
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.name != "hf"))
+            h = hash(tuple(getattr(self, f.name) for f in fields(self) if f.name not in _UNHASHED))
             object.__setattr__(self, "_hash", h)
         return h
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
+        if isinstance(self.config, str):  # generated cards keep the config as JSON text (TOML has no null)
+            object.__setattr__(self, "config", json.loads(self.config))
+        if self.model_type not in MODEL_TYPES and not self.generated:
             raise ConfigError(
                 f"model type {quote(self.model_type)} is not supported (supported: {', '.join(MODEL_TYPES)})"
             )
@@ -83,7 +112,19 @@ class ModelCard:
 
     @property
     def encoder(self) -> bool:
+        """Encoder-only (bidirectional, masked-LM or classification head)."""
+        if self.generated:
+            return self.task in ("masked-lm", "classification")
         return self.model_type in ENCODERS
+
+    @property
+    def family(self) -> str:
+        """The model type without the text-model suffix ('gemma3_text' -> 'gemma3')."""
+        return self.model_type.removesuffix("_text")
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def d_q(self) -> int:
@@ -133,6 +174,7 @@ def load_registry(directory: Path, cls: type, what: str) -> dict:
     return cards
 
 
+_UNHASHED = ("hf", "config", "tree")
 _loaded: dict[str, ModelCard] = {}
 
 
@@ -150,19 +192,25 @@ def _exists(path: Path) -> tuple[bool, bool]:
         raise InputFileError(f"cannot read {quote(str(path), 200)}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def load_card(model: str) -> ModelCard:
-    """A card by registry name, or from a config.json path or a folder holding one.
+def load_card(model: str, task: str | None = None, text_only: bool = False) -> ModelCard:
+    """A card by registry name, or from a config.json path or a folder holding one (see `card_from_config_path`).
 
-    Raises PlanError (unknown name), InputFileError (unreadable path), ConfigError (bad config.json).
+    `task` and `text_only` apply to config.json paths (a shipped card has its own task).
+    Raises PlanError (unknown name, a hub id), InputFileError (unreadable path), ConfigError (bad config.json).
     """
     if not isinstance(model, str) or not model.strip():
         raise PlanError(f"a model name or path is needed, got {quote(model)}")
     path = Path(model)
     is_dir, is_file = _exists(path)
+    if (model.endswith(".json") and not is_file and not is_dir) or (("/" in model or os.sep in model)
+                                                                     and not (is_dir or is_file)):
+        # a path that does not exist, or a hub id (never downloaded)
+        raise InputFileError(f"no config.json at {quote(model, 200)} (peftplan reads local files only: pass a "
+                             "config.json or a folder holding one)")
     own = MODELS_DIR / f"{model}.toml"  # a card file is named after its card: read just that one
     is_card = "/" not in model and "\\" not in model and _exists(own)[1]
     if model.endswith(".json") or is_dir or (is_file and not is_card):  # a stray file never shadows a card
-        return card_from_config_path(path)
+        return card_from_config_path(path, task, text_only)
     if is_card:
         card = _loaded.get(model) or load_card_file(own, ModelCard, "card")
         if card.name == model:
@@ -206,7 +254,10 @@ def read_text_file(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
         raise InputFileError(f"{what} {where} is not UTF-8 text") from None
 
 
-def card_from_config_path(path: Path) -> ModelCard:
+def read_config(path: Path) -> tuple[dict, bytes]:
+    """(config dict, file bytes) of a config.json or a folder holding one.
+
+    Raises InputFileError (unreadable) or ConfigError (not JSON, not an object, fields of the wrong type)."""
     if _exists(path)[0]:
         path = path / "config.json"
     text = read_text_file(path, "config.json")
@@ -219,8 +270,68 @@ def card_from_config_path(path: Path) -> ModelCard:
     if not isinstance(config, dict):
         raise ConfigError(f"{quote(str(path))} does not hold a JSON object")
     validate_config(config)
-    name = config.get("_name_or_path") or path.parent.name or path.stem
-    return card_from_hf_config(config, name=str(name), source=str(path))
+    return config, text.encode("utf-8")
+
+
+def cache_dir() -> Path:
+    """Where generated cards of config.json files are kept: $PEFTPLAN_CACHE, else the user cache folder."""
+    env = os.environ.get("PEFTPLAN_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("peftplan")) / "cards"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        raise PlanError("reading a config.json needs transformers (pip install 'peftplan[torch]')") from None
+
+
+def card_from_config_path(path: Path, task: str | None = None, text_only: bool = False) -> ModelCard:
+    """The generated card of a config.json: from the cache when this config, transformers version and task
+    were seen before (TOML, no torch), else built on meta by `peftplan.cardgen` and cached (atomic write).
+
+    Raises PlanError (one line): unreadable or invalid JSON, remote code (auto_map), contradictory sizes,
+    a model type the installed transformers does not know.
+    """
+    from peftplan.cardgen import check_config  # pure Python; cardgen imports torch only inside functions
+
+    config, raw = read_config(path)
+    if not isinstance(config.get("model_type"), str):
+        check_config(config)  # the one-line error for a config without model_type
+    sha = hashlib.sha256(raw).hexdigest()
+    where = path if path.is_file() else path / "config.json"
+    name = str(config.get("_name_or_path") or where.parent.name or where.stem)
+    key = f"{sha[:40]}-tf{_transformers_version()}-{task or 'auto'}{'-text' if text_only else ''}.toml"
+    cached = cache_dir() / key
+    if cached.is_file():
+        try:
+            card = load_card_file(cached, ModelCard, "card")
+        except (PlanError, tomllib.TOMLDecodeError, OSError):
+            card = None  # a damaged cache entry is rebuilt
+        if card is not None:  # validated when it was generated
+            same = card.name == name and card.source == str(where)
+            return card if same else replace(card, name=name, source=str(where))
+    check_config(config)  # refuse remote code and contradictory sizes before importing torch
+    from peftplan.cardgen import card_toml, generate
+
+    fields_ = generate(config, name=name, source=str(where), sha256=sha, task=task, text_only=text_only)
+    card = ModelCard(**fields_)
+    write_atomic(cached, card_toml(fields_))
+    return card
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file in the same folder and `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _need(config: dict, key: str, model_type: str) -> int:

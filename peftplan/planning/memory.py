@@ -211,13 +211,14 @@ def _lora_wrapped(card: ModelCard, plan: Plan) -> frozenset[str]:
 
 
 def _groups(card: ModelCard) -> tuple[list[str], str, list[str], str]:
-    """Block linears by role: (reading the attention norm's output, attention output, FFN in, FFN out)."""
-    names = [x.name for x in layout(card).block_linears]
-    if card.model_type in ("gpt2", "phi3"):
-        return names[:1], names[1], names[2:3], names[3]
-    if card.gated_mlp:
-        return names[:3], names[3], names[4:6], names[6]
-    return names[:3], names[3], names[4:5], names[5]
+    """Block linears by role (layout.Linear.role): (reading the attention norm's output, attention output,
+    FFN in, FFN out). A block without one of them (fused experts are parameters, not Linears) gives ""."""
+    lin = layout(card).block_linears
+    attn_in = [x.name for x in lin if x.role == "attn_in"]
+    attn_out = next((x.name for x in lin if x.role == "attn_out"), "")
+    ffn_in = [x.name for x in lin if x.role == "ffn_in"]
+    ffn_out = next((x.name for x in lin if x.role == "ffn_out"), "")
+    return attn_in, attn_out, ffn_in, ffn_out
 
 
 def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:

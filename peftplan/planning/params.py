@@ -15,19 +15,28 @@ from functools import lru_cache
 from peftplan.planning.cards import ModelCard
 from peftplan.errors import PlanError, quote
 from peftplan.planning.layout import Linear, layout
+from peftplan.planning.moe_targets import PEFT_MOE_FAMILY, param_lora_shape, rewrite
 from peftplan.plan import Plan
 
-# peft's default LoRA targets by model type (peft/utils/constants.py,
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). phi3 has none there.
+# peft's default LoRA targets by model type: peft 0.21 peft/utils/constants.py,
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (its list entries; tests compare the two).
+# Types absent here (phi3, qwen3_moe, olmo2, deepseek_v2, gpt_oss, gemma3, modernbert, ...) have no default:
+# peft raises "Please specify `target_modules`", and so does peftplan.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "opt": ("q_proj", "v_proj"),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
+    "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",), "blip-2": ("q", "v", "q_proj", "v_proj"), "opt": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"), "gpt_neox": ("query_key_value",), "gpt_neo": ("q_proj", "v_proj"),
+    "bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"), "deberta-v2": ("query_proj", "value_proj"), "deberta": ("in_proj",),
+    "layoutlm": ("query", "value"), "llama": ("q_proj", "v_proj"), "llama4": ("q_proj", "v_proj"),
+    "chatglm": ("query_key_value",), "gpt_bigcode": ("c_attn",), "mpt": ("Wqkv",),
+    "RefinedWebModel": ("query_key_value",), "RefinedWeb": ("query_key_value",), "falcon": ("query_key_value",),
+    "btlm": ("c_proj", "c_attn"), "codegen": ("qkv_proj",), "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"), "stablelm": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "gemma3_text": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"), "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
 }
 
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes blocksize for 4-bit)
@@ -39,16 +48,35 @@ DQ_CONST_BYTES = 256 * 4 + 4  # the 8-bit dynamic code book (fp32) and the absma
 def total_params(card: ModelCard) -> int:
     """Parameters of the transformers model built from the card (tied weights counted once)."""
     lay = layout(card)
-    block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
     head = 0 if lay.head_tied else lay.head_rows * lay.head_cols
     return (
-        card.n_layers * block
+        card.n_layers * block_params(card)
         + sum(e.numel for e in lay.embeddings)
         + sum(x.numel for x in lay.other_linears)
         + sum(n.numel for n in lay.other_norms)
+        + sum(p.numel for p in lay.other_params)
         + head
         + lay.head_bias
     )
+
+
+def active_params(card: ModelCard) -> int:
+    """Parameters one token passes through: the total less the (E − k)/E share of every routed-expert tensor.
+
+    Expert tensors are the parameters under an `experts` module (fused (E, ·, ·) weights, or one Linear per
+    expert), shared experts excluded. Equals total_params for a dense model. Mixtral-8x7B: 12.9B of 46.7B
+    (Jiang et al. 2024, §2.1).
+    """
+    E, k = card.n_experts, card.experts_per_token
+    if not E:
+        return total_params(card)
+    lay = layout(card)
+    expert = sum(p.numel for p in lay.block_params if p.expert) * card.n_layers
+    expert += sum(p.numel for p in lay.other_params if p.expert)
+    is_expert = lambda name: ".experts." in f".{name}" and "shared_expert" not in name  # noqa: E731
+    expert += card.n_layers * sum(x.numel for x in lay.block_linears if is_expert(x.name))
+    expert += sum(x.numel for x in lay.other_linears if is_expert(x.name))
+    return total_params(card) - expert * (E - k) // E
 
 
 def nf4_bytes(n: int, double_quant: bool = True) -> int:
@@ -110,6 +138,8 @@ def lora_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool,
     except the output head. Each block's own names are matched, so a target naming one block
     ('decoder.layers.0.self_attn.q_proj', 're:.*layers\\.[0-3]\\..*q_proj') wraps just those blocks.
     """
+    if card.model_type in PEFT_MOE_FAMILY:
+        return _moe_targets(card, spec)
     kind, names = parse_targets(spec, card.model_type)
     lay = layout(card)
     if kind == "all-linear":
@@ -150,6 +180,32 @@ def lora_block_sets(card: ModelCard, spec: str | None) -> tuple[frozenset[str], 
         hit = lambda full: any(full == t or full.endswith("." + t) for t in names)  # noqa: E731
     return tuple(frozenset(lin.name for lin in lay.block_linears if hit(lay.block_name(i, lin.name)))
                  for i in range(card.n_layers))
+
+
+def _moe_targets(card: ModelCard, spec: str | None) -> tuple[tuple[Linear, bool, int], ...]:
+    """lora_targets for the MoE types peft rewrites (moe_targets.py). Fused expert parameters come back as
+    Linears named after the parameter, sized so that r·(d_in + d_out) is peft's ParamWrapper count."""
+    if spec is None or spec == "":
+        if card.model_type in DEFAULT_TARGETS:  # peft's rewrite turns the default None into an empty set
+            raise PlanError(f"peft 0.21 with transformers 5 targets nothing by default on '{card.model_type}' "
+                            "(its MoE rewrite empties the default list); pass --targets")
+    kind, names = parse_targets(spec, card.model_type)
+    candidates = _all_linears(card)
+    leaves = {lin.name.rsplit(".", 1)[-1] for _, lin, _ in candidates}
+    modules, params = rewrite(card.model_type, kind, names, leaves)
+    chosen = [(lin, b, card.n_layers if b else 1) for name, lin, b in candidates
+              if any(name == t or name.endswith("." + t) for t in modules)]
+    lay = layout(card)
+    loose = [(p, True, lay.block_name(0, p.name)) for p in lay.block_params]
+    loose += [(p, False, p.name) for p in lay.other_params]
+    for p, in_block, full in loose:
+        hit = next((t for t in params if full == t or full.endswith("." + t)), None)
+        if hit is not None:
+            d_in, d_out = param_lora_shape(p.shape, params[hit])
+            chosen.append((Linear(p.name, d_in, d_out, False, "param_lora"), in_block, card.n_layers if in_block else 1))
+    if not chosen:
+        raise PlanError(f"LoRA targets '{spec}' match no Linear or parameter of {card.name}")
+    return tuple(chosen)
 
 
 # ---------------------------------------------------------------- per-method counts
@@ -194,8 +250,10 @@ def norm_params(card: ModelCard) -> int:
 
 
 def block_params(card: ModelCard) -> int:
+    """Parameters of one block (those every block has; see cardgen for blocks that differ)."""
     lay = layout(card)
-    return sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+    return (sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+            + sum(p.numel for p in lay.block_params))
 
 
 def quantizable(card: ModelCard) -> list[tuple[Linear, int]]:
@@ -240,7 +298,7 @@ def _count(card: ModelCard, plan: Plan) -> ParamCounts:
     targets = lora_targets(card, plan.targets)
     added = 0
     for lin, _, copies in targets:
-        if plan.r > min(lin.d_in, lin.d_out):
+        if plan.r > min(lin.d_in, lin.d_out) and lin.role not in ("router", "param_lora"):
             raise PlanError(f"LoRA rank r = {plan.r} exceeds the smaller side of {lin.name} "
                             f"({lin.d_in}×{lin.d_out})")
         added += copies * lora_params(lin.d_in, lin.d_out, plan.r)
