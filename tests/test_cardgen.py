@@ -283,13 +283,13 @@ BAD = {
     "remote": ({"model_type": "my_secret_lm", "auto_map": {"AutoModelForCausalLM": "modeling.MyLM"},
                 "hidden_size": 64}, "model type 'my_secret_lm' needs its own code"),
     "heads": ({"model_type": "llama", "hidden_size": 100, "num_attention_heads": 7, "num_hidden_layers": 2,
-               "intermediate_size": 64, "vocab_size": 50}, "7 attention heads do not divide the hidden size 100"),
+               "intermediate_size": 64, "vocab_size": 50}, "hidden size 100 is not a multiple of the 7 attention heads"),
     "kv": ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3,
-            "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 50}, "not a multiple of 3 key/value"),
+            "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 50}, "not a multiple of the 3 kv heads"),
     "zero": ({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 0,
-              "intermediate_size": 64, "vocab_size": 50}, "'num_hidden_layers' is 0"),
+              "intermediate_size": 64, "vocab_size": 50}, "'num_hidden_layers' must be positive, got 0"),
     "negative": ({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-                  "intermediate_size": -64, "vocab_size": 50}, "'intermediate_size' is negative"),
+                  "intermediate_size": -64, "vocab_size": 50}, "'intermediate_size' must be positive, got -64"),
     "unknown": ({"model_type": "no_such_model", "hidden_size": 64}, "not known to transformers"),
     "no_type": ({"hidden_size": 64}, "has no 'model_type'"),
     "not_object": ([1, 2], "does not hold a JSON object"),
@@ -314,13 +314,14 @@ def test_malformed_and_unreadable_files(tmp_path):
     unreadable = tmp_path / "locked" / "config.json"
     unreadable.parent.mkdir()
     unreadable.write_bytes(b"\xff\xfe\x00garbage")
-    for path, needle in ((bad, "is not valid JSON"), (unreadable, "is not valid JSON"),
+    for path, needle in ((bad, "is not valid JSON"), (unreadable, "is not UTF-8 text"),
                          (tmp_path / "missing", "no config.json"), (tmp_path / "dir.json", "no config.json")):
         res = _cli("estimate", "-m", str(path), env_cache=tmp_path / "c")
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
     res = _cli("card", "import", str(tmp_path / "missing"), "-o", str(tmp_path / "x.toml"), env_cache=tmp_path / "c")
-    assert res.returncode == 2 and res.stderr.startswith("peftplan: error: no config.json")
+    assert res.returncode == 2 and res.stderr.startswith("peftplan: error: ") and "no such file" in res.stderr \
+        and res.stderr.count("\n") == 1
 
 
 def test_native_type_with_auto_map_is_built_by_transformers():

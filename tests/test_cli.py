@@ -80,7 +80,7 @@ def test_bad_config_json(tmp_path):
     assert r.returncode == 2 and "not supported" in r.stderr
     bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}))
     r = run("estimate", "--model", str(bad))
-    assert r.returncode == 2 and "do not divide" in r.stderr
+    assert r.returncode == 2 and "is not a multiple of the 5 attention heads" in r.stderr
 
 
 def test_seq_beyond_positions_is_a_warning(tmp_path):

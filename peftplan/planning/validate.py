@@ -314,7 +314,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
             check_float(config[key], f"config.json field '{key}'", 0.0, 1e30, lo_open=True, err=ConfigError)
     for key in CONFIG_ACTIVATIONS:
         if config.get(key) is not None:
-            check_choice(config[key], f"activation in config.json field '{key}'", ACTIVATIONS, err=ConfigError)
+            act = config[key]
+            if isinstance(act, str) and act.startswith("gated-"):  # T5's feed_forward_proj spelling: gated-gelu
+                act = act[len("gated-"):]
+            check_choice(act, f"activation in config.json field '{key}'", ACTIVATIONS, err=ConfigError)
     for key in CONFIG_DICTS:
         if config.get(key) is not None and not isinstance(config[key], Mapping):
             raise ConfigError(f"config.json field '{key}' must be an object or null, got {quote(config[key])}")
@@ -353,8 +356,11 @@ def validate_card(card: Any) -> None:
     for key in ("name", "source", "model_type", "activation", "norm", "positions"):
         if not isinstance(getattr(card, key), str):
             raise ConfigError(f"{who}: {key} must be text, got {quote(getattr(card, key))}")
+    generated = bool(getattr(card, "generated", False))
     for key, (lo, hi) in CARD_INTS.items():
         v = getattr(card, key)
+        if generated and key == "max_positions":
+            lo = 0  # relative positions (T5) have no table and no limit: the generator records 0
         if not is_int(v):
             raise ConfigError(f"{who}: {key} must be a whole number, got {quote(v)}")
         check_int(v, f"{who}: {key}", lo, hi, err=ConfigError)
@@ -363,7 +369,7 @@ def validate_card(card: Any) -> None:
     for key in CARD_PROBS:
         check_float(getattr(card, key), f"{who}: {key}", 0.0, 1.0, err=ConfigError)
     check_choice(card.norm, f"norm of {who}", ("layernorm", "rmsnorm"), err=ConfigError)
-    check_choice(card.positions, f"positions of {who}", ("learned", "rotary"), err=ConfigError)
+    check_choice(card.positions, f"positions of {who}", ("learned", "rotary", "relative", "alibi"), err=ConfigError)
     if card.n_heads % card.n_kv_heads:
         raise ConfigError(f"{who}: n_heads {card.n_heads} is not a multiple of n_kv_heads {card.n_kv_heads}")
     if not isinstance(card.hf, dict):
