@@ -19,7 +19,10 @@ from peftplan.errors import PlanError
 from peftplan.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
-JSONL = ROOT.parent.parent / "shared" / "published" / "measurements.jsonl"
+# shared/ lies beside the checkout (a worktree elsewhere falls back to the workplace's copy)
+JSONL = next((p for p in (ROOT.parent / "shared" / "published" / "measurements.jsonl",
+                          Path("/work/shared/published/measurements.jsonl")) if p.exists()),
+             ROOT.parent / "shared" / "published" / "measurements.jsonl")
 OUT = Path(__file__).resolve().parent / "results" / "published.json"
 
 # Hub id -> shipped card (profiles/models); a model without a card cannot be expressed yet
@@ -178,7 +181,20 @@ def main() -> None:
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps({"summary": s, "rows": rows}, indent=1))
     tmp.replace(args.json)
+    reserved()
     throughput(args.fit)
+
+
+def reserved() -> None:
+    """Device (nvidia-smi) peaks from measured allocated × the reserved relation: flat 2% vs the replay-fitted ρ
+    (benchmarks/published_reserved.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import published_reserved as pr
+
+    print("\n== reserved / device (nvidia-smi) rows: flat 2% vs the allocator replay's relation")
+    pr.main([])
 
 
 def throughput(refit: bool) -> None:

@@ -1,7 +1,8 @@
 """Benchmark: the reserved-memory relation against published runs that report both allocated and reserved-side
-figures (issue 20). To be merged into benchmarks/published.py as `reserved_rows()` / `evaluate_reserved()`.
+figures (issue 20): the reserved section of `benchmarks/published.py`, which runs `reserved_section()` after the
+memory rows.
 
-Rows: /work/shared/published/measurements.jsonl (or --data), every row whose metric is torch's max allocated and
+Rows: ../shared/published/measurements.jsonl beside the checkout (or --data), every row whose metric is torch's max allocated and
 whose notes also give the same run's nvidia-smi peak ("nvidia-smi peak memory.used minus initial = N MiB"):
 fms-acceleration's A100-80GB benchmark (HF Trainer, packed fixed-length sequences). nvidia-smi sees what the
 caching allocator reserved plus the CUDA context (and cuBLAS workspaces), so the prediction compared with it is
@@ -29,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peftplan.planning.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, RESERVED_PER_LIVE  # noqa: E402
 
-DATA = Path("/work/shared/published/measurements.jsonl")
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (_ROOT.parent / "shared" / "published" / "measurements.jsonl",
+                         Path("/work/shared/published/measurements.jsonl")) if p.exists()),
+            _ROOT.parent / "shared" / "published" / "measurements.jsonl")
 FIT = Path(__file__).resolve().parent / "results" / "reserved_fit.jsonl"
 MiB = 2**20
 SMI = re.compile(r"nvidia-smi peak memory\.used minus initial = ([\d,.]+) MiB")
@@ -106,10 +110,10 @@ def evaluate_reserved(rows: list[ReservedRow]) -> dict:
     return {"rows": per_row, "summary": summary}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DATA)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     res = evaluate_reserved(reserved_rows(args.data))
     for e in res["rows"]:
         preds = "  ".join(f"{k} ρ={e[k]['rho']:.3f} {100 * e[k]['error']:+6.1f}%" for k in ("flat", "fitted", "replayed")
