@@ -38,7 +38,7 @@ def trace_cmd(
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                          max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
         card = load_card(model)
-        est = estimate(card, plan)
+        est = None if plan.use_dora else estimate(card, plan)  # DoRA: traced, not yet estimated
         from peftplan.trace.run import trace
 
         tr = trace(card, plan, steps=steps, impl=impl)
@@ -46,13 +46,13 @@ def trace_cmd(
         fail(str(e))
     except ImportError as e:
         fail(f"tracing needs torch and transformers ({e.name} is missing): pip install -e '.[torch,quant]'")
-    cmp = compare(est, tr)
+    cmp = compare(est, tr) if est is not None else None
     if json_out:
         d = asdict(tr)
         d["peak_bytes"] = tr.peak_bytes
         d["peak_phase"] = tr.peak.phase
-        d["estimate"] = est.to_dict()
-        d["comparison"] = asdict(cmp)
+        d["estimate"] = est.to_dict() if est is not None else None
+        d["comparison"] = asdict(cmp) if cmp is not None else None
         typer.echo(json.dumps(d, indent=2, default=str))
         return
     from rich.console import Console
@@ -64,23 +64,30 @@ def trace_cmd(
     t = Table(title=f"trace: {card.name} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
                     f"({tr.ops:,} ops, {tr.seconds:.2f} s)", title_justify="left")
     t.add_column("category")
-    by_phase = {m.phase: m for m in est.phases}
+    by_phase = {m.phase: m for m in est.phases} if est is not None else {}
+
+    def est_gib(phase: str, field: str) -> str:
+        return _gib(getattr(by_phase[phase], field)) if phase in by_phase else "-"
+
     for p in tr.phases:
         t.add_column(f"{p.phase}{' ★' if p is tr.peak else ''}", justify="right")
         t.add_column("estimate", justify="right", style="dim")
     for field, cat in COMPONENTS.items():
         row = [cat.replace("_", " ")]
         for p in tr.phases:
-            row += [_gib(p.by_category_bytes.get(cat, 0)), _gib(getattr(by_phase[p.phase], field))]
+            row += [_gib(p.by_category_bytes.get(cat, 0)), est_gib(p.phase, field)]
         t.add_row(*row)
     t.add_section()
     row = ["peak (live tensors)"]
     for p in tr.phases:
-        row += [_gib(p.peak_bytes), _gib(by_phase[p.phase].tensor_bytes)]
+        row += [_gib(p.peak_bytes), _gib(by_phase[p.phase].tensor_bytes) if p.phase in by_phase else "-"]
     t.add_row(*row, style="bold")
     console.print(t)
     for p in tr.phases:
         console.print(f"{p.phase}: peak at op #{p.op_index} {p.op} in {p.module or '-'}")
+    if cmp is None:
+        console.print("estimate: DoRA is not modelled yet (trace only)")
+        return
     console.print(f"estimate vs trace: {100 * cmp.peak_error:+.2f}% at the peak "
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
 
