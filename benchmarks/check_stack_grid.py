@@ -1,7 +1,8 @@
 """Benchmark: the estimate against the peft-built fake-tensor trace over the stack options (issue 12).
 
 Every configuration sets at least one of the new options: LoRA adapters in fp32 (peft's default) or bf16,
-the Trainer's autocast (mixed precision over fp32 weights, bf16 autocast over bf16 or 4-bit), gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
+the Trainer's autocast (mixed precision over fp32 weights, bf16 autocast over bf16 or 4-bit),
+gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
 Cards are shipped cards cut to 2 blocks (same per-block shapes). Writes benchmarks/results/check_stack_grid.json.
 
     python benchmarks/check_stack_grid.py          # ~240 configurations

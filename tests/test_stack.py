@@ -132,14 +132,17 @@ def test_our_lora_holds_what_peft_holds(name, plan):
 
 @pytest.mark.parametrize("plan", [
     Plan(method="full", batch_size=2, seq_len=128, grad_accum=2),
-    pytest.param(Plan(method="lora", batch_size=2, seq_len=128, grad_accum=3, dropout=0.1), marks=pytest.mark.slow),
+    pytest.param(Plan(method="lora", batch_size=2, seq_len=128, grad_accum=3, dropout=0.1),
+                 marks=pytest.mark.slow),
     Plan(method="lora", batch_size=2, seq_len=128, adapter_dtype="bf16", attention="flash"),
-    pytest.param(Plan(method="qlora", batch_size=2, seq_len=128, kbit_prep=False, grad_checkpointing=True), marks=pytest.mark.slow),
+    pytest.param(Plan(method="qlora", batch_size=2, seq_len=128, kbit_prep=False, grad_checkpointing=True),
+                 marks=pytest.mark.slow),
     # the Trainer's autocast, run in the trace with CUDA's op lists
     pytest.param(Plan(method="full", dtype="fp32", autocast="bf16", batch_size=2, seq_len=128), marks=pytest.mark.slow),
     Plan(method="full", dtype="fp32", autocast="bf16", batch_size=2, seq_len=128, grad_checkpointing=True),
     Plan(method="qlora", autocast="bf16", batch_size=2, seq_len=128, grad_accum=2),
-    pytest.param(Plan(method="lora", dtype="fp32", autocast="fp16", batch_size=2, seq_len=128, grad_checkpointing=True), marks=pytest.mark.slow),
+    pytest.param(Plan(method="lora", dtype="fp32", autocast="fp16", batch_size=2, seq_len=128,
+                      grad_checkpointing=True), marks=pytest.mark.slow),
 ])
 def test_stack_options_estimate_within_2pct_of_peft_trace(plan):
     from peftplan.trace.check import compare

@@ -296,7 +296,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     def saves(name: str) -> bool:  # does the Linear keep its (shared) input alive
         return group_saved([name], x_of[name], 1)[1]
 
-    x_of = {n: ne for n in (*attn_in, *ffn_in)} | {attn_out: ce, ffn_out: e}
+    gelu_new_ac = bool(ac) and c.activation == "gelu_new"
+    x_of = {n: ne for n in (*attn_in, *ffn_in)} | {attn_out: ce, ffn_out: FP32 if gelu_new_ac else e}
     norm_trains = trainable_block or plan.method == "adapter"
     total = 0.0
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
@@ -306,7 +307,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     for names in (attn_in, ffn_in):
         copies, shared = group_saved(names, ne, d)
         total += copies + ne * d * shared
-    total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], e, f)[0]
+    total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
     total += sum(plan.r * (ac or lb) for n in lora)  # A·x, saved by B
     # attention
     if plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
@@ -329,8 +330,12 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         total += e * f  # ReLU keeps its output, which is also the down projection's input
     else:
         # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is
-        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept
-        total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
+        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op:
+        # it keeps a fp32 copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
+        if gelu_new_ac:
+            total += f * (3 * FP32 + ce) + FP32 * f * down
+        else:
+            total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
     if c.hidden_dropout > 0:
         total += 2 * d  # a bool mask per sublayer output dropout
     if plan.method == "adapter":

@@ -6,7 +6,8 @@ from dataclasses import asdict
 
 import typer
 
-from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Dora, GradAccum, MaxGradNorm, Reentrant, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
+from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Dora, GradAccum, MaxGradNorm,
+                          Reentrant, Batch, DoubleQuant, Dropout, Dtype, Foreach, GradCkpt, Json,
                           KbitPrep, Method, Model, Optim, Placement, R, Seq, Targets, TopK, fail, make_plan)
 from peftplan.errors import PlanError
 
