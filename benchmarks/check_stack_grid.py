@@ -1,10 +1,11 @@
 """Benchmark: the estimate against the peft-built fake-tensor trace over the stack options (issue 12).
 
 Every configuration sets at least one of the new options: LoRA adapters in fp32 (peft's default) or bf16,
+the Trainer's autocast (mixed precision over fp32 weights, bf16 autocast over bf16 or 4-bit),
 gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
 Cards are shipped cards cut to 2 blocks (same per-block shapes). Writes benchmarks/results/check_stack_grid.json.
 
-    python benchmarks/check_stack_grid.py          # ~190 configurations
+    python benchmarks/check_stack_grid.py          # ~240 configurations
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def configurations() -> list:
     for card, accum, clip, gc in itertools.product(cards, (1, 2, 4), (1.0, 0.0), (False, True)):
         out.append((card, Plan(method="full", grad_accum=accum, max_grad_norm=clip, grad_checkpointing=gc,
                                batch_size=2, seq_len=256)))
+    # the Trainer's autocast: mixed precision (fp32 weights) and bf16 weights / a 4-bit base under bf16 autocast
+    for card, method, gc in itertools.product(cards, ("full", "lora", "qlora"), (False, True)):
+        for dtype in (("fp32", "bf16") if method != "qlora" else ("bf16",)):
+            out.append((card, Plan(method=method, dtype=dtype, autocast="bf16", grad_checkpointing=gc,
+                                   batch_size=2, seq_len=256, targets="all-linear" if method == "lora" else None)))
+    for card in cards:
+        out.append((card, Plan(method="qlora", autocast="bf16", kbit_prep=False, batch_size=2, seq_len=256)))
+        out.append((card, Plan(method="lora", dtype="fp32", autocast="fp16", grad_accum=2, batch_size=2,
+                               seq_len=256)))
     for card, drop, targets in itertools.product(cards[:3], (0.1,), (None, "all-linear")):
         for kbit in (True, False):
             out.append((card, Plan(method="qlora", dropout=drop, targets=targets, kbit_prep=kbit, batch_size=2,
@@ -56,7 +66,7 @@ def main() -> None:
         p = plan
         label = (f"{card.name} {p.method} adapter={p.adapter_dtype} accum={p.grad_accum} clip={p.max_grad_norm} "
                  f"{p.attention} gc={'on' if p.grad_checkpointing else 'off'} drop={p.dropout} t={p.targets} "
-                 f"kbit={p.kbit_prep}")
+                 f"kbit={p.kbit_prep} {p.dtype}+autocast={p.autocast}")
         try:
             tr = trace(card, plan)
             c = compare(estimate(card, plan), tr)

@@ -162,7 +162,8 @@ def _inject_adapters(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtyp
 def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
     """Apply `plan` to `model` (built from `card`) in place and freeze all but the method's parameters.
 
-    LoRA's A and B take plan.adapter_dtype (fp32 by default, as peft), Houlsby adapters plan.dtype; requires_grad is set by the
+    LoRA's A and B take plan.adapter_dtype (fp32 by default, as peft), Houlsby adapters plan.dtype;
+    requires_grad is set by the
     declared names (`p.requires_grad_(name in trainable)`), never by matching a substring.
 
     Raises:

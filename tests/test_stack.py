@@ -132,9 +132,17 @@ def test_our_lora_holds_what_peft_holds(name, plan):
 
 @pytest.mark.parametrize("plan", [
     Plan(method="full", batch_size=2, seq_len=128, grad_accum=2),
-    Plan(method="lora", batch_size=2, seq_len=128, grad_accum=3, dropout=0.1),
+    pytest.param(Plan(method="lora", batch_size=2, seq_len=128, grad_accum=3, dropout=0.1),
+                 marks=pytest.mark.slow),
     Plan(method="lora", batch_size=2, seq_len=128, adapter_dtype="bf16", attention="flash"),
-    Plan(method="qlora", batch_size=2, seq_len=128, kbit_prep=False, grad_checkpointing=True),
+    pytest.param(Plan(method="qlora", batch_size=2, seq_len=128, kbit_prep=False, grad_checkpointing=True),
+                 marks=pytest.mark.slow),
+    # the Trainer's autocast, run in the trace with CUDA's op lists
+    pytest.param(Plan(method="full", dtype="fp32", autocast="bf16", batch_size=2, seq_len=128), marks=pytest.mark.slow),
+    Plan(method="full", dtype="fp32", autocast="bf16", batch_size=2, seq_len=128, grad_checkpointing=True),
+    Plan(method="qlora", autocast="bf16", batch_size=2, seq_len=128, grad_accum=2),
+    pytest.param(Plan(method="lora", dtype="fp32", autocast="fp16", batch_size=2, seq_len=128,
+                      grad_checkpointing=True), marks=pytest.mark.slow),
 ])
 def test_stack_options_estimate_within_2pct_of_peft_trace(plan):
     from peftplan.trace.check import compare
@@ -143,3 +151,27 @@ def test_stack_options_estimate_within_2pct_of_peft_trace(plan):
     card = small("llama-3.2-1b")
     c = compare(estimate(card, plan), trace(card, plan))
     assert abs(c.peak_error) <= 0.02, c
+
+
+def test_cuda_autocast_emulation_follows_cudas_lists():
+    torch = pytest.importorskip("torch")
+    from peftplan.measure.autocast import CudaAutocast
+
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    x = torch.randn(2, 4, dtype=torch.float32)
+    with CudaAutocast(torch.bfloat16) as mode:
+        y = torch.nn.functional.linear(x, w)  # lower-precision list
+        y2 = torch.nn.functional.linear(x, w)
+        p = torch.softmax(y, dim=-1)  # fp32 list (CPU autocast would keep bf16 here)
+        r = torch.relu(y)  # in neither list: runs in its input's dtype
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.float32 and r.dtype == torch.bfloat16
+    assert len(mode.cache) == 1 and y2.dtype == torch.bfloat16  # the weight was cast once
+
+
+def test_reentrant_checkpointing_under_emulated_autocast_is_refused():
+    pytest.importorskip("torch")
+    from peftplan.trace.run import trace
+
+    with pytest.raises(PlanError, match="reentrant"):
+        trace(small("opt-125m"), Plan(method="full", dtype="fp32", autocast="bf16", grad_checkpointing=True,
+                                      use_reentrant=True, seq_len=32))

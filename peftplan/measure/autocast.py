@@ -37,17 +37,17 @@ HALF = (torch.float16, torch.bfloat16)
 class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's policy for ops called from Python, on any device (see the module docstring)."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, cache: bool = True):
         super().__init__()
         self.dtype = dtype
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def _cast(self, x, to: torch.dtype):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype in (to, torch.float64):
             return x
         if to == torch.float32 and x.dtype not in HALF:
             return x
-        if x.is_leaf and x.requires_grad:  # autocast's cast cache: weights cast once per region
+        if self.cache is not None and x.is_leaf and x.requires_grad:  # autocast's cache: weights cast once
             hit = self.cache.get(id(x))
             if hit is None or hit[0] is not x:
                 hit = self.cache[id(x)] = (x, x.to(to))
@@ -72,6 +72,34 @@ class CudaAutocast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def recompute_autocast(autocast: str, device):
+    """A context factory for checkpointed blocks' recomputation in backward, or None where none is needed.
+
+    torch.utils.checkpoint re-enters the forward's torch.autocast state for the recompute by itself; the CPU
+    emulation must be entered there explicitly (non-reentrant checkpoint's `context_fn`). Without a cache: a
+    recompute's copies serve that block only and are freed with its backward.
+    """
+    if autocast == "none" or torch.device(device).type == "cuda":
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+    return lambda: _emulating(CudaAutocast(dtype, cache=False))
+
+
+@contextlib.contextmanager
+def _emulating(mode: CudaAutocast):
+    saved = torch.is_autocast_enabled
+
+    def enabled(device_type: str | None = None) -> bool:  # CUDA's answer; the CPU's own state stays as it is
+        return True if device_type in (None, "cuda") else saved(device_type)
+
+    torch.is_autocast_enabled = enabled
+    try:
+        with mode:
+            yield
+    finally:
+        torch.is_autocast_enabled = saved
+
+
 @contextlib.contextmanager
 def trainer_autocast(autocast: str, device):
     """torch.autocast("cuda", dtype) on CUDA, `CudaAutocast` elsewhere; nothing for autocast == "none".
@@ -87,10 +115,5 @@ def trainer_autocast(autocast: str, device):
         with torch.autocast("cuda", dtype=dtype):
             yield
         return
-    saved = torch.is_autocast_enabled
-    torch.is_autocast_enabled = lambda *a, **k: True
-    try:
-        with CudaAutocast(dtype):
-            yield
-    finally:
-        torch.is_autocast_enabled = saved
+    with _emulating(CudaAutocast(dtype)):
+        yield

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from peftplan.errors import PlanError
 from peftplan.inject import TORCH_DTYPES, Injection, inject, is_norm
 from peftplan.layers import Adapter, LoRALinear, is_linear, is_linear4bit
 from peftplan.layers.lora import attach_nf4
-from peftplan.measure.autocast import trainer_autocast
+from peftplan.measure.autocast import recompute_autocast, trainer_autocast
 from peftplan.measure.count import ModelCount, count_model
 from peftplan.plan import Plan
 
@@ -107,19 +108,26 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
     materialize(model, device, plan, seed=seed)
     model.train()
     if plan.grad_checkpointing:
-        enable_checkpointing(model, plan.use_reentrant)
+        recompute = recompute_autocast(plan.autocast, device)
+        if recompute is not None and plan.use_reentrant:
+            raise PlanError("reentrant checkpointing under autocast runs only on CUDA (the CPU emulation of CUDA's "
+                            "autocast cannot enter its recomputation): use --no-use-reentrant to trace it")
+        enable_checkpointing(model, plan.use_reentrant, recompute)
     return model, injection
 
 
-def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False, recompute=None) -> None:
     """Checkpoint every block, as `model.gradient_checkpointing_enable({"use_reentrant": ...})` does; transformers
     5 then also calls `enable_input_require_grads` (the embedding output requires grad, which reentrant
     checkpointing needs when the embeddings are frozen).
 
     transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable; older 5.x
-    (the GPU machine's 5.17) has only the former.
+    (the GPU machine's 5.17) has only the former. `recompute`: a context factory entered around each block's
+    recomputation (the CPU autocast emulation, which torch's checkpoint cannot restore by itself).
     """
-    kwargs = {"use_reentrant": use_reentrant}
+    kwargs: dict = {"use_reentrant": use_reentrant}
+    if recompute is not None:  # non-reentrant checkpoint's context_fn: (forward context, recompute context)
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute())
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -51,6 +51,12 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     if card.model_type == "gemma2" and plan.attention == "sdpa":
         warnings.append("transformers runs Gemma-2 with eager attention only (its SDPA path is refused): "
                         "pass --attention eager")
+    if plan.method == "qlora" and plan.kbit_prep and not plan.grad_checkpointing:
+        warnings.append("peft's prepare_model_for_kbit_training turns gradient checkpointing on by default "
+                        "(use_gradient_checkpointing=True); this plan has it off (--grad-checkpointing to match)")
+    if plan.grad_accum > 1:
+        warnings.append(f"forward and backward are micro-step 2..{plan.grad_accum} of {plan.grad_accum}: the "
+                        "gradients of the earlier micro-steps are held through them")
     time = gpu_memory = None
     gpu_name = None
     if gpu is not None:
@@ -60,7 +66,8 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
         gpu_name, gpu_memory = g.name, g.usable_memory_bytes
         if plan.autocast != "none" and getattr(g, f"{plan.autocast}_tflops") <= 0:
             raise PlanError(f"{g.full_name} has no {plan.autocast} support: the Trainer refuses "
-                            f"{plan.autocast}=True on it (use --autocast {'fp16' if plan.autocast == 'bf16' else 'none'})")
+                            f"{plan.autocast}=True on it "
+                            f"(use --autocast {'fp16' if plan.autocast == 'bf16' else 'none'})")
         if plan.dtype == "bf16" and g.bf16_tflops <= 0:
             warnings.append(f"{g.full_name} has no bf16 tensor cores: bf16 runs emulated, time at its fp32 rate "
                             "(use --dtype fp16)")

@@ -49,25 +49,39 @@ def stream_element_bytes(plan: Plan) -> int:
     return FP32 if plan.mixed_precision else activation_element_bytes(plan)
 
 
-def autocast_cache_bytes(card: ModelCard, plan: Plan) -> int:
-    """Low-precision weight copies under mixed precision, live from their forward use to their backward.
+def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
+    """Autocast-dtype copies of weights that are not in that dtype, live from their forward use to their backward.
 
-    torch.autocast (CUDA lower-precision list: linear, matmul, addmm, ...) casts each fp32 weight to the autocast
-    dtype; copies of trainable leaf weights are cached for the autocast region, and autograd saves every copy
-    whose Linear input needs a gradient (to compute that gradient), frozen weights' included. Counted: every
-    Linear (and the output head) of the model for full fine-tuning; the blocks' Linears otherwise. Embeddings
-    and norms are not autocast ops.
+    torch.autocast (CUDA lower-precision list: linear, matmul, addmm, ...) casts each weight to the autocast
+    dtype; copies of trainable leaf weights are cached for the region, and autograd saves every copy whose
+    Linear input needs a gradient, frozen weights' included. Counted: under mixed precision every Linear of the
+    blocks (full fine-tuning: and the head and other Linears); an fp32 head (mixed precision, k-bit preparation);
+    LoRA's A and B when they are not in the autocast dtype. Embeddings and norms are not autocast ops; 4-bit
+    weights are dequantized by bitsandbytes, not cast. blocks=False: only the head's copy (after a checkpointed
+    forward, whose blocks saved no copies and whose cache was freed when the autocast region ended).
     """
-    if not plan.mixed_precision:
+    if plan.autocast == "none":
         return 0
     lay, e = layout(card), DTYPES[plan.autocast]
-    block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears)
-    if plan.method == "top":
-        return e * block * plan.top_k
-    total = block * card.n_layers
-    if plan.method == "full":
-        total += sum(x.weight_numel for x in lay.other_linears) + lay.head_rows * lay.head_cols
+    total = 0
+    if blocks and plan.mixed_precision and plan.method != "qlora":
+        block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears)
+        total += block * (plan.top_k if plan.method == "top" else card.n_layers)
+        if plan.method == "full":
+            total += sum(x.weight_numel for x in lay.other_linears)
+    head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
+    if head_bytes != e and plan.method != "top":
+        total += lay.head_rows * lay.head_cols
+    if blocks and plan.uses_lora and DTYPES[plan.adapter_dtype] != e:
+        total += sum(trainable_tensors(card, plan))
     return e * total
+
+
+def autocast_lora_bytes(card: ModelCard, plan: Plan) -> int:
+    """LoRA's A and B copies in the autocast dtype (cached for the region: they are trainable leaves)."""
+    if plan.autocast == "none" or not plan.uses_lora or DTYPES[plan.adapter_dtype] == DTYPES[plan.autocast]:
+        return 0
+    return DTYPES[plan.autocast] * sum(trainable_tensors(card, plan))
 
 
 def trainable_element_bytes(plan: Plan) -> int:
@@ -267,46 +281,62 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     lora = _lora_wrapped(c, plan) if wrapped is None else wrapped
     attn_in, attn_out, ffn_in, ffn_out = _groups(c)
 
-    # peft's lora.Linear casts x to lora_A's dtype (`_cast_input_dtype`): with adapters in another dtype than the
-    # activations each wrapped module makes, and lora_A saves, its own copy; in the same dtype they share x
-    le = trainable_element_bytes(plan) if lora else e
-    shared = le == e
+    # What a wrapped module's lora_A saves. peft's lora.Linear casts x to the adapter's dtype
+    # (`_cast_input_dtype`); its 4-bit twin skips that cast under autocast (`torch.is_autocast_enabled()`); under
+    # autocast lora_A's Linear then casts to the autocast dtype. A module whose cast chain returns x itself
+    # shares x with the others; any cast makes (and saves) a copy per module.
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lb = trainable_element_bytes(plan) if lora else e
+    ne = FP32 if ac and c.norm == "layernorm" else stream_element_bytes(plan)  # autocast runs layer_norm in fp32
+    ce = ac or e  # what SDPA / the attention matmuls save (autocast casts their inputs)
 
-    def saves(name: str) -> bool:
-        return trainable_block or (name in lora and shared)
+    def group_saved(names: list[str], x: int, d_in: int) -> tuple[float, bool]:
+        """(bytes per token the group's Linears save beyond a shared x, whether x itself is saved)."""
+        copies, shared = 0.0, False
+        for n in names:
+            if trainable_block:  # a training base Linear saves its input (autocast's copy of it, if cast)
+                copies += ac * d_in if ac and x != ac else 0
+                shared |= not (ac and x != ac)
+            elif n in lora:
+                conv = x if (plan.method == "qlora" and ac) else lb
+                saved = ac or conv
+                if plan.dropout:
+                    copies += (saved + 1) * d_in  # the dropout output (cast by lora_A under autocast), its mask
+                elif conv == x and saved == x:
+                    shared = True
+                else:
+                    copies += saved * d_in
+        return copies, shared
 
-    def own_copies(names: list[str], d_in: int) -> float:
-        return sum(le * d_in for n in names if n in lora and not shared)
+    def saves(name: str) -> bool:  # does the Linear keep its (shared) input alive
+        return group_saved([name], x_of[name], 1)[1]
 
+    gelu_new_ac = bool(ac) and c.activation == "gelu_new"
+    x_of = {n: ne for n in (*attn_in, *ffn_in)} | {attn_out: ce, ffn_out: FP32 if gelu_new_ac else e}
     norm_trains = trainable_block or plan.method == "adapter"
     total = 0.0
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
     n_norms = len(layout(c).block_norms)
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
-    # normed inputs read by trained/wrapped Linears; under mixed precision each Linear casts (and saves) its own
-    # low-precision copy of the fp32 normed input (autocast caches only leaf weights, not activations)
-    if plan.mixed_precision:
-        total += e * d * (sum(map(saves, attn_in)) + sum(map(saves, ffn_in)))
-    else:
-        total += e * d * any(saves(n) for n in attn_in) + e * d * any(saves(n) for n in ffn_in)
-    total += own_copies(attn_in, d) + own_copies(ffn_in, d) + own_copies([attn_out], q)
-    total += own_copies([ffn_out], f)
-    if plan.dropout and lora:
-        total += (le + 1) * d * (any(n in lora for n in attn_in) + any(n in lora for n in ffn_in))
-    total += sum(plan.r * le for n in lora)  # A·x, saved by B
+    # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
+    for names in (attn_in, ffn_in):
+        copies, shared = group_saved(names, ne, d)
+        total += copies + ne * d * shared
+    total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
+    total += sum(plan.r * (ac or lb) for n in lora)  # A·x, saved by B
     # attention
     if plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
-        total += e * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
+        total += ce * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
     else:
         s = plan.seq_len
         heads = c.n_heads
         # eager: q, k (repeated to h heads), v (repeated), the softmax output (fp32 in the Llama family and OPT,
         # the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the dropout output (with its
         # bool mask) or the softmax cast back to e (a no-op when they agree); and the output copy
-        sm = e if c.model_type in ("gpt2", "bert", "roberta") else FP32
-        probs = sm + (1 + e if c.attention_dropout > 0 else (e if sm != e else 0))
-        total += e * (2 * q) + e * q + probs * heads * s
-        total += e * q * saves(attn_out)
+        sm = e if c.model_type in ("gpt2", "bert", "roberta") and not ac else FP32  # softmax: autocast's fp32 list
+        probs = sm + (1 + ce if c.attention_dropout > 0 else (ce if sm != ce else 0))
+        total += ce * (2 * q) + ce * q + probs * heads * s
+        total += ce * q * saves(attn_out)
     # MLP
     down = saves(ffn_out)
     if c.gated_mlp:
@@ -315,8 +345,12 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         total += e * f  # ReLU keeps its output, which is also the down projection's input
     else:
         # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is
-        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept
-        total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
+        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op:
+        # it keeps a fp32 copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
+        if gelu_new_ac:
+            total += f * (3 * FP32 + ce) + FP32 * f * down
+        else:
+            total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
     if c.hidden_dropout > 0:
         total += 2 * d  # a bool mask per sublayer output dropout
     if plan.method == "adapter":
@@ -379,9 +413,12 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         blocks = [block_saved_per_token(c, plan, False, first=True)] + \
             [block_saved_per_token(c, plan, False)] * (L - 1)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
-    x = e if c.encoder else FP32
+    # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
+    ac = plan.autocast != "none"
+    x = e if c.encoder and not ac else FP32
+    lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
-    cap = e if c.hf.get("final_logit_softcapping") else 0
+    cap = lg if c.hf.get("final_logit_softcapping") else 0
     if checkpointed is None:
         checkpointed = len(blocks)
     if plan.grad_checkpointing:
@@ -397,7 +434,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         outside_bytes=int(final * t),
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
         # logits, their fp32 copy (none when already fp32), the log-softmax output
-        logits_forward_bytes=int((e + (x if e != x else 0) + x + cap) * t * V),  # logits, fp32 copy, log-softmax output
+        logits_forward_bytes=int((lg + (x if lg != x else 0) + x + cap) * t * V),  # logits, fp32 copy, log-softmax
         logits_backward_bytes=int((3 * x + cap) * t * V),  # saved log-softmax, its gradient, the input gradient
     )
 
@@ -538,8 +575,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     if deq:
         ffn_bwd, ffn_bwd_top = (max(x, deq + ae * card.d_model * t) for x in (ffn_bwd, ffn_bwd_top))
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
-    # the autocast cache (low-precision copies of the weights that train) lives from forward into backward
-    cache = autocast_cache_bytes(card, plan)
+    # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
+    # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
+    # die at once); in backward, checkpointed blocks saved no copies: the region's cache died with it
+    fwd_cache = bwd_cache = autocast_cache_bytes(card, plan)
+    if ckpt and plan.method != "full":
+        fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
+    if ckpt:
+        bwd_cache = autocast_cache_bytes(card, plan, blocks=False)
     # gradient accumulation: from the second micro-step on, every gradient lives through forward and backward
     # (new ones are added in place, AccumulateGrad, one at a time); the peak is such a micro-step
     accum = plan.grad_accum > 1
@@ -547,14 +590,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # forward
     at_loss = act.saved_bytes + act.logits_forward_bytes + hidden_at_loss_bytes(card, plan)
     if ckpt and inputs + ffn_fwd > at_loss:
-        fwd = _memory("forward", st, activations_bytes=inputs + ffn_fwd, temporaries_bytes=cache,
+        fwd = _memory("forward", st, activations_bytes=inputs + ffn_fwd, temporaries_bytes=fwd_cache,
                       gradients_bytes=grads_all)
     else:
         fwd = _memory("forward", st, activations_bytes=act.saved_bytes + hidden_at_loss_bytes(card, plan),
-                      logits_bytes=act.logits_forward_bytes, temporaries_bytes=cache, gradients_bytes=grads_all)
+                      logits_bytes=act.logits_forward_bytes, temporaries_bytes=fwd_cache, gradients_bytes=grads_all)
     # backward: each moment as (live bytes, components)
     moments = [dict(activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
-                    temporaries_bytes=cache)]
+                    temporaries_bytes=bwd_cache)]
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
     if ckpt:
         moments.append(dict(activations_bytes=inputs,

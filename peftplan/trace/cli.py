@@ -62,7 +62,7 @@ def trace_cmd(
             from peftplan.trace.random_check import cut
 
             card = cut(card, n_layers)
-        est = estimate(card, plan)
+        est = None if plan.use_dora else estimate(card, plan)  # DoRA: traced, not yet estimated
         check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
                    predicted_trace_ops(card.n_layers, steps), MAX_TRACE_OPS, yes)
         from peftplan.planning.allocator import AllocatorConfig
@@ -72,7 +72,7 @@ def trace_cmd(
         lens = parse_seq_lens(seq_lens, seq_percentiles, steps)
         if lens:  # the trace reports, and the estimate describes, the last step
             plan = plan.with_(seq_len=lens[-1])
-            est = estimate(card, plan)
+            est = None if plan.use_dora else estimate(card, plan)
         conf = AllocatorConfig.parse(alloc_conf)
         reserved = reserved or lens is not None or bool(alloc_conf)
         tr = trace(card, plan, steps=steps, impl=impl, seq_lens=lens, record_events=reserved)
@@ -85,7 +85,7 @@ def trace_cmd(
         fail(str(e))
     except ImportError as e:
         fail(f"tracing needs torch and transformers ({e.name} is missing): pip install -e '.[torch,quant]'")
-    cmp = compare(est, tr)
+    cmp = compare(est, tr) if est is not None else None
     if json_out:
         d = asdict(tr)
         del d["events"]
@@ -94,8 +94,8 @@ def trace_cmd(
             d["replay"]["reserved_per_step"] = rp.reserved_per_step
         d["peak_bytes"] = tr.peak_bytes
         d["peak_phase"] = tr.peak.phase
-        d["estimate"] = est.to_dict()
-        d["comparison"] = asdict(cmp)
+        d["estimate"] = est.to_dict() if est is not None else None
+        d["comparison"] = asdict(cmp) if cmp is not None else None
         typer.echo(json.dumps(d, indent=2, default=str))
         return
     from rich.console import Console
@@ -109,23 +109,30 @@ def trace_cmd(
     t = Table(title=f"trace: {safe(card.name)} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
                     f"({tr.ops:,} ops, {tr.seconds:.2f} s)", title_justify="left")
     t.add_column("category")
-    by_phase = {m.phase: m for m in est.phases}
+    by_phase = {m.phase: m for m in est.phases} if est is not None else {}
+
+    def est_gib(phase: str, field: str) -> str:
+        return _gib(getattr(by_phase[phase], field)) if phase in by_phase else "-"
+
     for p in tr.phases:
         t.add_column(f"{p.phase}{' ★' if p is tr.peak else ''}", justify="right")
         t.add_column("estimate", justify="right", style="dim")
     for field, cat in COMPONENTS.items():
         row = [cat.replace("_", " ")]
         for p in tr.phases:
-            row += [_gib(p.by_category_bytes.get(cat, 0)), _gib(getattr(by_phase[p.phase], field))]
+            row += [_gib(p.by_category_bytes.get(cat, 0)), est_gib(p.phase, field)]
         t.add_row(*row)
     t.add_section()
     row = ["peak (live tensors)"]
     for p in tr.phases:
-        row += [_gib(p.peak_bytes), _gib(by_phase[p.phase].tensor_bytes)]
+        row += [_gib(p.peak_bytes), _gib(by_phase[p.phase].tensor_bytes) if p.phase in by_phase else "-"]
     t.add_row(*row, style="bold")
     console.print(t)
     for p in tr.phases:
         console.print(f"{p.phase}: peak at op #{p.op_index} {safe(p.op)} in {safe(p.module or '-')}")
+    if cmp is None:
+        console.print("estimate: DoRA is not modelled yet (trace only)")
+        return
     console.print(f"estimate vs trace: {100 * cmp.peak_error:+.2f}% at the peak "
                   f"({cmp.estimate_phase} vs {cmp.trace_phase})")
     if rp is not None:

@@ -98,6 +98,15 @@ DOMAINS: dict[str, Domain] = {
     "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
     "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
     "use_dora": lambda rng, card: False,  # the estimate refuses DoRA until it models it (the trace measures it)
+    # one GPU: the FSDP2 trace on a fake process group has its own check (benchmarks/check_distributed.py)
+    "gpus": lambda rng, card: 1,
+    "nodes": lambda rng, card: 1,
+    "strategy": lambda rng, card: "none",
+    "offload": lambda rng, card: "none",
+    "reduce_bucket_size": lambda rng, card: 500_000_000,
+    "allgather_bucket_size": lambda rng, card: 500_000_000,
+    "stage3_prefetch_bucket_size": lambda rng, card: 50_000_000,
+    "stage3_max_live_parameters": lambda rng, card: 1_000_000_000,
 }
 DRAW_TRIES = 100  # fields are drawn independently; a combination Plan refuses (e.g. bf16 autocast over fp16
 # weights) is drawn again
