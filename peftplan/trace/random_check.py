@@ -27,7 +27,7 @@ from typing import Callable
 
 from peftplan.errors import PlanError
 from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
-from peftplan.planning.cards import ModelCard, registry
+from peftplan.planning.cards import MODEL_TYPES, ModelCard, registry
 from peftplan.planning.layout import layout
 from peftplan.planning.params import lora_targets
 
@@ -39,11 +39,20 @@ Domain = Callable[[random.Random, ModelCard], object]
 
 
 def families() -> dict[str, list[ModelCard]]:
-    """Shipped cards grouped by transformers model_type, each group sorted by name."""
+    """Shipped cards grouped by transformers model_type, each group sorted by name — the families whose memory
+    model and trace injection exist (`cards.MODEL_TYPES`); the generated cards of other families (Qwen3, Gemma-3,
+    MoE, T5, ...) count exactly but are not yet modelled per tensor (issue 11's memory part)."""
     out: dict[str, list[ModelCard]] = {}
     for card in sorted(registry().values(), key=lambda c: c.name):
-        out.setdefault(card.model_type, []).append(card)
+        if card.model_type in MODEL_TYPES and not getattr(card, "generated", False):
+            out.setdefault(card.model_type, []).append(card)
     return out
+
+
+def traceable(plan: Plan) -> bool:
+    """The CPU trace refuses reentrant checkpointing under autocast (it cannot enter the recomputation with
+    CUDA's autocast emulation); such a draw is drawn again."""
+    return not (plan.autocast != "none" and plan.grad_checkpointing and plan.use_reentrant)
 
 
 def cut(card: ModelCard, k: int) -> ModelCard:
@@ -108,6 +117,16 @@ DOMAINS: dict[str, Domain] = {
     "stage3_prefetch_bucket_size": lambda rng, card: 50_000_000,
     "stage3_max_live_parameters": lambda rng, card: 1_000_000_000,
 }
+# Fields held at one value in the draw, and why (the test of the draw's coverage skips them)
+FIXED = {
+    "use_dora": "the estimate refuses DoRA until it models it",
+    "gpus": "one GPU: the FSDP2 trace has its own check (benchmarks/check_distributed.py)",
+    "nodes": "one GPU", "strategy": "one GPU", "offload": "one GPU", "reduce_bucket_size": "one GPU",
+    "allgather_bucket_size": "one GPU", "stage3_prefetch_bucket_size": "one GPU",
+    "stage3_max_live_parameters": "one GPU",
+}
+# trace's option names where they differ from Plan's field names
+FLAGS = {"use_dora": "dora"}
 DRAW_TRIES = 100  # fields are drawn independently; a combination Plan refuses (e.g. bf16 autocast over fp16
 # weights) is drawn again
 
@@ -125,9 +144,11 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
                 raise PlanError(f"Plan field '{f.name}' has no random domain: add one to "
                                 "peftplan.trace.random_check.DOMAINS")
         try:
-            return Plan(**values)
+            plan = Plan(**values)
         except PlanError:
             continue
+        if traceable(plan):
+            return plan
     raise PlanError(f"no valid plan in {DRAW_TRIES} draws: a domain of peftplan.trace.random_check is too wide")
 
 
@@ -164,9 +185,10 @@ def command(card: ModelCard, plan: Plan) -> str:
         v = getattr(plan, f.name)
         if v == getattr(default, f.name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        name = FLAGS.get(f.name, f.name).replace("_", "-")
+        flag = "--" + name
         if isinstance(v, bool):
-            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+            args.append(flag if v else "--no-" + name)
         elif v is not None:
             args += [flag, str(v)]
     return " ".join(shlex.quote(a) for a in args)
