@@ -1,7 +1,9 @@
 """The CLI: real output, one-line errors with exit code 2, JSON schema, no torch on the planning path."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +96,26 @@ def test_config_json_folder_same_counts(tmp_path):
     r = run("estimate", "--model", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params"]["base"] == 7_241_732_096
+
+
+def test_card_import_file_is_a_model(tmp_path):
+    """A card written by `card import -o FILE` plans like its config.json (`--model FILE.toml`)."""
+    import json as _json
+
+    src = Path(__file__).parent / "data" / "configs" / "smollm2-135m" / "config.json"
+    env = dict(os.environ, PEFTPLAN_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "card.toml"
+    r = subprocess.run([sys.executable, "-m", "peftplan", "card", "import", str(src), "-o", str(out)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    via = [_json.loads(subprocess.run([sys.executable, "-m", "peftplan", "estimate", "-m", m, "--json"],
+                                      capture_output=True, text=True, env=env, check=True).stdout)
+           for m in (str(out), str(src))]
+    assert via[0]["params"]["total"] == via[1]["params"]["total"] and via[0]["peak_bytes"] == via[1]["peak_bytes"]
+
+
+def test_flash_attention_before_ampere_warns():
+    from peftplan.planning import estimate
+
+    assert any("FlashAttention-2" in w for w in estimate("opt-125m", attention="flash", dtype="fp16", gpu="t4").warnings)
+    assert not any("FlashAttention-2" in w for w in estimate("opt-125m", attention="flash", gpu="a100-80gb").warnings)

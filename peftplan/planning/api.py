@@ -63,6 +63,10 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
         from peftplan.planning.gpus import load_gpu, peak_tflops
 
         g = load_gpu(gpu)
+        if plan.attention == "flash" and g.bf16_tflops <= 0:  # FlashAttention-2 needs Ampere (sm80) or newer,
+            # the generation that brought bf16 tensor cores (the card records none for T4 and V100)
+            warnings.append(f"{g.full_name} predates Ampere: FlashAttention-2 does not run there (use --attention "
+                            "sdpa)")
         gpu_name, gpu_memory = g.name, g.usable_memory_bytes
         if plan.autocast != "none" and getattr(g, f"{plan.autocast}_tflops") <= 0:
             raise PlanError(f"{g.full_name} has no {plan.autocast} support: the Trainer refuses "

@@ -202,6 +202,8 @@ def load_card(model: str, task: str | None = None, text_only: bool = False) -> M
         raise PlanError(f"a model name or path is needed, got {quote(model)}")
     path = Path(model)
     is_dir, is_file = _exists(path)
+    if model.endswith(".toml") and is_file:  # a card file, e.g. written by `peftplan card import -o`
+        return load_card_file(path, ModelCard, "card")
     if (model.endswith(".json") and not is_file and not is_dir) or (("/" in model or os.sep in model)
                                                                      and not (is_dir or is_file)):
         # a path that does not exist, or a hub id (never downloaded)

@@ -164,14 +164,16 @@ def fit_cluster(models, gpus: str, methods: str, seq_len: int, batch_size: int, 
     for cp in plans:
         t = Table(title=f"{escape(cp.model)} · {cp.method}: fewest GPUs per card and strategy, cheapest first",
                   title_justify="left")
-        for col in ("GPU", "strategy", "GPUs", "nodes", "peak/GPU", "tokens/s", "$/hour") + (("$",) if cp.tokens else ()):
+        for col in ("GPU", "strategy", "GPUs", "nodes", "peak/GPU", "tokens/s", "$/hour", "$/M tokens") + \
+                (("$",) if cp.tokens else ()):
             t.add_column(col, justify="left" if col in ("GPU", "strategy") else "right", no_wrap=True)
         for o in cp.options:
             if not o.fits:
-                t.add_row(escape(o.gpu), o.strategy, "[red]✗[/red]", "", "", "", "", *(("",) if cp.tokens else ()))
+                t.add_row(escape(o.gpu), o.strategy, "[red]✗[/red]", "", "", "", "", "", *(("",) if cp.tokens else ()))
                 continue
             row = [escape(o.gpu), o.strategy, str(o.gpus), str(o.nodes), f"{o.peak_bytes / 2**30:.1f} GiB",
-                   f"{o.tokens_per_s:,.0f}", f"{o.usd_per_hour:,.2f}"]
+                   f"{o.tokens_per_s:,.0f}", f"{o.usd_per_hour:,.2f}",
+                   f"{o.usd_per_hour / o.tokens_per_s / 3600 * 1e6:,.2f}" if o.tokens_per_s else ""]
             t.add_row(*row, *((f"{o.cost_usd:,.0f}",) if cp.tokens else ()))
         console.print(t)
     console.print("✗: does not fit up to 512 GPUs · communication time is not modelled", style="dim")
