@@ -121,13 +121,8 @@ def read_axolotl(data: dict, path: Path) -> Source:
             out["grad_checkpointing"] = True
         else:
             out["grad_checkpointing"] = f.bool("gradient_checkpointing")
-        kwargs = data.get("gradient_checkpointing_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise PlanError(f"{path.name}: 'gradient_checkpointing_kwargs' must be a mapping, got {kwargs!r}")
+        reentrant = f.use_reentrant()
         if out["grad_checkpointing"]:
-            reentrant = kwargs.get("use_reentrant", False)
-            if not isinstance(reentrant, bool):
-                raise PlanError(f"{path.name}: 'use_reentrant' must be true or false, got {reentrant!r}")
             out["use_reentrant"] = reentrant
     if (opt := f.str("optimizer")) is not None:
         if opt.lower() in OPTIM:

@@ -122,6 +122,17 @@ class Fields:
             raise self._bad(key, "a string")
         return v
 
+    def use_reentrant(self) -> bool:
+        """`gradient_checkpointing_kwargs["use_reentrant"]`; transformers 5 checkpoints with use_reentrant=False
+        when no kwargs are given (modeling_utils `_activation_checkpointing_enable`)."""
+        kwargs = self.data.get("gradient_checkpointing_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise PlanError(f"{self.path.name}: 'gradient_checkpointing_kwargs' must be a mapping, got {kwargs!r}")
+        reentrant = kwargs.get("use_reentrant", False)
+        if not isinstance(reentrant, bool):
+            raise PlanError(f"{self.path.name}: 'use_reentrant' must be true or false, got {reentrant!r}")
+        return reentrant
+
     def targets(self, key: str) -> str | None:
         """peft's target_modules: a list of names, one name, 'all-linear', or a regex string (full match)."""
         v = self.data.get(key)

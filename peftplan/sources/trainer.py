@@ -118,13 +118,8 @@ def read_trainer(data: dict, path: Path) -> Source:
                         + (", which fp16 full fine-tuning needs: the GradScaler refuses fp16 gradients)" if fp16 else ")"))
     if (ckpt := f.bool("gradient_checkpointing")) is not None:
         out["grad_checkpointing"] = ckpt
-        kwargs = data.get("gradient_checkpointing_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise PlanError(f"{path.name}: 'gradient_checkpointing_kwargs' must be a mapping, got {kwargs!r}")
+        reentrant = f.use_reentrant()
         if ckpt:
-            reentrant = kwargs.get("use_reentrant", False)  # transformers 5: use_reentrant=False without kwargs
-            if not isinstance(reentrant, bool):
-                raise PlanError(f"{path.name}: 'use_reentrant' must be true or false, got {reentrant!r}")
             out["use_reentrant"] = reentrant
     if (opt := f.str("optim")) is not None:
         name = opt.lower()
