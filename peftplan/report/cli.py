@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftplan.cli import (AdapterSize, Attention, Batch, Dtype, From, GradCkpt, Json, Optim, R, Seq, Targets, TopK,
+from peftplan.cli import (AdapterSize, Attention, Dtype, From, GradCkpt, Json, Optim, R, Seq, Targets, TopK,
                           fail, with_files)
 from peftplan.errors import PlanError, quote
 from peftplan.planning.validate import check_tokens
