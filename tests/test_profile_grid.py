@@ -243,3 +243,20 @@ def test_failures_in_a_row_abort_the_grid_but_ooms_do_not(rig):
     assert [m.status for m in result.measurements] == ["does-not-fit", "does-not-fit", "ok"]
     assert result.aborted and result.stopped_early and len(result.errors) == 3
     assert [p.plan.batch_size for p in result.not_run] == [5, 6]
+
+
+def test_simulated_reserved_is_the_estimates_allocator_model():
+    """The CPU stand-in's max_memory_reserved is the estimate's reserved (planning/allocator.py rounding), not a
+    fragmentation constant of its own: a larger allocator overhead shows up one for one (to the 2 MiB segment)."""
+    from peftplan.planning import estimate
+
+    card, fake = toy_card(), FakeCuda()
+    est = estimate(card, Plan(method="full", batch_size=2, seq_len=64))
+    fake.init()
+    fake.expect(script_from_estimate(est))
+    for stage in ("build", "forward", "backward", "optimizer", "end"):
+        fake.enter(stage)
+    want = max(m.reserved_bytes for m in est.phases)
+    assert want - 2 * 2**20 < fake.peak_reserved <= want + 2 * 2**20
+    assert fake.peak_allocated == max(m.tensor_bytes for m in est.phases)
+    assert fake.peak_reserved >= fake.peak_allocated

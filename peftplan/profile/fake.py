@@ -1,7 +1,9 @@
 """CPU stand-ins for the CUDA backend and for NVML, for the tests and `gpu_validate.py --dry-run`.
 
-`FakeCuda` plays a device whose memory follows a script (stage -> (current bytes, peak bytes)), usually made
-from the estimate by `script_from_estimate`, and raises torch's OutOfMemoryError where the script says so.
+`FakeCuda` plays a device whose memory follows a script (stage -> (current, peak allocated, peak reserved bytes)),
+usually made from the estimate by `script_from_estimate` (reserved = the estimate's caching-allocator model,
+planning/allocator.py, not a fragmentation constant of its own), and raises torch's OutOfMemoryError where the
+script says so.
 `FakeNvml` answers the few pynvml calls the profiler makes; its `used` comes from a function (a FakeCuda's
 reserved pool plus a context, or any series a test wants). Results made with them say `simulated: true`.
 """
@@ -72,17 +74,19 @@ class FakeCuda:
     device = "cpu"
 
     def __init__(self, total_bytes: int = 80 * GiB, context_bytes: int = 520 * MiB, idle_bytes: int = 4 * MiB,
-                 name: str = "NVIDIA H100 80GB HBM3 (simulated)", fragmentation: float = 0.02) -> None:
+                 name: str = "NVIDIA H100 80GB HBM3 (simulated)") -> None:
         self.total_bytes, self.context_bytes, self.idle_bytes = total_bytes, context_bytes, idle_bytes
-        self.name, self.fragmentation = name, fragmentation
+        self.name = name
         self.initialised = False
-        self.script: dict[str, tuple[int, int]] = {}
+        self.script: dict[str, tuple[int, ...]] = {}
         self.oom_stage: str | None = None
         self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
         self.syncs = 0
 
     # -- what the test or the dry-run sets up for the next configuration
-    def expect(self, script: dict[str, tuple[int, int]], oom_stage: str | None = None) -> None:
+    def expect(self, script: dict[str, tuple[int, ...]], oom_stage: str | None = None) -> None:
+        """stage -> (current, peak) or (current, peak, reserved); without reserved the pool is the peak rounded
+        up to the allocator's 2 MiB segments."""
         self.script, self.oom_stage = dict(script), oom_stage
 
     def nvml_used(self) -> int:
@@ -99,7 +103,7 @@ class FakeCuda:
         self.syncs += 1
 
     def empty_cache(self) -> None:
-        self.reserved = _pool(self.allocated, 0.0)
+        self.reserved = _pool(self.allocated)
 
     def reset_peak(self) -> None:
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
@@ -116,10 +120,10 @@ class FakeCuda:
                 f"{self.total_bytes / GiB:.2f} GiB (simulated)")
         if stage not in self.script:
             return
-        current, peak = self.script[stage]
+        current, peak, *reserved = self.script[stage]
         self.allocated = current
         self.peak_allocated = max(self.peak_allocated, peak, current)
-        self.reserved = max(self.reserved, _pool(peak, self.fragmentation))
+        self.reserved = max(self.reserved, _pool(max(reserved or [peak], default=peak)))
         self.peak_reserved = max(self.peak_reserved, self.reserved)
 
     def is_oom(self, exc: BaseException) -> bool:
@@ -134,20 +138,20 @@ class FakeCuda:
                 "cuda_version": "simulated", "torch_version": torch.__version__}
 
 
-def _pool(nbytes: int, fragmentation: float) -> int:
-    want = int(nbytes * (1 + fragmentation))
-    return -(-want // POOL_ROUND) * POOL_ROUND
+def _pool(nbytes: int) -> int:
+    return -(-nbytes // POOL_ROUND) * POOL_ROUND
 
 
-def script_from_estimate(est) -> dict[str, tuple[int, int]]:
-    """Stage -> (current, peak) bytes that make FakeCuda show the estimate's tensor figures."""
+def script_from_estimate(est) -> dict[str, tuple[int, ...]]:
+    """Stage -> (current, peak allocated, peak reserved) bytes that make FakeCuda show the estimate's figures:
+    tensors (`Memory.tensor_bytes`) and torch reserved (`Memory.reserved_bytes`, the allocator model)."""
     by_phase = {m.phase: m for m in est.phases}
     fwd = by_phase["forward"]
     weights = fwd.frozen_weights_bytes + fwd.trainable_weights_bytes
     steady = weights + fwd.optimizer_states_bytes
     script = {"build": (weights, weights), "ready": (weights, weights), "end": (steady, steady)}
     for phase, m in by_phase.items():
-        script[phase] = (steady, m.tensor_bytes)
+        script[phase] = (steady, m.tensor_bytes, m.reserved_bytes)
     return script
 
 
