@@ -17,6 +17,7 @@ model with real weights. Validation goes through `params.count`, so bad input fa
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -227,7 +228,9 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
             upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
     config = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout, target_modules=targets,
                         use_dora=plan.use_dora, bias="none")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated name
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     adapter_dtype = TORCH_DTYPES[plan.adapter_dtype]
     trainable = []
     for name, p in peft_model.named_parameters():

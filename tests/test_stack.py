@@ -175,3 +175,16 @@ def test_reentrant_checkpointing_under_emulated_autocast_is_refused():
     with pytest.raises(PlanError, match="reentrant"):
         trace(small("opt-125m"), Plan(method="full", dtype="fp32", autocast="bf16", grad_checkpointing=True,
                                       use_reentrant=True, seq_len=32))
+
+
+def test_peft_build_with_checkpointing_prints_no_deprecation_warning():
+    """peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`; the trace must not print it."""
+    import warnings
+
+    from peftplan.measure.step import build_model
+
+    card = load_card("opt-125m")
+    plan = Plan(method="lora", grad_checkpointing=True, batch_size=1, seq_len=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        build_model(card, plan, device="cpu", impl="peft")
