@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftplan.errors import PlanError
-from peftplan.terminal import ascii_fallback, error_line, silence_stdout
+from peftplan.terminal import ascii_fallback, error_line, silence_stdout, wide_when_piped
 from peftplan.plan import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     """The `peftplan` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
     ascii_fallback()
+    wide_when_piped()
     # the planning commands start fast: the other commands' modules load only when one of them may run
     if not (args and args[0] in CORE):
         _register_optional()

@@ -53,3 +53,14 @@ def silence_stdout() -> None:
         os.close(devnull)
     except OSError:
         pass
+
+
+PIPED_WIDTH = 160  # columns for tables written to a pipe or file: wide enough that no breakdown table wraps
+
+
+def wide_when_piped() -> None:
+    """rich lays out for 80 columns when stdout is not a terminal; a table piped to a file or `less` then wraps
+    its names. Without a terminal and without an explicit COLUMNS, lay out for PIPED_WIDTH instead (rich reads
+    COLUMNS when a Console is made)."""
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        os.environ["COLUMNS"] = str(PIPED_WIDTH)

@@ -119,3 +119,15 @@ def test_flash_attention_before_ampere_warns():
 
     assert any("FlashAttention-2" in w for w in estimate("opt-125m", attention="flash", dtype="fp16", gpu="t4").warnings)
     assert not any("FlashAttention-2" in w for w in estimate("opt-125m", attention="flash", gpu="a100-80gb").warnings)
+
+
+def test_piped_tables_are_not_cut_to_80_columns():
+    """Piped to a file, rich would lay out for 80 columns and cut the model table's names ("bert…"); the CLI
+    lays out wide instead, and an explicit COLUMNS still wins."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-m", "peftplan", "models"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert "bert-base" in out and "mixtral-8x7b" in out and "…" not in out
+    narrow = subprocess.run([sys.executable, "-m", "peftplan", "models"], capture_output=True, text=True,
+                            env={**env, "COLUMNS": "80"}, check=True).stdout
+    assert "…" in narrow
