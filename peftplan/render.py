@@ -52,13 +52,24 @@ def _params_table(est: Estimate) -> Table:
     return t
 
 
+def _stack_summary(plan) -> str:
+    """The options that shape the breakdown, as the title names them: b, s, weights' dtype, autocast,
+    accumulation, optimizer, checkpointing, attention (defaults that change nothing are left out)."""
+    parts = [f"b={plan.batch_size}", f"s={plan.seq_len}", plan.dtype]
+    if plan.autocast != "none":
+        parts.append(f"{plan.autocast} autocast")
+    if plan.grad_accum > 1:
+        parts.append(f"grad-accum {plan.grad_accum}")
+    parts.append(plan.optimizer)
+    if plan.grad_checkpointing:
+        parts.append("checkpointing (reentrant)" if plan.use_reentrant else "checkpointing")
+    parts.append(plan.attention)
+    return ", ".join(parts)
+
+
 def _memory_table(est: Estimate) -> Table:
     peak = est.peak
-    per_gpu = f"per GPU, {est.strategy} on {est.plan.gpus} GPUs, " if est.strategy != "none" else ""
-    t = Table(title=f"peak memory by component ({per_gpu}b={est.plan.batch_size}, s={est.plan.seq_len}, "
-                    f"{est.plan.dtype}, {est.plan.optimizer}"
-                    f"{', checkpointing' if est.plan.grad_checkpointing else ''}, {est.plan.attention})",
-              title_justify="left")
+    t = Table()  # its title is printed above it as a line of its own (a table title wraps to the table's width)
     t.add_column("component")
     for m in est.phases:
         name = f"{m.phase} ★" if m is peak else m.phase
@@ -100,6 +111,8 @@ def _time_lines(est: Estimate) -> list[str]:
 def render_estimate(est: Estimate, console: Console | None = None) -> None:
     console = console or Console()
     console.print(_params_table(est))
+    per_gpu = f"per GPU, {est.strategy} on {est.plan.gpus} GPUs, " if est.strategy != "none" else ""
+    console.print(f"peak memory by component ({per_gpu}{_stack_summary(est.plan)})", highlight=False, soft_wrap=True)
     console.print(_memory_table(est))
     console.print(f"peak: [bold]{gib(est.peak_bytes)}[/bold] in the {est.peak.phase} phase "
                   f"({gib(est.peak.tensor_bytes)} of tensors)")

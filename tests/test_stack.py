@@ -188,3 +188,15 @@ def test_peft_build_with_checkpointing_prints_no_deprecation_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         build_model(card, plan, device="cpu", impl="peft")
+
+
+def test_breakdown_title_names_the_stack_on_one_line():
+    out = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", "llama-3.1-8b", "--method", "qlora",
+                          "--autocast", "bf16", "--grad-accum", "4", "--grad-checkpointing", "--use-reentrant"],
+                         capture_output=True, text=True, check=True).stdout
+    title = next(line for line in out.splitlines() if line.startswith("peak memory by component"))
+    for part in ("b=1", "s=512", "bf16 autocast", "grad-accum 4", "checkpointing (reentrant)", "sdpa"):
+        assert part in title
+    plain = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", "llama-3.1-8b"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "autocast" not in plain and "grad-accum" not in plain
