@@ -27,6 +27,7 @@ from peftplan.errors import PlanError
 from peftplan.layers import (Adapter, AdapterAfter, LoRALinear, in_out_features, is_linear, is_linear4bit,
                              to_linear4bit)
 from peftplan.planning.layout import layout
+from peftplan.planning.moe_targets import PEFT_MOE_FAMILY
 from peftplan.planning.params import count, parse_targets
 from peftplan.plan import Plan
 
@@ -99,7 +100,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _check(model: nn.Module, card: ModelCard, plan: Plan) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTER_SITES:
+    if model_type not in ADAPTER_SITES and not (card.generated and plan.method != "adapter"):  # adapters need sites
         raise PlanError(f"the injector does not know architecture '{model_type}' "
                         f"(known: {', '.join(ADAPTER_SITES)})")
     if model_type != card.model_type:
@@ -225,6 +226,9 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
             _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
         if plan.kbit_prep:
             upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
+    if card.model_type in PEFT_MOE_FAMILY:  # peft itself rewrites these targets onto the fused experts (moe_targets)
+        kind, names = parse_targets(plan.targets, card.model_type)
+        targets = "all-linear" if kind == "all-linear" else list(names)
     config = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout, target_modules=targets,
                         use_dora=plan.use_dora, bias="none")
     peft_model = get_peft_model(model, config)

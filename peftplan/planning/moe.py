@@ -1,0 +1,130 @@
+"""Mixture-of-experts terms of the memory estimate (Mixtral, Qwen3-MoE and the other transformers-5 MoE blocks).
+
+Symbols: t = b·s tokens, d hidden, E routed experts, k experts per token, f = expert_d_ff, S = t·k (token,
+expert) pairs, e bytes per activation element. Facts come from the generated card: E, k, f (`n_experts`,
+`experts_per_token`, `expert_d_ff`), the router's behaviour (`router_norm_topk`, `router_weights_fp32`), the
+auxiliary loss (`router_aux_loss`, config.output_router_logits) and whether the experts are fused 3-D parameters
+(layout Params with role "expert").
+
+What one MoE block runs (transformers 5.24, modeling_mixtral.py / modeling_qwen3_moe.py, and the default
+experts kernel `grouped_mm_experts_forward` in transformers/integrations/moe.py):
+
+    router   logits = x·W_rᵀ (t×E); softmax in fp32 (saved, t×E); top-k (indices t×k int64 saved);
+             optionally the k weights renormalised in place (saves the t×1 sum and a copy of the k values)
+    experts  sort the S expert ids (perm, int64); gather x[perm // k] (S×d; saved when the experts train);
+             gate_up = grouped_mm (S×2f, saved: the activation reads its gate half, the product its up half);
+             act(gate) (S×f, saved by the product); h = act·up (S×f, saved when down_proj trains);
+             down = grouped_mm (S×d, saved by the routing-weight product); routing weights gathered (S, fp32 in
+             Mixtral, e in Qwen3-MoE, saved); the inverse permutation (int64 S, saved); the weighted S×d
+             output (fp32 when the weights are), summed over k back to t×d.
+
+Routing. The kernel handles all S pairs as one sorted batch with per-expert offsets, so every tensor above has S
+rows whatever the router picks: memory is the same under `balanced` (each expert ⌊S/E⌋ or ⌈S/E⌉ tokens) and
+`worst` (k experts get all t tokens, the rest none) — the trace forces each rule (peftplan/trace/moe.py) and
+measures equal peaks. What the routing changes is how the grouped GEMM's work splits over experts (the busiest
+expert's tokens, `tokens_per_expert`), shown in the breakdown for both rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import layout
+from peftplan.plan import Plan
+
+FP32, INT64 = 4, 8
+
+
+def tokens_per_expert(tokens: int, k: int, n_experts: int, routing: str) -> tuple[int, ...]:
+    """Tokens each of the E experts processes in one block, for t tokens (sums to t·k).
+
+    balanced: ⌊t·k/E⌋ or ⌈t·k/E⌉ each (the trace's rule: token i's j-th expert is (i·k + j) mod E);
+    worst: the same k experts get all t tokens, the other E − k none.
+    """
+    if routing == "worst":
+        return tuple(tokens if i < k else 0 for i in range(n_experts))
+    q, rem = divmod(tokens * k, n_experts)
+    return tuple(q + (i < rem) for i in range(n_experts))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the estimate assumes about routing, for the breakdown (both rules are shown)."""
+    n_experts: int  # E
+    experts_per_token: int  # k
+    pairs: int  # S = t·k (token, expert) pairs per block
+    busiest_expert_tokens_balanced: int  # ⌈t·k/E⌉
+    busiest_expert_tokens_worst: int  # t
+    chosen: str  # the plan's --moe-routing
+    memory_depends_on_routing: bool  # False for transformers 5's grouped-GEMM experts (see module docstring)
+
+
+def routing(card: ModelCard, plan: Plan) -> Routing | None:
+    """Routing figures for a MoE card; None for a dense one."""
+    if not card.moe:
+        return None
+    t, k, E = plan.tokens, card.experts_per_token, card.n_experts
+    return Routing(n_experts=E, experts_per_token=k, pairs=t * k,
+                   busiest_expert_tokens_balanced=max(tokens_per_expert(t, k, E, "balanced")),
+                   busiest_expert_tokens_worst=max(tokens_per_expert(t, k, E, "worst")),
+                   chosen=plan.moe_routing, memory_depends_on_routing=False)
+
+
+def fused_experts(card: ModelCard) -> bool:
+    """The routed experts are fused 3-D parameters (transformers 5: mlp.experts.gate_up_proj / down_proj)."""
+    return any(p.expert and len(p.shape) == 3 for p in layout(card).block_params)
+
+
+def weights_bytes(card: ModelCard, e: int) -> int:
+    """Element size of the routing weights the experts multiply by: fp32 when the router keeps its softmax's
+    fp32 (Mixtral), else cast back to the activation dtype (Qwen3-MoE: `.to(router_logits.dtype)`)."""
+    return FP32 if card.router_weights_fp32 else e
+
+
+def router_saved_per_token(card: ModelCard, e: int, router_trains: bool) -> int:
+    """Bytes per token the router saves: its input x when W_r trains, the fp32 softmax (E), the top-k indices
+    (int64 k); renormalising in place (`router_top_value /= sum`) saves the t×1 fp32 sum and a copy of the k
+    fp32 values autograd keeps for the divisor's gradient."""
+    E, k, d = card.n_experts, card.experts_per_token, card.d_model
+    total = e * d * router_trains + FP32 * E + INT64 * k
+    if card.router_norm_topk:
+        total += FP32 * k + FP32
+    return total
+
+
+def experts_saved_per_token(card: ModelCard, e: int, gate_up_trains: bool, down_trains: bool) -> int:
+    """Bytes per token the grouped-GEMM experts save (k rows per token, module docstring): three int64 index
+    tensors (perm // k, perm, inverse perm), gate_up output (2f), act(gate) (f), down output (d), the routing
+    weight; the gathered input (d) when gate_up trains, act·up (f) when down_proj trains."""
+    k, d, f = card.experts_per_token, card.d_model, card.expert_d_ff
+    per_pair = 3 * INT64 + e * (2 * f + f + d) + weights_bytes(card, e)
+    per_pair += e * d * gate_up_trains + e * f * down_trains
+    return k * per_pair
+
+
+def block_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> int:
+    """The MoE block's saved bytes per token (router + experts), in place of a dense MLP's; `trains`: the block's
+    own weights train (full fine-tuning, top-k)."""
+    return router_saved_per_token(card, e, trains) + experts_saved_per_token(card, e, trains, trains)
+
+
+def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[int, int, int]:
+    """(forward, backward, top block's backward) transient bytes of one MoE block beyond what it saves, in
+    place of the dense FFN's `ffn_fwd`, `ffn_bwd`, `ffn_bwd_top` (memory.phases).
+
+    forward: the S×2f gate_up output and act·up while made, the down output and its weighted (fp32 when the
+    weights are) copy and its un-permuted copy; backward: the gradients flowing back through the weighted
+    product, down (S×f), the gated product (S×2f) and the gathered input (S×d), with the t×d sum.
+    """
+    t, k, d, f = plan.tokens, card.experts_per_token, card.d_model, card.expert_d_ff
+    S, w = t * k, weights_bytes(card, e)
+    wide = max(w, e)
+    fwd = S * (e * (2 * f + f + d) + 2 * wide * d) + t * wide * d
+    bwd = S * (wide * d + e * (f + 2 * f + d)) + t * e * d
+    return fwd, bwd, bwd
+
+
+def aux_loss_bytes_per_token(card: ModelCard, e: int) -> int:
+    """config.output_router_logits: every block's t×E router logits are recorded (transformers' OutputRecorder)
+    and live from their block's forward to the loss, where `load_balancing_loss_func` reads them. Per block."""
+    return card.n_experts * e if card.router_aux_loss else 0
