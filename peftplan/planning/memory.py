@@ -618,7 +618,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=st.largest_gradient_bytes))
     emb = embedding_backward_bytes(card, plan)
-    if emb:
+    if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
         moments.append(dict(gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd))
     if accum:

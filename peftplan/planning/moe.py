@@ -113,14 +113,15 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     place of the dense FFN's `ffn_fwd`, `ffn_bwd`, `ffn_bwd_top` (memory.phases).
 
     forward: the S×2f gate_up output and act·up while made, the down output and its weighted (fp32 when the
-    weights are) copy and its un-permuted copy; backward: the gradients flowing back through the weighted
-    product, down (S×f), the gated product (S×2f) and the gathered input (S×d), with the t×d sum.
+    weights are) copy and its un-permuted copy. backward (measured on the trace): the gradient entering the
+    block (t×d), then down_proj's input gradient (S×f) and the gated product's two factor gradients (S×f
+    each) live together, while the down output and the routing weight the weighted product saved are freed.
     """
     t, k, d, f = plan.tokens, card.experts_per_token, card.d_model, card.expert_d_ff
     S, w = t * k, weights_bytes(card, e)
     wide = max(w, e)
     fwd = S * (e * (2 * f + f + d) + 2 * wide * d) + t * wide * d
-    bwd = S * (wide * d + e * (f + 2 * f + d)) + t * e * d
+    bwd = S * (3 * e * f - e * d - w) + t * e * d
     return fwd, bwd, bwd
 
 
