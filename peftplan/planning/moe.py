@@ -129,3 +129,50 @@ def aux_loss_bytes_per_token(card: ModelCard, e: int) -> int:
     """config.output_router_logits: every block's t×E router logits are recorded (transformers' OutputRecorder)
     and live from their block's forward to the loss, where `load_balancing_loss_func` reads them. Per block."""
     return card.n_experts * e if card.router_aux_loss else 0
+
+
+# ---------------------------------------------------------------- what the estimate refuses or flags
+
+
+def expert_params(card: ModelCard) -> int:
+    """Parameters of the fused 3-D routed-expert tensors, all blocks (bitsandbytes leaves them unquantized)."""
+    lay = layout(card)
+    per_block = sum(p.numel for p in lay.block_params if p.expert and len(p.shape) == 3)
+    return card.n_layers * per_block + sum(p.numel for p in lay.other_params if p.expert and len(p.shape) == 3)
+
+
+def refuse(card: ModelCard, plan: Plan) -> None:
+    """Raise PlanError for what the users' stack cannot run on fused experts.
+
+    QLoRA with k-bit preparation: transformers' bitsandbytes quantizer replaces `nn.Linear` modules only
+    (integrations/bitsandbytes.py), so the fused 3-D experts stay in bf16; peft's prepare_model_for_kbit_training
+    then casts every non-4-bit parameter to fp32, experts included, and the grouped-GEMM experts kernel refuses
+    fp32 operands ("Expected inputs of BF16 type", seen in the trace).
+    """
+    from peftplan.errors import PlanError
+
+    if card.moe and plan.method == "qlora" and plan.kbit_prep and fused_experts(card):
+        raise PlanError(f"QLoRA on {card.name}: bitsandbytes quantizes only Linears, its "
+                        f"{expert_params(card) / 1e9:.1f}B fused expert parameters stay bf16, and k-bit "
+                        "preparation would upcast them to fp32, which the grouped-GEMM experts refuse; "
+                        "pass --no-kbit-prep")
+
+
+def warnings(card: ModelCard, plan: Plan) -> list[str]:
+    """Notes on MoE plans: unquantized experts under QLoRA; peft's LoRA on fused experts (not modelled)."""
+    out = []
+    if not card.moe:
+        return out
+    if plan.method == "qlora" and fused_experts(card):
+        out.append(f"bitsandbytes quantizes only Linears: {card.name}'s {expert_params(card) / 1e9:.1f}B fused "
+                   f"expert parameters stay in {plan.dtype} (counted so)")
+    if plan.uses_lora and any(lin.role == "param_lora" for lin, _, _ in _targets(card, plan)):
+        out.append("peft's LoRA on the fused experts (ParamWrapper) merges W + B·A for every expert stack on each "
+                   "forward and keeps it for backward: those merged weights are not in this estimate yet")
+    return out
+
+
+def _targets(card: ModelCard, plan: Plan):
+    from peftplan.planning.params import lora_targets
+
+    return lora_targets(card, plan.targets)
