@@ -104,8 +104,45 @@ def experts_saved_per_token(card: ModelCard, e: int, gate_up_trains: bool, down_
 
 def block_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> int:
     """The MoE block's saved bytes per token (router + experts), in place of a dense MLP's; `trains`: the block's
-    own weights train (full fine-tuning, top-k)."""
-    return router_saved_per_token(card, e, trains) + experts_saved_per_token(card, e, trains, trains)
+    own weights train (full fine-tuning, top-k). peft's LoRA on a fused parameter makes the merged weight need a
+    gradient, so its op saves what a trained one saves."""
+    wrapped = lora_wrapped(card, plan)
+    router = trains or any(p.role == "router" for p in wrapped)
+    gate_up = trains or any(p.name.endswith("gate_up_proj") for p in wrapped)
+    down = trains or any(p.name.endswith("down_proj") for p in wrapped)
+    return router_saved_per_token(card, e, router) + experts_saved_per_token(card, e, gate_up, down)
+
+
+# ---------------------------------------------------------------- peft's LoRA on fused parameters (ParamWrapper)
+
+
+def lora_wrapped(card: ModelCard, plan: Plan) -> tuple:
+    """The block Params (layout.Param) peft's LoRA wraps with a ParamWrapper (moe_targets: all-linear or the v4
+    expert names on the model types peft rewrites); () when none."""
+    if not (card.moe and plan.uses_lora):
+        return ()
+    from peftplan.planning.params import lora_targets
+
+    names = {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if lin.role == "param_lora" and in_block}
+    return tuple(p for p in layout(card).block_params if p.name in names)
+
+
+def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
+    """Bytes per block peft's ParamWrapper keeps for backward (peft/tuners/lora/layer.py, `_activate_lora`):
+    on each forward a fused (E, a, b) expert stack is replaced by W + scaling·lhs@rhs (`_LoraFactorsProxy`, one
+    baddbmm in W's dtype) and a 2-D router weight by W + ΔW (`_LoraParameterProxy`); the op reading it saves the
+    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype."""
+    e = plan.bytes_per_element
+    total = 0
+    for p in lora_wrapped(card, plan):
+        total += e * p.numel
+        if len(p.shape) == 3:
+            from peftplan.planning.moe_targets import param_lora_shape
+
+            mult = 2 if p.name.endswith("gate_up_proj") else 1
+            d_in, d_out = param_lora_shape(p.shape, mult)
+            total += e * plan.r * (d_in + d_out)
+    return total
 
 
 def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[int, int, int]:
@@ -122,6 +159,12 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     wide = max(w, e)
     fwd = S * (e * (2 * f + f + d) + 2 * wide * d) + t * wide * d
     bwd = S * (3 * e * f - e * d - w) + t * e * d
+    wrapped = lora_wrapped(card, plan)
+    fwd += max((plan.bytes_per_element * p.numel for p in wrapped), default=0)  # a checkpointed forward re-merges
+    down = sum(plan.bytes_per_element * p.numel for p in wrapped if p.name.endswith("down_proj"))
+    if down:  # the merged down stack's full-size gradient (before the baddbmm hands it to the LoRA factors), with
+        # down's input gradient and the fp32 and e copies of the gradient entering the block (measured)
+        bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
     return fwd, bwd, bwd
 
 
