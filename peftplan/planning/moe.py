@@ -149,22 +149,38 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     """(forward, backward, top block's backward) transient bytes of one MoE block beyond what it saves, in
     place of the dense FFN's `ffn_fwd`, `ffn_bwd`, `ffn_bwd_top` (memory.phases).
 
-    forward: the S×2f gate_up output and act·up while made, the down output and its weighted (fp32 when the
-    weights are) copy and its un-permuted copy. backward (measured on the trace): the gradient entering the
-    block (t×d), then down_proj's input gradient (S×f) and the gated product's two factor gradients (S×f
-    each) live together, while the down output and the routing weight the weighted product saved are freed.
+    forward (a block that saves nothing: checkpointed), the larger of two moments (measured on the trace): after
+    the gate_up GEMM, the gathered input (S×d, a Python local to the end of the kernel), gate_up's output (S×2f),
+    act(gate) and act·up (S×f each); at the end, the gathered input, the down output, the weighted output (fp32
+    when the weights are) and its un-permuted copy (S×d each), and two t×d tensors of the block.
+    backward (measured): the gradient entering the block (t×d), then down_proj's input gradient (S×f) and the
+    gated product's two factor gradients (S×f each) live together, while the down output and the routing weight
+    the weighted product saved are freed.
+    peft's LoRA on the fused experts (ParamWrapper): the merged gate_up stack exists from its first use to the end
+    of the kernel, the merged down stack from its first use; in backward the merged down stack's full-size
+    gradient is made before the baddbmm hands it to the LoRA factors.
     """
     t, k, d, f = plan.tokens, card.experts_per_token, card.d_model, card.expert_d_ff
     S, w = t * k, weights_bytes(card, e)
     wide = max(w, e)
-    fwd = S * (e * (2 * f + f + d) + 2 * wide * d) + t * wide * d
-    bwd = S * (3 * e * f - e * d - w) + t * e * d
     wrapped = lora_wrapped(card, plan)
-    fwd += max((plan.bytes_per_element * p.numel for p in wrapped), default=0)  # a checkpointed forward re-merges
-    down = sum(plan.bytes_per_element * p.numel for p in wrapped if p.name.endswith("down_proj"))
-    if down:  # the merged down stack's full-size gradient (before the baddbmm hands it to the LoRA factors), with
-        # down's input gradient and the fp32 and e copies of the gradient entering the block (measured)
+    merged = {p.name.rsplit(".", 1)[-1]: plan.bytes_per_element * p.numel for p in wrapped if len(p.shape) == 3}
+    gate_up, down = merged.get("gate_up_proj", 0), merged.get("down_proj", 0)
+    fwd = max(S * e * (d + 4 * f) + gate_up, S * (2 * e * d + 2 * wide * d) + 2 * t * e * d + gate_up + down)
+    bwd = S * (3 * e * f - e * d - w) + t * e * d
+    if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
+    if trained:
+        down_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+                                                 if p.expert and p.name.endswith("down_proj"))
+        # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
+        # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
+        # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
+        # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
+        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+                                                    if p.expert and p.name.endswith("gate_up_proj"))
+        bwd = max(down_grad - S * (e * (f + d) + wide * d),
+                  down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
     return fwd, bwd, bwd
 
 
