@@ -1,13 +1,16 @@
 """Benchmark: the estimate against the fake-tensor trace on mixture-of-experts cards (issue 11, part 3).
 
-Mixtral-8x7B and Qwen3-30B-A3B (generated cards, every width and the vocabulary kept, cut to 2 blocks: the
-trace's peaks are affine in the number of blocks) × routing (balanced, worst: the trace forces each,
-peftplan/trace/moe.py) × LoRA on attention (q,v and q,k,v,o), QLoRA (--no-kbit-prep: the fused experts stay
-bf16), full fine-tuning × checkpointing on/off, plus larger steps and r = 64. Prints each configuration's error
-and the summary, and writes benchmarks/results/check_moe.json.
+Mixtral-8x7B and Qwen3-30B-A3B generated cards, every width and the vocabulary kept, cut to 2 and 8 blocks (the
+trace's peaks are affine in the number of blocks; Qwen3's 151,936-entry vocabulary needs more blocks before the
+experts outweigh the logits) × routing (balanced, worst: the trace forces each, peftplan/trace/moe.py) × LoRA on
+attention (q,v; q,k,v,o), LoRA all-linear (peft reaches the router and the fused experts), QLoRA (--no-kbit-prep:
+the fused experts stay bf16), full fine-tuning × checkpointing on/off at b=4, s=1024; plus r = 64 at s = 2048 and
+QLoRA all-linear. Prints each configuration's error and the summary; writes benchmarks/results/check_moe.json.
+`--full-size` instead traces the whole Mixtral-8x7B and Qwen3-30B-A3B (the README's figures).
 
-    python benchmarks/check_moe.py            # 44 configurations (~10 min on 2 shared cores)
-    python benchmarks/check_moe.py --quick    # 4
+    python benchmarks/check_moe.py              # 46 configurations
+    python benchmarks/check_moe.py --quick      # 4
+    python benchmarks/check_moe.py --full-size  # 5 full-size traces
 """
 from __future__ import annotations
 
@@ -30,24 +33,37 @@ from peftplan.trace.random_check import cut  # noqa: E402
 from peftplan.trace.run import trace  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "check_moe.json"
-CARDS = ("mixtral-8x7b", "qwen3-30b-a3b")
-METHODS = (dict(method="lora", targets="q_proj,v_proj"), dict(method="lora", targets="q_proj,k_proj,v_proj,o_proj"),
+CARDS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8}  # card: blocks kept
+ROUTINGS = ("balanced", "worst")
+ATTN, QKVO = dict(method="lora", targets="q_proj,v_proj"), dict(method="lora", targets="q_proj,k_proj,v_proj,o_proj")
+METHODS = (ATTN, QKVO, dict(method="lora", targets="all-linear"),
            dict(method="qlora", targets="q_proj,v_proj", kbit_prep=False), dict(method="full"))
 
 
 def configurations(quick: bool) -> list:
-    cards = [cut(registry()[n], 2) for n in CARDS]
-    out = []
+    cards = [cut(registry()[n], k) for n, k in CARDS.items()]
     if quick:
-        return [(c, Plan(batch_size=2, seq_len=256, moe_routing=r, **METHODS[0])) for c in cards
-                for r in ("balanced", "worst")]
-    for card, routing, m, gc in itertools.product(cards, ("balanced", "worst"), METHODS, (False, True)):
-        out.append((card, Plan(batch_size=2, seq_len=256, grad_checkpointing=gc, moe_routing=routing, **m)))
-    for card, routing, gc in itertools.product(cards, ("balanced", "worst"), (False, True)):
-        out.append((card, Plan(batch_size=4, seq_len=512, grad_checkpointing=gc, moe_routing=routing, **METHODS[0])))
-    for card, routing in itertools.product(cards, ("balanced", "worst")):
-        out.append((card, Plan(r=64, batch_size=1, seq_len=1024, moe_routing=routing, **METHODS[1])))
+        return [(c, Plan(batch_size=2, seq_len=256, moe_routing=r, **ATTN)) for c in cards for r in ROUTINGS]
+    out = []
+    for card, routing, m, gc in itertools.product(cards, ROUTINGS, METHODS, (False, True)):
+        out.append((card, Plan(batch_size=4, seq_len=1024, grad_checkpointing=gc, moe_routing=routing, **m)))
+    for card, routing in itertools.product(cards, ROUTINGS):
+        out.append((card, Plan(r=64, batch_size=1, seq_len=2048, moe_routing=routing, **QKVO)))
+    for card in cards:
+        out.append((card, Plan(method="qlora", targets="all-linear", kbit_prep=False, batch_size=4, seq_len=1024,
+                               grad_checkpointing=True)))
     return out
+
+
+def full_size() -> list:
+    """The whole models, as a user would trace them (b=1, s=512)."""
+    mix, qwen = registry()["mixtral-8x7b"], registry()["qwen3-30b-a3b"]
+    return [(mix, Plan(batch_size=1, seq_len=512, **ATTN)),
+            (mix, Plan(batch_size=1, seq_len=512, moe_routing="worst", **ATTN)),
+            (mix, Plan(method="qlora", targets="q_proj,v_proj", kbit_prep=False, batch_size=1, seq_len=512,
+                       grad_checkpointing=True)),
+            (qwen, Plan(batch_size=1, seq_len=512, **QKVO)),
+            (qwen, Plan(batch_size=4, seq_len=1024, grad_checkpointing=True, **ATTN))]
 
 
 def label(card, plan: Plan) -> str:
@@ -59,9 +75,11 @@ def label(card, plan: Plan) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--full-size", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    configs = configurations(args.quick)
+    configs = full_size() if args.full_size else configurations(args.quick)
+    args.out = args.out or (OUT.with_name("check_moe_full_size.json") if args.full_size else OUT)
     results, failures, rows = [], [], []
     t0 = time.perf_counter()
     for i, (card, plan) in enumerate(configs, 1):
@@ -74,6 +92,7 @@ def main() -> None:
             continue
         results.append(c)
         rows.append({"config": name, "peak_error": c.peak_error, "trace_peak_bytes": c.trace_peak_bytes,
+                     "phase_errors": c.phase_errors,
                      "estimate_peak_bytes": c.estimate_peak_bytes, "phase": c.trace_phase,
                      "trace_seconds": round(c.trace_seconds, 2)})
         print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {name}: "

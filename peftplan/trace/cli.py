@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Batch, Dora, DoubleQuant, Dropout,
-                          Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model, MoeRouting,
-                          Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail, make_plan,
-                          Yes, with_files)
+                          Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model,
+                          MoeRouting, Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail,
+                          make_plan, Yes, with_files)
 from peftplan.errors import PlanError, quote
 
 

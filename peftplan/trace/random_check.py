@@ -62,9 +62,14 @@ def cut(card: ModelCard, k: int) -> ModelCard:
     if k == card.n_layers:
         return card
     if card.generated:  # the trace rebuilds the model from the config: cut it there too
-        config = {key: (k if key in ("num_hidden_layers", "n_layer", "num_layers") else v)
+        n = card.n_layers
+        config = {key: (k if key in ("num_hidden_layers", "n_layer", "num_layers")
+                        else v[:k] if isinstance(v, list) and len(v) == n else v)  # per-layer lists (layer_types)
                   for key, v in card.config.items()}
-        return dataclasses.replace(card, n_layers=k, config=config, tree=dict(card.tree, n_blocks=k))
+        prefix = card.tree["block_prefix"] + "."
+        kept = [e for e in card.tree["other"]  # entries of blocks that differ (DeepSeek-V2's MoE layers) past k go
+                if not (e["name"].startswith(prefix) and int(e["name"][len(prefix):].split(".")[0]) >= k)]
+        return dataclasses.replace(card, n_layers=k, config=config, tree=dict(card.tree, n_blocks=k, other=kept))
     return dataclasses.replace(card, n_layers=k)
 
 
