@@ -28,7 +28,7 @@ from peftplan.layers import (Adapter, AdapterAfter, LoRALinear, in_out_features,
                              to_linear4bit)
 from peftplan.planning.layout import layout
 from peftplan.planning.moe_targets import PEFT_MOE_FAMILY
-from peftplan.planning.params import count, parse_targets
+from peftplan.planning.params import count, lora_targets, parse_targets
 from peftplan.plan import Plan
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -126,6 +126,8 @@ def kbit_prepare(model: nn.Module) -> tuple[str, ...]:
 
 def _inject_lora(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: torch.dtype) -> dict:
     """LoRA around the targets; for QLoRA every Linear/Conv1D but the head first becomes an NF4 Linear4bit."""
+    if any(lin.role == "param_lora" for lin, _, _ in lora_targets(card, plan.targets)):
+        raise PlanError("LoRA on fused expert parameters is peft's ParamWrapper: build it with peft (--impl peft)")
     linears = linear_modules(model)
     targets = match_targets(list(linears), plan.targets, card.model_type)
     if plan.method == "qlora":

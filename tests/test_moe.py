@@ -150,3 +150,25 @@ def test_cut_generated_card_cuts_its_config():
     card = cut(registry()["mixtral-8x7b"], 2)
     assert card.n_layers == 2 and card.config["num_hidden_layers"] == 2 and card.tree["n_blocks"] == 2
     assert dataclasses.replace(card).config["num_local_experts"] == 8
+
+
+def test_aux_loss_router_logits_term_matches_the_trace():
+    """config.output_router_logits: the forward peak grows by the t×E tensor per block the load-balancing loss
+    keeps, in the trace and in the estimate alike."""
+    from peftplan.trace.run import trace
+
+    base = cut(registry()["qwen3-30b-a3b"], 2)
+    aux = dataclasses.replace(base, config=dict(base.config, output_router_logits=True), router_aux_loss=True)
+    plan = Plan(targets="q_proj,v_proj", batch_size=4, seq_len=1024)
+    traced = [trace(c, plan).phases[0].peak_bytes for c in (base, aux)]
+    estimated = [estimate(c, plan).phases[0].tensor_bytes for c in (base, aux)]
+    want = 2 * 4096 * 128 * 2  # blocks × t × E × bf16
+    assert abs((traced[1] - traced[0]) - want) <= 4096 and estimated[1] - estimated[0] == want
+
+
+def test_ours_refuses_lora_on_fused_experts():
+    from peftplan.errors import PlanError
+    from peftplan.trace.run import trace
+
+    with pytest.raises(PlanError, match="impl peft"):
+        trace(cut(registry()["mixtral-8x7b"], 1), Plan(targets="all-linear", seq_len=16), impl="ours")

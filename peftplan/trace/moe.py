@@ -65,11 +65,14 @@ def forced_routing(model: nn.Module, routing: str):
 
     saved = []
     for m in routers:
-        original, forced = wrap(m)
-        saved.append((m, original))
+        _, forced = wrap(m)
+        saved.append((m, m.__dict__.get("forward")))  # an instance-level forward, if one was already set
         m.forward = forced
     try:
         yield len(routers)
     finally:
-        for m, original in saved:
-            m.forward = original
+        for m, own in saved:
+            if own is None:
+                del m.forward  # the class's forward again
+            else:
+                m.forward = own
