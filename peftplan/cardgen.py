@@ -428,7 +428,18 @@ def _moe_facts(text, tree: dict) -> dict:
     shared = int(_get(text, "n_shared_experts", "num_shared_experts", default=0) or 0) if E else 0
     if E and not shared and any("shared_expert" in e["name"] for e in tree["block"] + tree["other"]):
         shared = 1
-    return dict(n_experts=E, experts_per_token=k, expert_d_ff=ff, n_shared_experts=shared)
+    mt = text.model_type
+    return dict(n_experts=E, experts_per_token=k, expert_d_ff=ff, n_shared_experts=shared,
+                router_norm_topk=bool(E) and bool(getattr(text, "norm_topk_prob", mt in _ROUTER_ALWAYS_NORMALISES)),
+                router_weights_fp32=bool(E) and mt in _ROUTER_FP32_WEIGHTS,
+                router_aux_loss=bool(E) and bool(getattr(text, "output_router_logits", False)))
+
+
+# Router behaviour that is code, not config (transformers 5.24): MixtralTopKRouter divides its top-k values by
+# their sum unconditionally (others follow config.norm_topk_prob) and returns them in its softmax's fp32 (Qwen3-MoE,
+# gpt-oss, DeepSeek-V2 cast them back to the activation dtype).
+_ROUTER_ALWAYS_NORMALISES = frozenset({"mixtral", "minimax"})
+_ROUTER_FP32_WEIGHTS = frozenset({"mixtral", "minimax"})
 
 
 # ---------------------------------------------------------------- the card

@@ -28,7 +28,8 @@ from peftplan.errors import PlanError
 from peftplan.layers import (Adapter, AdapterAfter, LoRALinear, in_out_features, is_linear, is_linear4bit,
                              to_linear4bit)
 from peftplan.planning.layout import layout
-from peftplan.planning.params import count, parse_targets
+from peftplan.planning.moe_targets import PEFT_MOE_FAMILY
+from peftplan.planning.params import count, lora_targets, parse_targets
 from peftplan.plan import Plan
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,7 +101,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _check(model: nn.Module, card: ModelCard, plan: Plan) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTER_SITES:
+    if model_type not in ADAPTER_SITES and not (card.generated and plan.method != "adapter"):  # adapters need sites
         raise PlanError(f"the injector does not know architecture '{model_type}' "
                         f"(known: {', '.join(ADAPTER_SITES)})")
     if model_type != card.model_type:
@@ -126,6 +127,8 @@ def kbit_prepare(model: nn.Module) -> tuple[str, ...]:
 
 def _inject_lora(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: torch.dtype) -> dict:
     """LoRA around the targets; for QLoRA every Linear/Conv1D but the head first becomes an NF4 Linear4bit."""
+    if any(lin.role == "param_lora" for lin, _, _ in lora_targets(card, plan.targets)):
+        raise PlanError("LoRA on fused expert parameters is peft's ParamWrapper: build it with peft (--impl peft)")
     linears = linear_modules(model)
     targets = match_targets(list(linears), plan.targets, card.model_type)
     if plan.method == "qlora":
@@ -226,6 +229,9 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
             _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
         if plan.kbit_prep:
             upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
+    if card.model_type in PEFT_MOE_FAMILY:  # peft itself rewrites these targets onto the fused experts (moe_targets)
+        kind, names = parse_targets(plan.targets, card.model_type)
+        targets = "all-linear" if kind == "all-linear" else list(names)
     config = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout, target_modules=targets,
                         use_dora=plan.use_dora, bias="none")
     with warnings.catch_warnings():  # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated name

@@ -16,6 +16,8 @@ AUTOCASTS = ("none", "bf16", "fp16")  # the Trainer's bf16=True / fp16=True: tor
 STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "fsdp-hybrid")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 PLACEMENTS = ("houlsby", "ffn")  # two adapters per block (after attention and after FFN) or one (after FFN)
+# mixture of experts: the routing the trace forces and the estimate assumes (peftplan/planning/moe.py)
+MOE_ROUTINGS = ("balanced", "worst")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Plan:
     grad_accum: int = 1  # TrainingArguments.gradient_accumulation_steps: micro-steps per optimizer step
     max_grad_norm: float = 1.0  # TrainingArguments.max_grad_norm: clip_grad_norm_ before the step (0: off)
     use_reentrant: bool = False  # gradient_checkpointing_kwargs["use_reentrant"]; transformers 5 defaults to False
+    # -- mixture of experts: balanced = t·k/E tokens per expert; worst = every token to the same k experts
+    moe_routing: str = "balanced"
     # -- past one GPU (planning/distributed.py)
     gpus: int = 1  # world size W (all nodes)
     nodes: int = 1

@@ -108,6 +108,13 @@ def _time_lines(est: Estimate) -> list[str]:
     return lines
 
 
+def moe_line(m) -> str:
+    """The routing the estimate assumes, both rules shown (planning/moe.py)."""
+    return (f"MoE: E={m.n_experts}, k={m.experts_per_token}, {m.pairs:,} token-expert pairs per block; busiest "
+            f"expert {m.busiest_expert_tokens_balanced:,} tokens balanced, {m.busiest_expert_tokens_worst:,} worst "
+            f"({m.chosen} chosen); memory is the same under both (grouped-GEMM experts)")
+
+
 def render_estimate(est: Estimate, console: Console | None = None) -> None:
     console = console or Console()
     console.print(_params_table(est))
@@ -116,6 +123,8 @@ def render_estimate(est: Estimate, console: Console | None = None) -> None:
     console.print(_memory_table(est))
     console.print(f"peak: [bold]{gib(est.peak_bytes)}[/bold] in the {est.peak.phase} phase "
                   f"({gib(est.peak.tensor_bytes)} of tensors)")
+    if est.moe is not None:
+        console.print(moe_line(est.moe))
     for line in _time_lines(est):
         console.print(line)
 

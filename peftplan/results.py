@@ -81,6 +81,7 @@ class Estimate:
     warnings: tuple[str, ...] = ()
     strategy: str = "none"  # resolved sharding strategy; phases are per GPU
     cpu_offload_bytes: int = 0  # host memory per rank for offloaded states/parameters
+    moe: object | None = None  # planning.moe.Routing of a mixture-of-experts card (None: dense)
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from peftplan.errors import PlanError
+from peftplan.planning import moe
 from peftplan.planning.cards import ModelCard, load_card
 from peftplan.planning.memory import phases
 from peftplan.planning.params import count, lora_targets
@@ -24,9 +25,10 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     plan = plan.with_(**plan_fields) if plan is not None and plan_fields else (plan or Plan(**plan_fields))
     if plan.use_dora:
         raise PlanError("DoRA's memory is not modelled by the estimate yet (`peftplan trace --dora` measures it)")
+    moe.refuse(card, plan)
     p = count(card, plan)
     mem = phases(card, plan)
-    warnings = []
+    warnings = moe.warnings(card, plan)
     strategy, cpu = "none", 0
     if plan.gpus > 1 or plan.strategy != "none" or plan.offload != "none":
         from peftplan.planning.distributed import check, shard_phases
@@ -80,4 +82,5 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
             rate = peak_tflops(g, plan.compute_dtype)
         time = step_time(card, plan, g, tokens, stack=stack_of(plan), peak_tflops=rate)
     return Estimate(model=card.name, plan=plan, params=p, phases=mem, gpu=gpu_name, gpu_memory_bytes=gpu_memory,
-                    time=time, warnings=tuple(warnings), strategy=strategy, cpu_offload_bytes=cpu)
+                    time=time, warnings=tuple(warnings), strategy=strategy, cpu_offload_bytes=cpu,
+                    moe=moe.routing(card, plan))

@@ -84,6 +84,9 @@ class ModelCard:
     experts_per_token: int = 0  # k experts each token is routed to
     expert_d_ff: int = 0  # FFN inner size of one expert
     n_shared_experts: int = 0  # experts every token passes through (DeepSeek-V2, Llama-4)
+    router_norm_topk: bool = False  # the router renormalises its k weights to sum 1 (Mixtral; config.norm_topk_prob)
+    router_weights_fp32: bool = False  # the routing weights stay in the router's fp32 softmax dtype (Mixtral)
+    router_aux_loss: bool = False  # config.output_router_logits: router logits kept for the load-balancing loss
     # -- provenance of generated cards
     generated: bool = False
     config_sha256: str = ""

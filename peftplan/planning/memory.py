@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from peftplan.planning import moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
@@ -116,11 +117,13 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
     if plan.method in ("full", "top"):
         per_block = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
         per_block += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+        per_block += [p.numel for p in lay.block_params]  # fused experts, routers, sinks (generated cards)
         if plan.method == "top":
             return per_block * plan.top_k
         rest = [e.numel for e in lay.embeddings] + [x.weight_numel for x in lay.other_linears]
         rest += [x.d_out for x in lay.other_linears if x.bias]
         rest += [n.size for n in lay.other_norms] + [n.size for n in lay.other_norms if n.bias]
+        rest += [p.numel for p in lay.other_params]
         if not lay.head_tied:
             rest.append(lay.head_rows * lay.head_cols)
         if lay.head_bias:
@@ -339,7 +342,9 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         total += ce * q * saves(attn_out)
     # MLP
     down = saves(ffn_out)
-    if c.gated_mlp:
+    if c.moe:  # router + experts in place of the MLP (planning/moe.py)
+        total += moe.block_saved_per_token(c, plan, e, trainable_block)
+    elif c.gated_mlp:
         total += 3 * e * f + e * f * down  # gate, act(gate), up; their product if down saves it
     elif c.activation == "relu":
         total += e * f  # ReLU keeps its output, which is also the down projection's input
@@ -412,6 +417,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     else:
         blocks = [block_saved_per_token(c, plan, False, first=True)] + \
             [block_saved_per_token(c, plan, False)] * (L - 1)
+    blocks = [x + moe.lora_merged_bytes(c, plan) / t for x in blocks]  # peft's merged expert stacks, per block
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
     ac = plan.autocast != "none"
@@ -491,6 +497,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     if plan.method in ("full", "top"):
         per = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
         per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+        per += [p.numel for p in lay.block_params]
     elif plan.method == "adapter":
         m, d = plan.adapter_size, card.d_model
         per = [m * d, m, d * m, d] * (2 if plan.adapter_placement == "houlsby" else 1)
@@ -505,6 +512,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
 def _first_gradients_elements(card: ModelCard) -> int:
     lay = layout(card)
     block = sum(x.numel for x in lay.block_linears) + sum(n.numel for n in lay.block_norms)
+    block += sum(p.numel for p in lay.block_params)
     return block + sum(x.numel for x in lay.embeddings)
 
 
@@ -569,6 +577,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
     trained_base = plan.method in ("full", "top")
     ffn_bwd_top = ffn_bwd if trained_base else ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
+        ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
     # outweigh the FFN's gradients when tokens are few
     deq = dequantized_weight_bytes(card, plan)
@@ -609,7 +619,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=st.largest_gradient_bytes))
     emb = embedding_backward_bytes(card, plan)
-    if emb:
+    if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
         moments.append(dict(gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd))
     if accum:

@@ -99,7 +99,8 @@ MAX_TOKENS = 10**18  # tokens of data for the cost figure (a thousand times any 
 
 def plan_table() -> dict[str, Field]:
     """Field name -> check. Adding a Plan option is one row here (a test asserts every Plan field has one)."""
-    from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OFFLOADS, OPTIMIZERS, PLACEMENTS, STRATEGIES
+    from peftplan.plan import (ATTENTIONS, AUTOCASTS, DTYPES, METHODS, MOE_ROUTINGS, OFFLOADS, OPTIMIZERS, PLACEMENTS,
+                               STRATEGIES)
 
     return {
         "method": Field("choice", "method", choices=METHODS),
@@ -126,6 +127,7 @@ def plan_table() -> dict[str, Field]:
         "grad_accum": Field("int", "gradient accumulation steps", 1, 2**16),
         "max_grad_norm": Field("float", "max grad norm", 0, 1e6),
         "use_reentrant": Field("bool", "use_reentrant"),
+        "moe_routing": Field("choice", "MoE routing", choices=MOE_ROUTINGS),
         # past one GPU
         "gpus": Field("int", "--gpus", 1, 2**16),
         "nodes": Field("int", "--nodes", 1, 2**12),

@@ -59,7 +59,18 @@ def cut(card: ModelCard, k: int) -> ModelCard:
     """The card with only its first k blocks (every width, the vocabulary and the head unchanged)."""
     if not 1 <= k <= card.n_layers:
         raise PlanError(f"{card.name} has {card.n_layers} blocks; cannot keep {k}")
-    return card if k == card.n_layers else dataclasses.replace(card, n_layers=k)
+    if k == card.n_layers:
+        return card
+    if card.generated:  # the trace rebuilds the model from the config: cut it there too
+        n = card.n_layers
+        config = {key: (k if key in ("num_hidden_layers", "n_layer", "num_layers")
+                        else v[:k] if isinstance(v, list) and len(v) == n else v)  # per-layer lists (layer_types)
+                  for key, v in card.config.items()}
+        prefix = card.tree["block_prefix"] + "."
+        kept = [e for e in card.tree["other"]  # entries of blocks that differ (DeepSeek-V2's MoE layers) past k go
+                if not (e["name"].startswith(prefix) and int(e["name"][len(prefix):].split(".")[0]) >= k)]
+        return dataclasses.replace(card, n_layers=k, config=config, tree=dict(card.tree, n_blocks=k, other=kept))
+    return dataclasses.replace(card, n_layers=k)
 
 
 def _targets(rng: random.Random, card: ModelCard) -> str | None:
@@ -106,6 +117,7 @@ DOMAINS: dict[str, Domain] = {
     "autocast": lambda rng, card: rng.choice(AUTOCASTS),
     "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
     "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
+    "moe_routing": lambda rng, card: rng.choice(("balanced", "worst")),  # changes nothing on a dense card
     "use_dora": lambda rng, card: False,  # the estimate refuses DoRA until it models it (the trace measures it)
     # one GPU: the FSDP2 trace on a fake process group has its own check (benchmarks/check_distributed.py)
     "gpus": lambda rng, card: 1,

@@ -154,6 +154,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
 
     from peftplan.measure.step import build_model, make_batch, make_optimizer, resolve_impl, train_step
     from peftplan.trace.counter import LiveBytes, module_hooks
+    from peftplan.trace.moe import forced_routing
 
     if seq_lens is not None:
         if not seq_lens or min(seq_lens) < 1:
@@ -214,7 +215,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
 
         resizes = storage_resizes(counter)
     try:
-        with cuda_like(), resizes, mode, counter, quiet_torch_logs():
+        with cuda_like(), resizes, forced_routing(model, plan.moe_routing), mode, counter, quiet_torch_logs():
             for step in range(steps):
                 counter.step, counter.phase, counter.op = step, "setup", "(batch)"
                 if seq_lens is not None and step > 0:

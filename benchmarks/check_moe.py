@@ -1,0 +1,110 @@
+"""Benchmark: the estimate against the fake-tensor trace on mixture-of-experts cards (issue 11, part 3).
+
+Mixtral-8x7B and Qwen3-30B-A3B generated cards, every width and the vocabulary kept, cut to 2 and 8 blocks (the
+trace's peaks are affine in the number of blocks; Qwen3's 151,936-entry vocabulary needs more blocks before the
+experts outweigh the logits) × routing (balanced, worst: the trace forces each, peftplan/trace/moe.py) × LoRA on
+attention (q,v; q,k,v,o), LoRA all-linear (peft reaches the router and the fused experts), QLoRA (--no-kbit-prep:
+the fused experts stay bf16), full fine-tuning × checkpointing on/off at b=4, s=1024; plus r = 64 at s = 2048 and
+QLoRA all-linear. Prints each configuration's error and the summary; writes benchmarks/results/check_moe.json.
+`--full-size` instead traces the whole Mixtral-8x7B and Qwen3-30B-A3B (the README's figures).
+
+    python benchmarks/check_moe.py              # 46 configurations
+    python benchmarks/check_moe.py --quick      # 4
+    python benchmarks/check_moe.py --full-size  # 5 full-size traces
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peftplan.errors import PlanError  # noqa: E402
+from peftplan.plan import Plan  # noqa: E402
+from peftplan.planning import estimate  # noqa: E402
+from peftplan.planning.cards import registry  # noqa: E402
+from peftplan.trace.check import compare, summarize  # noqa: E402
+from peftplan.trace.random_check import cut  # noqa: E402
+from peftplan.trace.run import trace  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "check_moe.json"
+CARDS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8}  # card: blocks kept
+ROUTINGS = ("balanced", "worst")
+ATTN, QKVO = dict(method="lora", targets="q_proj,v_proj"), dict(method="lora", targets="q_proj,k_proj,v_proj,o_proj")
+METHODS = (ATTN, QKVO, dict(method="lora", targets="all-linear"),
+           dict(method="qlora", targets="q_proj,v_proj", kbit_prep=False), dict(method="full"))
+
+
+def configurations(quick: bool) -> list:
+    cards = [cut(registry()[n], k) for n, k in CARDS.items()]
+    if quick:
+        return [(c, Plan(batch_size=2, seq_len=256, moe_routing=r, **ATTN)) for c in cards for r in ROUTINGS]
+    out = []
+    for card, routing, m, gc in itertools.product(cards, ROUTINGS, METHODS, (False, True)):
+        out.append((card, Plan(batch_size=4, seq_len=1024, grad_checkpointing=gc, moe_routing=routing, **m)))
+    for card, routing in itertools.product(cards, ROUTINGS):
+        out.append((card, Plan(r=64, batch_size=1, seq_len=2048, moe_routing=routing, **QKVO)))
+    for card in cards:
+        out.append((card, Plan(method="qlora", targets="all-linear", kbit_prep=False, batch_size=4, seq_len=1024,
+                               grad_checkpointing=True)))
+    return out
+
+
+def full_size() -> list:
+    """The whole models, as a user would trace them (b=1, s=512)."""
+    mix, qwen = registry()["mixtral-8x7b"], registry()["qwen3-30b-a3b"]
+    return [(mix, Plan(batch_size=1, seq_len=512, **ATTN)),
+            (mix, Plan(batch_size=1, seq_len=512, moe_routing="worst", **ATTN)),
+            (mix, Plan(method="qlora", targets="q_proj,v_proj", kbit_prep=False, batch_size=1, seq_len=512,
+                       grad_checkpointing=True)),
+            (qwen, Plan(batch_size=1, seq_len=512, **QKVO)),
+            (qwen, Plan(batch_size=4, seq_len=1024, grad_checkpointing=True, **ATTN))]
+
+
+def label(card, plan: Plan) -> str:
+    extra = "" if plan.kbit_prep else " no-kbit-prep"
+    return (f"{card.name}[{card.n_layers} blocks] {plan.method} {plan.targets or ''} r={plan.r} b={plan.batch_size} "
+            f"s={plan.seq_len} gc={'on' if plan.grad_checkpointing else 'off'} {plan.moe_routing}{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full-size", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    configs = full_size() if args.full_size else configurations(args.quick)
+    args.out = args.out or (OUT.with_name("check_moe_full_size.json") if args.full_size else OUT)
+    results, failures, rows = [], [], []
+    t0 = time.perf_counter()
+    for i, (card, plan) in enumerate(configs, 1):
+        name = label(card, plan)
+        try:
+            c = compare(estimate(card, plan), trace(card, plan))
+        except PlanError as e:
+            failures.append(f"{name}: {e}")
+            print(f"[{i}/{len(configs)}] FAIL {name}: {e}", flush=True)
+            continue
+        results.append(c)
+        rows.append({"config": name, "peak_error": c.peak_error, "trace_peak_bytes": c.trace_peak_bytes,
+                     "phase_errors": c.phase_errors,
+                     "estimate_peak_bytes": c.estimate_peak_bytes, "phase": c.trace_phase,
+                     "trace_seconds": round(c.trace_seconds, 2)})
+        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {name}: "
+              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_peak_bytes / 2**30:.2f} GiB traced, "
+              f"{c.trace_seconds:.1f} s)", flush=True)
+    s = summarize(results, failures)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))
+    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| "
+          f"{100 * s.median_abs_error:.2f}%, p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
+          f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Mixture-of-experts terms of the memory estimate (Mixtral, Qwen3-MoE and the other transformers-5 MoE blocks).
+
+Symbols: t = b·s tokens, d hidden, E routed experts, k experts per token, f = expert_d_ff, S = t·k (token,
+expert) pairs, e bytes per activation element. Facts come from the generated card: E, k, f (`n_experts`,
+`experts_per_token`, `expert_d_ff`), the router's behaviour (`router_norm_topk`, `router_weights_fp32`), the
+auxiliary loss (`router_aux_loss`, config.output_router_logits) and whether the experts are fused 3-D parameters
+(layout Params with role "expert").
+
+What one MoE block runs (transformers 5.24, modeling_mixtral.py / modeling_qwen3_moe.py, and the default
+experts kernel `grouped_mm_experts_forward` in transformers/integrations/moe.py):
+
+    router   logits = x·W_rᵀ (t×E); softmax in fp32 (saved, t×E); top-k (indices t×k int64 saved);
+             optionally the k weights renormalised in place (saves the t×1 sum and a copy of the k values)
+    experts  sort the S expert ids (perm, int64); gather x[perm // k] (S×d; saved when the experts train);
+             gate_up = grouped_mm (S×2f, saved: the activation reads its gate half, the product its up half);
+             act(gate) (S×f, saved by the product); h = act·up (S×f, saved when down_proj trains);
+             down = grouped_mm (S×d, saved by the routing-weight product); routing weights gathered (S, fp32 in
+             Mixtral, e in Qwen3-MoE, saved); the inverse permutation (int64 S, saved); the weighted S×d
+             output (fp32 when the weights are), summed over k back to t×d.
+
+Routing. The kernel handles all S pairs as one sorted batch with per-expert offsets, so every tensor above has S
+rows whatever the router picks: memory is the same under `balanced` (each expert ⌊S/E⌋ or ⌈S/E⌉ tokens) and
+`worst` (k experts get all t tokens, the rest none) — the trace forces each rule (peftplan/trace/moe.py) and
+measures equal peaks. What the routing changes is how the grouped GEMM's work splits over experts (the busiest
+expert's tokens, `tokens_per_expert`), shown in the breakdown for both rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import layout
+from peftplan.plan import Plan
+
+FP32, INT64 = 4, 8
+
+
+def tokens_per_expert(tokens: int, k: int, n_experts: int, routing: str) -> tuple[int, ...]:
+    """Tokens each of the E experts processes in one block, for t tokens (sums to t·k).
+
+    balanced: ⌊t·k/E⌋ or ⌈t·k/E⌉ each (the trace's rule: token i's j-th expert is (i·k + j) mod E);
+    worst: the same k experts get all t tokens, the other E − k none.
+    """
+    if routing == "worst":
+        return tuple(tokens if i < k else 0 for i in range(n_experts))
+    q, rem = divmod(tokens * k, n_experts)
+    return tuple(q + (i < rem) for i in range(n_experts))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the estimate assumes about routing, for the breakdown (both rules are shown)."""
+    n_experts: int  # E
+    experts_per_token: int  # k
+    pairs: int  # S = t·k (token, expert) pairs per block
+    busiest_expert_tokens_balanced: int  # ⌈t·k/E⌉
+    busiest_expert_tokens_worst: int  # t
+    chosen: str  # the plan's --moe-routing
+    memory_depends_on_routing: bool  # False for transformers 5's grouped-GEMM experts (see module docstring)
+
+
+def routing(card: ModelCard, plan: Plan) -> Routing | None:
+    """Routing figures for a MoE card; None for a dense one."""
+    if not card.moe:
+        return None
+    t, k, E = plan.tokens, card.experts_per_token, card.n_experts
+    return Routing(n_experts=E, experts_per_token=k, pairs=t * k,
+                   busiest_expert_tokens_balanced=max(tokens_per_expert(t, k, E, "balanced")),
+                   busiest_expert_tokens_worst=max(tokens_per_expert(t, k, E, "worst")),
+                   chosen=plan.moe_routing, memory_depends_on_routing=False)
+
+
+def fused_experts(card: ModelCard) -> bool:
+    """The routed experts are fused 3-D parameters (transformers 5: mlp.experts.gate_up_proj / down_proj)."""
+    return any(p.expert and len(p.shape) == 3 for p in layout(card).block_params)
+
+
+def weights_bytes(card: ModelCard, e: int) -> int:
+    """Element size of the routing weights the experts multiply by: fp32 when the router keeps its softmax's
+    fp32 (Mixtral), else cast back to the activation dtype (Qwen3-MoE: `.to(router_logits.dtype)`)."""
+    return FP32 if card.router_weights_fp32 else e
+
+
+def router_saved_per_token(card: ModelCard, e: int, router_trains: bool) -> int:
+    """Bytes per token the router saves: its input x when W_r trains, the fp32 softmax (E), the top-k indices
+    (int64 k); renormalising in place (`router_top_value /= sum`) saves the t×1 fp32 sum and a copy of the k
+    fp32 values autograd keeps for the divisor's gradient."""
+    E, k, d = card.n_experts, card.experts_per_token, card.d_model
+    total = e * d * router_trains + FP32 * E + INT64 * k
+    if card.router_norm_topk:
+        total += FP32 * k + FP32
+    return total
+
+
+def experts_saved_per_token(card: ModelCard, e: int, gate_up_trains: bool, down_trains: bool) -> int:
+    """Bytes per token the grouped-GEMM experts save (k rows per token, module docstring): three int64 index
+    tensors (perm // k, perm, inverse perm), gate_up output (2f), act(gate) (f), down output (d), the routing
+    weight; the gathered input (d) when gate_up trains, act·up (f) when down_proj trains."""
+    k, d, f = card.experts_per_token, card.d_model, card.expert_d_ff
+    per_pair = 3 * INT64 + e * (2 * f + f + d) + weights_bytes(card, e)
+    per_pair += e * d * gate_up_trains + e * f * down_trains
+    return k * per_pair
+
+
+def block_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> int:
+    """The MoE block's saved bytes per token (router + experts), in place of a dense MLP's; `trains`: the block's
+    own weights train (full fine-tuning, top-k). peft's LoRA on a fused parameter makes the merged weight need a
+    gradient, so its op saves what a trained one saves."""
+    wrapped = lora_wrapped(card, plan)
+    router = trains or any(p.role == "router" for p in wrapped)
+    gate_up = trains or any(p.name.endswith("gate_up_proj") for p in wrapped)
+    down = trains or any(p.name.endswith("down_proj") for p in wrapped)
+    return (router_saved_per_token(card, e, router) + experts_saved_per_token(card, e, gate_up, down)
+            + aux_loss_bytes_per_token(card, e))
+
+
+# ---------------------------------------------------------------- peft's LoRA on fused parameters (ParamWrapper)
+
+
+def lora_wrapped(card: ModelCard, plan: Plan) -> tuple:
+    """The block Params (layout.Param) peft's LoRA wraps with a ParamWrapper (moe_targets: all-linear or the v4
+    expert names on the model types peft rewrites); () when none."""
+    if not (card.moe and plan.uses_lora):
+        return ()
+    from peftplan.planning.params import lora_targets
+
+    names = {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if lin.role == "param_lora" and in_block}
+    return tuple(p for p in layout(card).block_params if p.name in names)
+
+
+def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
+    """Bytes per block peft's ParamWrapper keeps for backward (peft/tuners/lora/layer.py, `_activate_lora`):
+    on each forward a fused (E, a, b) expert stack is replaced by W + scaling·lhs@rhs (`_LoraFactorsProxy`, one
+    baddbmm in W's dtype) and a 2-D router weight by W + ΔW (`_LoraParameterProxy`); the op reading it saves the
+    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype."""
+    e = plan.bytes_per_element
+    total = 0
+    for p in lora_wrapped(card, plan):
+        total += e * p.numel
+        if len(p.shape) == 3:
+            from peftplan.planning.moe_targets import param_lora_shape
+
+            mult = 2 if p.name.endswith("gate_up_proj") else 1
+            d_in, d_out = param_lora_shape(p.shape, mult)
+            total += e * plan.r * (d_in + d_out)
+    return total
+
+
+def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[int, int, int]:
+    """(forward, backward, top block's backward) transient bytes of one MoE block beyond what it saves, in
+    place of the dense FFN's `ffn_fwd`, `ffn_bwd`, `ffn_bwd_top` (memory.phases).
+
+    forward (a block that saves nothing: checkpointed), the larger of two moments (measured on the trace): after
+    the gate_up GEMM, the gathered input (S×d, a Python local to the end of the kernel), gate_up's output (S×2f),
+    act(gate) and act·up (S×f each); at the end, the gathered input, the down output, the weighted output (fp32
+    when the weights are) and its un-permuted copy (S×d each), and two t×d tensors of the block.
+    backward (measured): the gradient entering the block (t×d), then down_proj's input gradient (S×f) and the
+    gated product's two factor gradients (S×f each) live together, while the down output and the routing weight
+    the weighted product saved are freed.
+    peft's LoRA on the fused experts (ParamWrapper): the merged gate_up stack exists from its first use to the end
+    of the kernel, the merged down stack from its first use; in backward the merged down stack's full-size
+    gradient is made before the baddbmm hands it to the LoRA factors.
+    """
+    t, k, d, f = plan.tokens, card.experts_per_token, card.d_model, card.expert_d_ff
+    S, w = t * k, weights_bytes(card, e)
+    wide = max(w, e)
+    wrapped = lora_wrapped(card, plan)
+    merged = {p.name.rsplit(".", 1)[-1]: plan.bytes_per_element * p.numel for p in wrapped if len(p.shape) == 3}
+    gate_up, down = merged.get("gate_up_proj", 0), merged.get("down_proj", 0)
+    fwd = max(S * e * (d + 4 * f) + gate_up, S * (2 * e * d + 2 * wide * d) + 2 * t * e * d + gate_up + down)
+    bwd = S * (3 * e * f - e * d - w) + t * e * d
+    if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
+        bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
+    if trained:
+        down_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+                                                 if p.expert and p.name.endswith("down_proj"))
+        # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
+        # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
+        # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
+        # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
+        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+                                                    if p.expert and p.name.endswith("gate_up_proj"))
+        bwd = max(down_grad - S * (e * (f + d) + wide * d),
+                  down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
+    return fwd, bwd, bwd
+
+
+def aux_loss_bytes_per_token(card: ModelCard, e: int) -> int:
+    """config.output_router_logits (`router_aux_loss`): transformers records every block's t×E router logits
+    (OutputRecorder) for `load_balancing_loss_func` (Switch Transformer's load-balancing loss, Fedus et al. 2021,
+    Eq. 4-6), which keeps one t×E tensor per block (the softmax its backward reads) from the block's forward to
+    its backward: E·e bytes per token and block (measured: Qwen3-30B-A3B, 8 blocks, t = 4096: +8.0 MiB)."""
+    return card.n_experts * e if card.router_aux_loss else 0
+
+
+# ---------------------------------------------------------------- what the estimate refuses or flags
+
+
+def expert_params(card: ModelCard) -> int:
+    """Parameters of the fused 3-D routed-expert tensors, all blocks (bitsandbytes leaves them unquantized)."""
+    lay = layout(card)
+    per_block = sum(p.numel for p in lay.block_params if p.expert and len(p.shape) == 3)
+    return card.n_layers * per_block + sum(p.numel for p in lay.other_params if p.expert and len(p.shape) == 3)
+
+
+def refuse(card: ModelCard, plan: Plan) -> None:
+    """Raise PlanError for what the users' stack cannot run on fused experts.
+
+    QLoRA with k-bit preparation: transformers' bitsandbytes quantizer replaces `nn.Linear` modules only
+    (integrations/bitsandbytes.py), so the fused 3-D experts stay in bf16; peft's prepare_model_for_kbit_training
+    then casts every non-4-bit parameter to fp32, experts included, and the grouped-GEMM experts kernel refuses
+    fp32 operands ("Expected inputs of BF16 type", seen in the trace).
+    """
+    from peftplan.errors import PlanError
+
+    if card.moe and plan.method == "qlora" and plan.kbit_prep and fused_experts(card):
+        raise PlanError(f"QLoRA on {card.name}: bitsandbytes quantizes only Linears, its "
+                        f"{expert_params(card) / 1e9:.1f}B fused expert parameters stay bf16, and k-bit "
+                        "preparation would upcast them to fp32, which the grouped-GEMM experts refuse; "
+                        "pass --no-kbit-prep")
+
+
+def warnings(card: ModelCard, plan: Plan) -> list[str]:
+    """Notes on MoE plans: unquantized experts under QLoRA; peft's LoRA on fused experts (not modelled)."""
+    out = []
+    if not card.moe:
+        return out
+    if plan.method == "qlora" and fused_experts(card):
+        out.append(f"bitsandbytes quantizes only Linears: {card.name}'s {expert_params(card) / 1e9:.1f}B fused "
+                   f"expert parameters stay in {plan.dtype} (counted so)")
+    gaps = unmodelled(card)
+    if gaps:
+        out.append(f"{card.name}'s MoE memory is approximate: {', '.join(gaps)} not modelled yet (the MoE terms are "
+                   "held to the trace on Mixtral and Qwen3-MoE blocks)")
+    return out
+
+
+def unmodelled(card: ModelCard) -> list[str]:
+    """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE)."""
+    lay = layout(card)
+    gaps = []
+    if card.n_shared_experts:
+        gaps.append("shared experts")
+    if any(p.expert for p in lay.other_params) or not fused_experts(card):
+        gaps.append("blocks that differ (dense first layers) or experts as Linears")
+    if any(p.expert and p.name.endswith("_bias") for p in lay.block_params):
+        gaps.append("experts with biases and their own gated activation")
+    return gaps
+
+
+def _targets(card: ModelCard, plan: Plan):
+    from peftplan.planning.params import lora_targets
+
+    return lora_targets(card, plan.targets)
