@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from peftplan.planning import families
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
@@ -318,6 +319,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
     n_norms = len(layout(c).block_norms)
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
+    total += families.block_correction(c, plan, stream_element_bytes(plan), norm_saved(c, plan, norm_trains), norm_trains)
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     for names in (attn_in, ffn_in):
         copies, shared = group_saved(names, ne, d)
@@ -418,7 +420,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     x = e if c.encoder and not ac else FP32
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
-    cap = lg if c.hf.get("final_logit_softcapping") else 0
+    cap = lg if families.logit_softcap(c) else 0
     if checkpointed is None:
         checkpointed = len(blocks)
     if plan.grad_checkpointing:
