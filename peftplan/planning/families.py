@@ -9,8 +9,14 @@ k = h_kv·d_h key/value width, e bytes per element.
                          d-wide norm of the residual stream; a q/k norm normalises q (q elements) and k (k
                          elements) in groups of its own size (d_h per head in Qwen3/Gemma-3, the whole
                          projection in OLMo-2), saving a fp32 copy of its input and one fp32 rsqrt per group.
-    unit_offset_norms    Gemma's RMSNorm scales by (1 + γ) in fp32 and casts after, so a training γ keeps x̂ in
-                         fp32, not the compute dtype (transformers' Gemma3RMSNorm.forward).
+    fp32_scaled_norms    RMSNorms that multiply by γ in fp32 and cast after (Gemma's (1 + γ), OLMo-2's γ), so a
+                         training γ keeps x̂ in fp32, not in the compute dtype as Llama's RMSNorm does
+                         (transformers' Gemma3RMSNorm.forward, Olmo2RMSNorm.forward).
+    fused_qkv_correction one fused q/k/v projection (GPT-NeoX/Pythia, Phi-3/Phi-4, Falcon, BLOOM): q, k and v
+                         are views of its output; rotary makes new q and k, and SDPA saves v, so the whole
+                         q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
+                         more per token. (A fused
+                         gate_up costs nothing extra: gate and up are both saved anyway.)
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
 
 Sources: transformers 5.24 models/qwen3 (Qwen3RMSNorm on q_proj/k_proj outputs viewed as (b, s, h, d_h)),
@@ -36,9 +42,14 @@ def qk_norms(card: ModelCard) -> tuple[Norm, ...]:
     return tuple(n for n in layout(card).block_norms if _QK.search(n.name))
 
 
-def unit_offset_norms(card: ModelCard) -> bool:
-    """RMSNorm with the (1 + γ) scale computed in fp32 (Gemma, Gemma-2, Gemma-3)."""
-    return card.norm == "rmsnorm" and card.family in ("gemma", "gemma2", "gemma3")
+# The RMSNorm classes that scale in fp32 before casting back. Not yet a card field: the shipped generated cards
+# would have to be re-imported to carry it; until then the family names the class.
+FP32_SCALE_FAMILIES = ("gemma", "gemma2", "gemma3", "olmo2")
+
+
+def fp32_scaled_norms(card: ModelCard) -> bool:
+    """RMSNorm whose γ scale is computed in fp32 and cast after (Gemma's 1 + γ, OLMo-2)."""
+    return card.norm == "rmsnorm" and card.family in FP32_SCALE_FAMILIES
 
 
 def _rms_saved(width: int, groups: int, plan: Plan, e: int, scale_fp32: bool, weight_trains: bool) -> int:
@@ -56,23 +67,38 @@ def qk_norm_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float,
     total = 0.0
     for n in norms:
         width = card.d_q if n.name.rsplit(".", 1)[-1].startswith("q") else card.d_kv
-        total += _rms_saved(width, max(1, width // n.size), plan, e, unit_offset_norms(card), weight_trains)
+        total += _rms_saved(width, max(1, width // n.size), plan, e, fp32_scaled_norms(card), weight_trains)
     return total - len(norms) * generic_norm
 
 
-def unit_offset_correction(card: ModelCard, e: int, weight_trains: bool) -> float:
-    """Bytes per token to add for Gemma's fp32 x̂ in the d-wide block norms when γ trains (the generic count
-    keeps x̂ in the compute dtype)."""
-    if not (weight_trains and unit_offset_norms(card)) or card.family == "gemma2":  # gemma2: memory.norm_saved
+def fp32_scale_correction(card: ModelCard, e: int, weight_trains: bool) -> float:
+    """Bytes per token to add for the fp32 x̂ of fp32-scaled d-wide block norms when γ trains (the generic
+    count keeps x̂ in the compute dtype)."""
+    if not (weight_trains and fp32_scaled_norms(card)) or card.family == "gemma2":  # gemma2: memory.norm_saved
         return 0.0
     wide = len(layout(card).block_norms) - len(qk_norms(card))
     return wide * (FP32 - e) * card.d_model
 
 
-def block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float, weight_trains: bool) -> float:
-    """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes)."""
+def fused_qkv(card: ModelCard) -> bool:
+    """The block's attention reads one fused q/k/v Linear (role attn_in, q + 2k wide): a fact of the tree."""
+    attn_in = [x for x in layout(card).block_linears if x.role == "attn_in"]
+    return len(attn_in) == 1 and attn_in[0].d_out == card.d_q + 2 * card.d_kv
+
+
+def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token SDPA keeps beyond separate projections when v is a view of the fused qkv output."""
+    if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary":
+        return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
+    return ce * (card.d_q + card.d_kv)
+
+
+def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
+                     weight_trains: bool) -> float:
+    """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
+    e: the residual stream's bytes per element; ce: what attention saves per element."""
     return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
-            + unit_offset_correction(card, e, weight_trains))
+            + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:
