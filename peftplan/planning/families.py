@@ -17,6 +17,11 @@ k = h_kv·d_h key/value width, e bytes per element.
                          q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
                          more per token. (A fused
                          gate_up costs nothing extra: gate and up are both saved anyway.)
+    sliding-window       layers attending to the last W tokens (Gemma-2/3's "sliding_attention" layer_types,
+                         Mistral's sliding_window): once s > W, transformers hands SDPA an explicit b×1×s×s
+                         bool mask (built once, 1 byte per element), which SDPA turns into an additive mask in
+                         the compute dtype and saves, in every sliding layer: ce·s per token per such layer.
+                         Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
 
 Sources: transformers 5.24 models/qwen3 (Qwen3RMSNorm on q_proj/k_proj outputs viewed as (b, s, h, d_h)),
@@ -93,12 +98,53 @@ def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return ce * (card.d_q + card.d_kv)
 
 
+def _text_config(card: ModelCard) -> dict:
+    text = card.config.get("text_config")
+    return text if isinstance(text, dict) else card.config  # multimodal configs keep the text model's facts here
+
+
+def sliding_window(card: ModelCard) -> int:
+    """The sliding window W in tokens (0: none), from the generated card's config.json."""
+    cfg = _text_config(card)
+    if cfg.get("use_sliding_window") is False:
+        return 0
+    return int(cfg.get("sliding_window") or 0)
+
+
+def sliding_layers(card: ModelCard) -> int:
+    """How many of the card's first n_layers blocks use the sliding window (config `layer_types`; every layer
+    when the config has a window and no per-layer list)."""
+    if not sliding_window(card):
+        return 0
+    types = _text_config(card).get("layer_types")
+    if isinstance(types, list):
+        return sum(t == "sliding_attention" for t in types[:card.n_layers])
+    return card.n_layers
+
+
+def sliding_mask_applies(card: ModelCard, plan: Plan) -> bool:
+    return plan.attention == "sdpa" and 0 < sliding_window(card) < plan.seq_len and sliding_layers(card) > 0
+
+
+def sliding_block_bytes(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token per block (averaged over the blocks) of the additive masks SDPA saves in sliding layers."""
+    if not sliding_mask_applies(card, plan):
+        return 0.0
+    return ce * plan.seq_len * sliding_layers(card) / card.n_layers
+
+
+def mask_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """The one bool b×1×s×s sliding-window mask the model builds for its sliding layers, bytes per token."""
+    return float(plan.seq_len) if sliding_mask_applies(card, plan) else 0.0
+
+
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
                      weight_trains: bool) -> float:
     """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
     e: the residual stream's bytes per element; ce: what attention saves per element."""
     return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
-            + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce))
+            + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
+            + sliding_block_bytes(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:
