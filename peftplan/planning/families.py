@@ -17,6 +17,14 @@ k = h_kv·d_h key/value width, e bytes per element.
                          q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
                          more per token. (A fused
                          gate_up costs nothing extra: gate and up are both saved anyway.)
+    parallel_norm_correction  parallel blocks (GPT-NeoX/Pythia: x + attn(ln1(x)) + mlp(ln2(x))): both pre-norms
+                         read the block input x, which a LayerNorm saves, so x is saved once, not twice.
+    rotary_cat_correction  Phi-3/Phi-4 and GPT-NeoX build the rotated q by concatenating the rotated and the
+                         pass-through part of each head (their apply_rotary_pos_emb always does), so q is a new
+                         contiguous (b, h, s, d_h) tensor, SDPA's output has that layout too, and transformers'
+                         `transpose(1, 2).contiguous()` copies it: when the output projection saves its input
+                         (QLoRA's fp32 stream, a trained o_proj), that copy is saved beside SDPA's own output,
+                         q·ce more per token (the eager path counts it already).
     sliding-window       layers attending to the last W tokens (Gemma-2/3's "sliding_attention" layer_types,
                          Mistral's sliding_window): once s > W, transformers hands SDPA an explicit b×1×s×s
                          bool mask (built once, 1 byte per element), which SDPA turns into an additive mask in
@@ -138,13 +146,34 @@ def mask_saved_per_token(card: ModelCard, plan: Plan) -> float:
     return float(plan.seq_len) if sliding_mask_applies(card, plan) else 0.0
 
 
+def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) -> float:
+    """Bytes per token the generic count gave twice for a parallel block's two pre-norms' shared input."""
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    if not (card.parallel_block and wide == 2 and card.norm == "layernorm" and norm_input_saved):
+        return 0.0
+    return -e * card.d_model
+
+
+# Classes whose apply_rotary_pos_emb concatenates (rotated, pass-through) even for a full rotary: a class trait
+# that no config field states (Phi-4's config has no partial_rotary_factor), so the family names it.
+ROTARY_CAT_FAMILIES = ("phi3", "gpt_neox")
+
+
+def rotary_cat_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool) -> float:
+    if plan.attention not in ("sdpa", "flash") or card.family not in ROTARY_CAT_FAMILIES or not out_proj_saves_input:
+        return 0.0
+    return ce * card.d_q
+
+
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
-                     weight_trains: bool) -> float:
+                     weight_trains: bool, out_proj_saves_input: bool) -> float:
     """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
-    e: the residual stream's bytes per element; ce: what attention saves per element."""
+    e: the residual stream's bytes per element; ce: what attention saves per element; out_proj_saves_input:
+    whether the attention output projection keeps its input alive (memory's `saves(attn_out)`)."""
     return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
-            + sliding_block_bytes(card, plan, ce))
+            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input))
 
 
 def logit_softcap(card: ModelCard) -> float:

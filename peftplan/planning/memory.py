@@ -319,7 +319,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
     n_norms = len(layout(c).block_norms)
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
-    total += families.block_correction(c, plan, stream_element_bytes(plan), ce, norm_saved(c, plan, norm_trains), norm_trains)
+    total += families.block_correction(c, plan, stream_element_bytes(plan), ce, norm_saved(c, plan, norm_trains),
+                                       norm_trains, saves(attn_out))
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     for names in (attn_in, ffn_in):
         copies, shared = group_saved(names, ne, d)
