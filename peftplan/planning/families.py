@@ -25,6 +25,13 @@ k = h_kv·d_h key/value width, e bytes per element.
                          `transpose(1, 2).contiguous()` copies it: when the output projection saves its input
                          (QLoRA's fp32 stream, a trained o_proj), that copy is saved beside SDPA's own output,
                          q·ce more per token (the eager path counts it already).
+    sdpa_math_correction multi-query attention that calls SDPA with fewer key/value heads than query heads and
+                         no `enable_gqa` (Falcon's own attention code): neither flash nor memory-efficient
+                         kernels take that, so SDPA runs its math path, which upcasts to fp32 and saves the
+                         scaled q, k and v (views of the one kv head for b = 1, copies broadcast to h heads
+                         by the batched matmul for b > 1) and the b·h·s² probabilities: 4·(q + 2k) + 4·h·s
+                         per token (k = q for b > 1), in place of the flash kernel's q, k, v, output and lse
+                         (torch aten/native/transformers/attention.cpp, _scaled_dot_product_attention_math).
     sliding-window       layers attending to the last W tokens (Gemma-2/3's "sliding_attention" layer_types,
                          Mistral's sliding_window): once s > W, transformers hands SDPA an explicit b×1×s×s
                          bool mask (built once, 1 byte per element), which SDPA turns into an additive mask in
@@ -101,7 +108,8 @@ def fused_qkv(card: ModelCard) -> bool:
 
 def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     """Bytes per token SDPA keeps beyond separate projections when v is a view of the fused qkv output."""
-    if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary":
+    if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary" \
+            or sdpa_math(card, plan):
         return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
     return ce * (card.d_q + card.d_kv)
 
@@ -165,6 +173,27 @@ def rotary_cat_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_i
     return ce * card.d_q
 
 
+# Families whose attention hands SDPA un-repeated kv heads without enable_gqa (transformers' models/falcon).
+SDPA_NO_GQA_FAMILIES = ("falcon",)
+
+
+def sdpa_math(card: ModelCard, plan: Plan) -> bool:
+    return (plan.attention in ("sdpa", "flash") and card.family in SDPA_NO_GQA_FAMILIES
+            and card.n_kv_heads < card.n_heads)
+
+
+def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token the math path saves minus what the generic count gave the flash kernel."""
+    if not sdpa_math(card, plan):
+        return 0.0
+    q, k, h = card.d_q, card.d_kv, card.n_heads
+    # k and v broadcast to h heads stay views for b = 1; for b > 1 the batched matmul materialises them
+    kv = q if plan.batch_size > 1 else k
+    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len
+    flash_saved = ce * (2 * q + 2 * k) + FP32 * h
+    return math_saved - flash_saved
+
+
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
                      weight_trains: bool, out_proj_saves_input: bool) -> float:
     """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
@@ -173,7 +202,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
     return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
-            + rotary_cat_correction(card, plan, ce, out_proj_saves_input))
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:
