@@ -132,9 +132,13 @@ def sliding_layers(card: ModelCard) -> int:
     when the config has a window and no per-layer list)."""
     if not sliding_window(card):
         return 0
-    types = _text_config(card).get("layer_types")
+    cfg = _text_config(card)
+    types = cfg.get("layer_types")
     if isinstance(types, list):
         return sum(t == "sliding_attention" for t in types[:card.n_layers])
+    pattern = cfg.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 0:  # Gemma-3's config.json: every pattern-th layer is global
+        return sum(bool((i + 1) % pattern) for i in range(card.n_layers))  # as Gemma3TextConfig.__post_init__
     return card.n_layers
 
 
@@ -192,6 +196,13 @@ def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len
     flash_saved = ce * (2 * q + 2 * k) + FP32 * h
     return math_saved - flash_saved
+
+
+def block_key(card: ModelCard, plan: Plan) -> tuple:
+    """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
+    if sdpa_math(card, plan) or sliding_mask_applies(card, plan):
+        return plan.seq_len, plan.batch_size > 1
+    return ()
 
 
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,

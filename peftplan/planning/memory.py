@@ -255,7 +255,7 @@ def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, fi
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
-           trainable_block, first, wrapped)
+           trainable_block, first, wrapped, families.block_key(card, plan))
     v = _BLOCK.get(key)
     if v is None:
         if len(_BLOCK) > 65536:
