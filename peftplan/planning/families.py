@@ -109,7 +109,7 @@ def fused_qkv(card: ModelCard) -> bool:
 def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     """Bytes per token SDPA keeps beyond separate projections when v is a view of the fused qkv output."""
     if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary" \
-            or sdpa_math(card, plan):
+            or sdpa_math(card, plan) or _memory_models_phi3_rope(card):
         return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
     return ce * (card.d_q + card.d_kv)
 
@@ -171,8 +171,19 @@ def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) ->
 ROTARY_CAT_FAMILIES = ("phi3", "gpt_neox")
 
 
+def _memory_models_phi3_rope(card: ModelCard) -> bool:
+    """Whether memory.py itself already counts Phi-3's fused-qkv storage and output copy (helper 17's branch
+    adds `memory._rope_by_cat` for model_type phi3): then the two terms below stay out for those cards, so a
+    merge of both branches cannot count them twice."""
+    from peftplan.planning import memory  # memory imports this module: imported here, at call time
+
+    by_cat = getattr(memory, "_rope_by_cat", None)
+    return bool(by_cat and by_cat(card))
+
+
 def rotary_cat_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool) -> float:
-    if plan.attention not in ("sdpa", "flash") or card.family not in ROTARY_CAT_FAMILIES or not out_proj_saves_input:
+    if plan.attention not in ("sdpa", "flash") or card.family not in ROTARY_CAT_FAMILIES or not out_proj_saves_input \
+            or _memory_models_phi3_rope(card):
         return 0.0
     return ce * card.d_q
 
