@@ -22,7 +22,6 @@ on a cache miss (peftplan/planning/cards.py).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import re
@@ -222,32 +221,14 @@ def _first_line(e: Exception) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-@contextlib.contextmanager
-def _without_scipy():
-    """While transformers' modeling modules are first imported, report scipy as absent: modeling_utils imports
-    every loss, and the object-detection losses import scipy.optimize when scipy is installed (0.3–0.4 s CPU here,
-    about a tenth of a first call), which no language model uses. Restored afterwards, so a later caller of
-    `is_scipy_available` sees the truth; the object-detection loss, if ever imported in this window, asks for
-    scipy when used (transformers' `requires_backends`)."""
-    import transformers.utils as tu
-
-    saved = tu.is_scipy_available
-    tu.is_scipy_available = lambda: False
-    try:
-        yield
-    finally:
-        tu.is_scipy_available = saved
-
-
 def meta_model_from_dict(config: dict, task: str | None = None, text_only: bool = False):
     """(task, model on the meta device) for a config.json dict."""
     import torch
 
     cfg = hf_config_from_dict(config)
-    with _without_scipy():
-        task, cls, cfg = _auto_class(cfg, task, text_only)
+    task, cls, cfg = _auto_class(cfg, task, text_only)
     try:
-        with torch.device("meta"), _without_scipy():
+        with torch.device("meta"):
             model = cls.from_config(cfg)
     except PlanError:
         raise
