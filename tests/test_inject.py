@@ -256,7 +256,8 @@ def test_model_type_without_default_targets():
     assert "no default LoRA targets" in _one_line(e) and "phi3" in str(e.value)
 
 
-def test_architecture_the_injector_does_not_know():
+def test_model_and_card_must_agree():
+    """Any architecture is injected by its Linears' roles; a model built from another card is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -265,7 +266,7 @@ def test_architecture_the_injector_does_not_know():
         model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(PlanError) as e:
         inject(model, tiny_card("opt"), Plan())
-    assert "does not know architecture 'gpt_neox'" in _one_line(e)
+    assert "the model is a 'gpt_neox' but the card" in _one_line(e)
 
 
 def test_unknown_architecture_in_a_config_json():
