@@ -61,9 +61,7 @@ def hf_config(card: ModelCard):
     from transformers import AutoConfig
 
     if card.generated:
-        from peftplan.cardgen import hf_config_from_dict
-
-        from peftplan.cardgen import cut_config
+        from peftplan.cardgen import cut_config, hf_config_from_dict
 
         config = hf_config_from_dict(card.config)
         config = config.get_text_config() if card.text_only else config

@@ -103,9 +103,8 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
         auto = model_class(card)
         try:
             with torch.device("meta"):
-                model = getattr(auto, "from_config", None) or auto._from_config  # a model class: _from_config
-                model = model(config, dtype=TORCH_DTYPES[plan.dtype],
-                                         attn_implementation=hf_attention(plan, device))
+                build = getattr(auto, "from_config", None) or auto._from_config  # a model class: _from_config
+                model = build(config, dtype=TORCH_DTYPES[plan.dtype], attn_implementation=hf_attention(plan, device))
         except ValueError as e:  # e.g. gemma2 has no SDPA path in transformers 5
             first = str(e).strip().split(". ")[0]
             raise PlanError(f"{card.name}: attention '{plan.attention}' is not available ({first})") from None
