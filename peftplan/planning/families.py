@@ -1,7 +1,7 @@
 """Per-block memory terms of what the newer families do beyond the classic pre-norm block.
 
 Each term reads an explicit card fact that cardgen recorded (the `qk_norm` flag and the norms' sizes in the
-module tree, the config.json kept in the card) and returns bytes per token that `memory._block_saved_per_token`
+module tree, the Linears' roles and shapes, the config.json kept in the card) and returns bytes per token that `memory._block_saved_per_token`
 adds to its generic count with one call line. Symbols as in memory.py: d hidden, q = h·d_h query width,
 k = h_kv·d_h key/value width, e bytes per element.
 
@@ -15,8 +15,8 @@ k = h_kv·d_h key/value width, e bytes per element.
     fused_qkv_correction one fused q/k/v projection (GPT-NeoX/Pythia, Phi-3/Phi-4, Falcon, BLOOM): q, k and v
                          are views of its output; rotary makes new q and k, and SDPA saves v, so the whole
                          q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
-                         more per token. (A fused
-                         gate_up costs nothing extra: gate and up are both saved anyway.)
+                         more per token. Without rotary (GPT-2) q and k stay views too: nothing more. (A
+                         fused gate_up costs nothing extra: gate and up are both saved anyway.)
     parallel_norm_correction  parallel blocks (GPT-NeoX/Pythia: x + attn(ln1(x)) + mlp(ln2(x))): both pre-norms
                          read the block input x, which a LayerNorm saves, so x is saved once, not twice.
     rotary_cat_correction  Phi-3/Phi-4 and GPT-NeoX build the rotated q by concatenating the rotated and the
@@ -38,6 +38,9 @@ k = h_kv·d_h key/value width, e bytes per element.
                          the compute dtype and saves, in every sliding layer: ce·s per token per such layer.
                          Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
+
+Three class traits no config field states are named by family until cardgen records them (the shipped generated
+cards would need re-importing): FP32_SCALE_FAMILIES, ROTARY_CAT_FAMILIES, SDPA_NO_GQA_FAMILIES.
 
 Sources: transformers 5.24 models/qwen3 (Qwen3RMSNorm on q_proj/k_proj outputs viewed as (b, s, h, d_h)),
 models/olmo2 (q_norm over h·d_h before the head split), models/gemma3 (Gemma3RMSNorm, q_norm/k_norm per head);
