@@ -254,7 +254,8 @@ def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:
     """`check --random N --seed S`: errors worst first, each with the command that reproduces it."""
     from rich.console import Console
 
-    from peftplan.trace.check import summarize
+    from peftplan.render import safe
+    from peftplan.trace.check import one_line, summarize
     from peftplan.trace.random_check import check, command, draws
 
     if n < 0:
@@ -264,7 +265,7 @@ def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:
 
     def progress(i, card, plan, c, reason) -> None:
         if c is None:
-            console.print(f"[red]FAIL[/red] [{i + 1}/{n}] {reason}", markup=True, highlight=False)
+            console.print(f"[red]FAIL[/red] [{i + 1}/{n}] {safe(one_line(reason))}", markup=True, highlight=False)
         else:
             console.print(f"{'ok ' if abs(c.peak_error) <= tolerance else 'OUT'} [{i + 1}/{n}] "
                           f"{100 * c.peak_error:+6.2f}% ({c.trace_phase})", highlight=False)
