@@ -32,6 +32,11 @@ k = h_kv·d_h key/value width, e bytes per element.
                          by the batched matmul for b > 1) and the b·h·s² probabilities: 4·(q + 2k) + 4·h·s
                          per token (k = q for b > 1), in place of the flash kernel's q, k, v, output and lse
                          (torch aten/native/transformers/attention.cpp, _scaled_dot_product_attention_math).
+    falcon_eager_correction  Falcon's own eager path: scores = q @ kᵀ with the one kv head broadcast by matmul
+                         (views for b = 1, copies for b > 1), softmax in the hidden states' dtype, probs @ v:
+                         q·ce + 2·kv·ce + ce·h·s per token where the generic eager count has q, k and v at h heads
+                         and a fp32 softmax with its cast. Without autocast only (under autocast the generic
+                         count stands).
     sliding-window       layers attending to the last W tokens (Gemma-2/3's "sliding_attention" layer_types,
                          Mistral's sliding_window): once s > W, transformers hands SDPA an explicit b×1×s×s
                          bool mask (built once, 1 byte per element), which SDPA turns into an additive mask in
@@ -212,9 +217,21 @@ def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return math_saved - flash_saved
 
 
+def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token Falcon's eager attention saves minus the generic eager count (memory.py: q, k and v at h
+    heads, fp32 softmax output and its cast back to ce, no dropout)."""
+    if (plan.attention != "eager" or card.family not in SDPA_NO_GQA_FAMILIES or card.n_kv_heads >= card.n_heads
+            or plan.autocast != "none" or card.attention_dropout > 0):
+        return 0.0
+    q, k, h, s = card.d_q, card.d_kv, card.n_heads, plan.seq_len
+    kv = q if plan.batch_size > 1 else k
+    generic = 3 * ce * q + (FP32 + (ce if ce != FP32 else 0)) * h * s
+    return ce * (q + 2 * kv) + ce * h * s - generic
+
+
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
-    if sdpa_math(card, plan) or sliding_mask_applies(card, plan):
+    if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
         return plan.seq_len, plan.batch_size > 1
     return ()
 
@@ -227,7 +244,8 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
     return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
-            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce))
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
+            + falcon_eager_correction(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:

@@ -11,7 +11,8 @@ The families and what each exercises (peftplan/planning/families.py):
     Gemma-3                     sliding-window layers (s > W: SDPA's additive masks), four norms per block
     Phi-4, Pythia               fused qkv (views kept by SDPA), rotary by concatenation; Phi-4 fused gate_up
     Pythia                      parallel attention + MLP with two norms of one input
-    Falcon                      multi-query attention through SDPA's math path, parallel block, one norm
+    Falcon                      multi-query attention through SDPA's math path (its eager path too), parallel
+                                block, one norm
     Mistral-Nemo/Small, SmolLM2, TinyLlama, Llama-3.3   the Llama block through generated cards
 """
 from __future__ import annotations
@@ -60,9 +61,9 @@ DENSE = (
     # peft's default targets where it has them, LoRA ranks, 3-block cuts
     + [Config(c, 3, dict(method="lora", r=r, batch_size=2, seq_len=256))
        for c in ("qwen3-0.6b", "gemma-3-1b", "pythia-1b", "falcon-7b") for r in (8, 64)]
-    # eager attention (the b·h·s² probabilities; Gemma-3 past its window adds the sliding mask to the scores).
-    # Not Falcon: its own eager path (softmax in the compute dtype, one kv head) is not modelled yet (+3.6%)
-    + _product(["qwen3-0.6b", "olmo-2-7b", "phi-4", "pythia-1b"], methods=("lora", "qlora"),
+    # eager attention (the b·h·s² probabilities; Gemma-3 past its window adds the sliding mask to the scores;
+    # Falcon's own eager path keeps one kv head and a softmax in the compute dtype)
+    + _product(["qwen3-0.6b", "olmo-2-7b", "phi-4", "pythia-1b", "falcon-7b"], methods=("lora", "qlora"),
                gcs=(False,), attention="eager")
     + _product(["gemma-3-1b"], methods=("lora", "qlora"), gcs=(False,), shapes=((1, 1024),), attention="eager")
     # whole small cards
