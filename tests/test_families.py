@@ -127,6 +127,8 @@ SAMPLE = [
     Config("pythia-1b", 2, dict(method="qlora", r=16, targets="all-linear", batch_size=2, seq_len=256)),
     Config("falcon-7b", 1, dict(method="lora", r=16, targets="all-linear", batch_size=2, seq_len=256)),
     Config("falcon-7b", 1, dict(method="adapter", batch_size=1, seq_len=256, grad_checkpointing=True)),
+    Config("falcon-7b", 2, dict(method="lora", r=16, targets="all-linear", batch_size=2, seq_len=256,
+                                attention="eager")),
 ]
 
 
