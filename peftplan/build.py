@@ -61,10 +61,11 @@ def hf_config(card: ModelCard):
     from transformers import AutoConfig
 
     if card.generated:
-        from peftplan.cardgen import hf_config_from_dict
+        from peftplan.cardgen import cut_config, hf_config_from_dict
 
         config = hf_config_from_dict(card.config)
-        return config.get_text_config() if card.text_only else config
+        config = config.get_text_config() if card.text_only else config
+        return cut_config(config, card.tree, card.n_layers)
     fields = to_hf_config(card)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     pad = getattr(config, "pad_token_id", None)

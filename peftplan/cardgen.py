@@ -22,6 +22,7 @@ on a cache miss (peftplan/planning/cards.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -234,6 +235,25 @@ def meta_model_from_dict(config: dict, task: str | None = None, text_only: bool 
     except Exception as e:  # noqa: BLE001 -- a contradictory config fails inside the model's __init__
         raise PlanError(f"config.json of '{config.get('model_type')}' cannot be built: {_first_line(e)}") from None
     return task, model
+
+
+def cut_config(cfg, tree: dict, n_layers: int):
+    """The transformers config with only the first `n_layers` blocks of the card's repeated list (a cut card,
+    `peftplan trace --n-layers`); the config itself when nothing is cut. An encoder-decoder's list is its
+    decoder (`num_decoder_layers`; the encoder stays whole, as the card lists it among the model-level
+    parameters); per-layer lists (`layer_types`: sliding-window or full attention per layer) keep their first
+    entries, so a cut block is the same block as in the whole model."""
+    if not tree or n_layers == tree.get("n_blocks"):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder" in tree["block_prefix"]:
+        cfg.num_decoder_layers = n_layers
+    else:
+        cfg.num_hidden_layers = n_layers
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) > n_layers:
+        cfg.layer_types = types[:n_layers]
+    return cfg
 
 
 # ---------------------------------------------------------------- walking the module tree
@@ -514,7 +534,7 @@ def card_toml(fields: dict, comment: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ROLES", "TASKS", "card_toml", "check_config", "generate", "hf_config_from_dict", "meta_model_from_dict",
+__all__ = ["ROLES", "TASKS", "card_toml", "check_config", "cut_config", "generate", "hf_config_from_dict", "meta_model_from_dict",
            "module_tree", "role_of"]
 
 

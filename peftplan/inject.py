@@ -34,19 +34,23 @@ from peftplan.plan import Plan
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# The two output projections of a block (attention, FFN), relative to the block. Wrapping them puts an adapter
-# on the sublayer output before the residual add, Houlsby's place, in each family.
-ADAPTER_SITES: dict[str, tuple[str, str]] = {
-    "opt": ("self_attn.out_proj", "fc2"),
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "mistral": ("self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
-    "gemma2": ("self_attn.o_proj", "mlp.down_proj"),
-    "phi3": ("self_attn.o_proj", "mlp.down_proj"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-    "bert": ("attention.output.dense", "output.dense"),
-    "roberta": ("attention.output.dense", "output.dense"),
-}
+
+
+def adapter_sites(card: ModelCard) -> tuple[str, str]:
+    """(attention output, FFN output): the block Linears with roles attn_out and ffn_out (layout.Linear.role,
+    read from transformers' module tree for generated cards). Wrapping them puts an adapter on each sublayer's
+    output before the residual add, Houlsby's place, in every family.
+
+    Raises:
+        PlanError: the block has no attention or no FFN output Linear (e.g. fused 3-D experts, which are
+            parameters, not Linears).
+    """
+    lin = layout(card).block_linears
+    sites = tuple(next((x.name for x in lin if x.role == role), "") for role in ("attn_out", "ffn_out"))
+    if not all(sites):
+        missing = " and ".join(r for r, n in zip(("attention output", "FFN output"), sites) if not n)
+        raise PlanError(f"{card.name}: Houlsby adapters need a block {missing} Linear, and the block has none")
+    return sites
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _check(model: nn.Module, card: ModelCard, plan: Plan) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTER_SITES and not (card.generated and plan.method != "adapter"):  # adapters need sites
-        raise PlanError(f"the injector does not know architecture '{model_type}' "
-                        f"(known: {', '.join(ADAPTER_SITES)})")
     if model_type != card.model_type:
         raise PlanError(f"the model is a '{model_type}' but the card '{card.name}' describes a '{card.model_type}'")
     if any(isinstance(m, (LoRALinear, AdapterAfter)) for m in model.modules()):
@@ -148,7 +149,7 @@ def _inject_lora(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: t
 
 def _inject_adapters(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: torch.dtype) -> dict:
     """Houlsby adapters on the block's output projections; adapters and every LayerNorm/RMSNorm train."""
-    attn, ffn = ADAPTER_SITES[card.model_type]
+    attn, ffn = adapter_sites(card)
     sites = (attn, ffn) if plan.adapter_placement == "houlsby" else (ffn,)
     names = [layout(card).block_name(i, rel) for i in range(card.n_layers) for rel in sites]
     trainable: set[str] = set()
@@ -171,7 +172,7 @@ def inject(model: nn.Module, card: ModelCard, plan: Plan) -> Injection:
     declared names (`p.requires_grad_(name in trainable)`), never by matching a substring.
 
     Raises:
-        PlanError: an architecture the injector does not know, a model/card mismatch, targets matching nothing
+        PlanError: a model/card mismatch, a block without attention/FFN output Linears (adapter), targets matching nothing
             (with the candidate names), r larger than a target matrix, no default targets for the model type
             (phi3), an adapter wider than d, top_k above the number of blocks.
     """

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from peftplan.errors import PlanError
-from peftplan.inject import ADAPTER_SITES, inject, is_norm, linear_modules
+from peftplan.inject import adapter_sites, inject, is_norm, linear_modules
 from peftplan.layers import LoRALinear, is_linear, is_linear4bit
 from peftplan.planning.layout import layout
 from peftplan.measure import build_model, count_model, make_batch, make_optimizer, train_step
@@ -27,6 +27,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 FAMILIES = ["opt", "llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "bert", "roberta"]
+# Houlsby's sites as transformers names them: each family's attention output and FFN output projection
+SITES = {"opt": ("self_attn.out_proj", "fc2"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
+         "bert": ("attention.output.dense", "output.dense"), "roberta": ("attention.output.dense", "output.dense")}
+SITES |= {f: ("self_attn.o_proj", "mlp.down_proj") for f in ("llama", "mistral", "qwen2", "gemma2", "phi3")}
 PLANS = {
     "full": Plan(method="full"),
     "top": Plan(method="top", top_k=1),
@@ -114,7 +118,8 @@ def test_adapters_sit_on_the_output_projections(family, placement):
     card = tiny_card(family)
     plan = plan_for(family, Plan(method="adapter", adapter_size=8, adapter_placement=placement))
     model, inj = build_model(card, plan)
-    attn, ffn = ADAPTER_SITES[family]
+    attn, ffn = SITES[family]
+    assert adapter_sites(card) == (attn, ffn)  # read from the Linears' roles
     sites = (attn, ffn) if placement == "houlsby" else (ffn,)
     lay = layout(card)
     assert list(inj.wrapped) == [lay.block_name(i, s) for i in range(card.n_layers) for s in sites]
@@ -251,7 +256,8 @@ def test_model_type_without_default_targets():
     assert "no default LoRA targets" in _one_line(e) and "phi3" in str(e.value)
 
 
-def test_architecture_the_injector_does_not_know():
+def test_model_and_card_must_agree():
+    """Any architecture is injected by its Linears' roles; a model built from another card is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -260,7 +266,7 @@ def test_architecture_the_injector_does_not_know():
         model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(PlanError) as e:
         inject(model, tiny_card("opt"), Plan())
-    assert "does not know architecture 'gpt_neox'" in _one_line(e)
+    assert "the model is a 'gpt_neox' but the card" in _one_line(e)
 
 
 def test_unknown_architecture_in_a_config_json():

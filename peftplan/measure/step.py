@@ -80,6 +80,17 @@ def resolve_impl(plan: Plan, impl: str = "auto") -> str:
     return impl
 
 
+def model_class(card: ModelCard):
+    """The transformers class for the card's task: a generated card's own (`card.model_class`, e.g.
+    T5ForConditionalGeneration, DebertaV2ForMaskedLM, Qwen3ForCausalLM), else the causal-LM or masked-LM
+    Auto class."""
+    import transformers
+
+    if card.generated:
+        return getattr(transformers, card.model_class)
+    return transformers.AutoModelForMaskedLM if card.encoder else transformers.AutoModelForCausalLM
+
+
 def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
                 impl: str = "ours") -> tuple[nn.Module, Injection]:
     """The card's model with the plan injected, random weights on `device`, in training mode.
@@ -87,15 +98,13 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
     impl: "ours" (peftplan's layers), "peft" (peft's get_peft_model) or "auto" (`resolve_impl`).
     Safe inside a FakeTensorMode: the meta skeleton is built outside it, the tensors are made under it.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
     with unset_fake_temporarily():
         config = step_config(card, plan)
-        auto = AutoModelForMaskedLM if card.encoder else AutoModelForCausalLM
+        auto = model_class(card)
         try:
             with torch.device("meta"):
-                model = auto.from_config(config, dtype=TORCH_DTYPES[plan.dtype],
-                                         attn_implementation=hf_attention(plan, device))
+                build = getattr(auto, "from_config", None) or auto._from_config  # a model class: _from_config
+                model = build(config, dtype=TORCH_DTYPES[plan.dtype], attn_implementation=hf_attention(plan, device))
         except ValueError as e:  # e.g. gemma2 has no SDPA path in transformers 5
             first = str(e).strip().split(". ")[0]
             raise PlanError(f"{card.name}: attention '{plan.attention}' is not available ({first})") from None
@@ -220,15 +229,20 @@ def materialize(model: nn.Module, device, plan: Plan, *, seed: int = 0) -> nn.Mo
 def make_batch(card: ModelCard, plan: Plan, device) -> dict[str, torch.Tensor]:
     """input_ids b×s drawn with a fixed seed (on the CPU, so every device gets the same batch) and labels.
 
-    Causal LMs: labels = a copy of input_ids (the model shifts them). Encoders: masked-LM labels on every
-    MLM_EVERY-th position, -100 elsewhere. No attention_mask: SDPA takes its is_causal path.
+    Causal LMs: labels = a copy of input_ids (the model shifts them). Seq2seq (T5): the same copy as the
+    b×s target; the model makes its decoder inputs by shifting the labels right (`_shift_right`). Encoders:
+    masked-LM labels on every MLM_EVERY-th position, -100 elsewhere; classification: one class per row.
+    No attention_mask: SDPA takes its is_causal path.
     """
     b, s = plan.batch_size, plan.seq_len
     if card.positions == "learned" and s > card.max_positions:
         raise PlanError(f"sequence length {s} exceeds the {card.max_positions} positions of {card.name}")
     g = torch.Generator(device="cpu").manual_seed(BATCH_SEED)
     ids = torch.randint(0, card.vocab_size, (b, s), generator=g, device="cpu").to(device)
-    if card.encoder:
+    if card.task == "classification":
+        n = int(card.config.get("num_labels") or len(card.config.get("id2label") or {}) or 2)
+        labels = torch.randint(0, n, (b,), generator=g, device="cpu").to(device)
+    elif card.encoder:
         keep = (torch.arange(s, device=device) % MLM_EVERY == 0).expand(b, s)
         labels = torch.where(keep, ids, torch.full_like(ids, -100))
     else:
@@ -278,7 +292,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     `on_phase(name)` is called with "forward", "backward", "optimizer" before each phase and "end" after.
     """
     phase = on_phase or (lambda name: None)
-    kwargs = {} if model.config.model_type in ENCODERS else {"use_cache": False}
+    cfg = model.config
+    kwargs = {"use_cache": False} if cfg.model_type not in ENCODERS and hasattr(cfg, "use_cache") else {}
     for _ in range(plan.grad_accum):  # the Trainer's gradient accumulation: grads add up over micro-steps
         phase("forward")
         with trainer_autocast(plan.autocast, batch["input_ids"].device):  # the Trainer's compute_loss region

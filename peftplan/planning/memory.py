@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from peftplan.planning import moe
+from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
@@ -257,7 +257,7 @@ def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, fi
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
-           trainable_block, first, wrapped)
+           trainable_block, first, wrapped, families.block_key(card, plan))
     v = _BLOCK.get(key)
     if v is None:
         if len(_BLOCK) > 65536:
@@ -321,6 +321,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
     n_norms = len(layout(c).block_norms)
     total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
+    total += families.block_correction(c, plan, stream_element_bytes(plan), ce, norm_saved(c, plan, norm_trains),
+                                       norm_trains, saves(attn_out))
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     for names in (attn_in, ffn_in):
         copies, shared = group_saved(names, ne, d)
@@ -424,14 +426,14 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     x = e if c.encoder and not ac else FP32
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
-    cap = lg if c.hf.get("final_logit_softcapping") else 0
+    cap = lg if families.logit_softcap(c) else 0
     if checkpointed is None:
         checkpointed = len(blocks)
     if plan.grad_checkpointing:
         kept = checkpointed * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
-    final = outside_saved_per_token(c, plan)
+    final = outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),

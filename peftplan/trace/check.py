@@ -37,6 +37,13 @@ class Comparison:
     trace_seconds: float
 
 
+def one_line(error: BaseException | str, limit: int = 160) -> str:
+    """An error as one short line: its first non-empty line, cut at `limit` characters (a FAIL row of
+    `check`; transformers' messages run to kilobytes)."""
+    text = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def signed_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured if measured else (0.0 if predicted == 0 else float("inf"))
 

@@ -173,6 +173,7 @@ def check_cmd(
     random_n: int = typer.Option(0, "--random", help="instead of the grid: N configurations drawn at random "
                                  "over every card family and Plan option (small cuts of the cards)"),
     seed: int = typer.Option(0, help="--random: the seed of the draw (the same seed draws the same list)"),
+    n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only each card's first N blocks"),
     json_out: Json = False, yes: Yes = False,
 ) -> None:
     """Estimate vs trace over a grid (or a random draw): per-configuration errors and median / p90 / max.
@@ -190,12 +191,16 @@ def check_cmd(
     from peftplan.planning.validate import (MAX_CHECK_CONFIGS, MAX_TRACE_OPS, check_float, check_work,
                                             predicted_trace_ops)
     from peftplan.render import safe
-    from peftplan.trace.check import compare, grid, summarize
+    from peftplan.trace.check import compare, grid, one_line, summarize
     from peftplan.trace.run import trace
 
     try:
         check_float(tolerance, "tolerance", 0.0, 1.0, lo_open=True)
         cards = [load_card(m) for m in model]
+        if n_layers is not None:
+            from peftplan.trace.random_check import cut
+
+            cards = [cut(card, n_layers) for card in cards]
         configs = grid(cards, methods=parse_list(methods, "--methods"),
                        ranks=parse_list(ranks, "--ranks", int), batches=parse_list(batches, "--batches", int),
                        seqs=parse_list(seqs, "--seqs", int),
@@ -220,9 +225,9 @@ def check_cmd(
         try:
             c = compare(estimate(card, plan), trace(card, plan))
         except PlanError as e:  # one failure never loses the others
-            failures.append(f"{label}: {e}")
-            rows.append({"config": label, "error": str(e)})
-            console.print(f"[red]FAIL[/red] {safe(label)}: {safe(e)}", soft_wrap=True)
+            failures.append(f"{label}: {one_line(e)}")
+            rows.append({"config": label, "error": one_line(e)})
+            console.print(f"[red]FAIL[/red] {safe(label)}: {safe(one_line(e))}", soft_wrap=True)
             continue
         except KeyboardInterrupt:  # keep what finished
             interrupted = True
@@ -249,7 +254,8 @@ def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:
     """`check --random N --seed S`: errors worst first, each with the command that reproduces it."""
     from rich.console import Console
 
-    from peftplan.trace.check import summarize
+    from peftplan.render import safe
+    from peftplan.trace.check import one_line, summarize
     from peftplan.trace.random_check import check, command, draws
 
     if n < 0:
@@ -259,7 +265,7 @@ def _check_random(n: int, seed: int, tolerance: float, json_out: bool) -> None:
 
     def progress(i, card, plan, c, reason) -> None:
         if c is None:
-            console.print(f"[red]FAIL[/red] [{i + 1}/{n}] {reason}", markup=True, highlight=False)
+            console.print(f"[red]FAIL[/red] [{i + 1}/{n}] {safe(one_line(reason))}", markup=True, highlight=False)
         else:
             console.print(f"{'ok ' if abs(c.peak_error) <= tolerance else 'OUT'} [{i + 1}/{n}] "
                           f"{100 * c.peak_error:+6.2f}% ({c.trace_phase})", highlight=False)

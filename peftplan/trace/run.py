@@ -231,7 +231,7 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
     except Exception as e:  # an op fake tensors cannot run: say which, where
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"trace failed in {counter.phase} at module '{counter.module or '-'}' "
-                         f"(op #{counter.ops}): {type(e).__name__}: {msg}") from None
+                         f"(op #{counter.ops}): {type(e).__name__}: {msg[:300]}") from None
     finally:
         for h in handles:
             h.remove()

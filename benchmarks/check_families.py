@@ -1,0 +1,74 @@
+"""Benchmark: the estimate against the fake-tensor trace on the generated cards' families (issue 11, part 3).
+
+Runs every entry of `peftplan.trace.family_grid.CONFIGS` (a list of (card, options); MoE entries are added to
+the same list), prints each peak error, the summary (median, p90, max |error|, how many within 2%) and the
+errors grouped by family, and writes benchmarks/results/check_families.json. A configuration that cannot be
+traced is a FAIL row (one line) and the others go on.
+
+    python benchmarks/check_families.py             # every configuration (~135, a few minutes on 2 cores)
+    python benchmarks/check_families.py --only qwen3,falcon
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+from peftplan.errors import PlanError
+from peftplan.planning import estimate
+from peftplan.trace.check import compare, one_line, summarize
+from peftplan.trace.family_grid import CONFIGS, resolve
+from peftplan.trace.run import trace
+
+OUT = Path(__file__).resolve().parent / "results" / "check_families.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma list of substrings of card names")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    only = [x for x in args.only.split(",") if x]
+    configs = [c for c in CONFIGS if not only or any(o in c.card for o in only)]
+    results, failures, rows = [], [], []
+    by_family: dict[str, list[float]] = defaultdict(list)
+    t0 = time.perf_counter()
+    for i, config in enumerate(configs, 1):
+        label = config.label()
+        try:
+            card, plan = resolve(config)
+            c = compare(estimate(card, plan), trace(card, plan))
+        except PlanError as e:
+            failures.append(f"{label}: {one_line(e)}")
+            print(f"[{i}/{len(configs)}] FAIL {label}: {one_line(e)}", flush=True)
+            continue
+        results.append(c)
+        by_family[card.family].append(abs(c.peak_error))
+        rows.append({"config": label, "family": card.family, "peak_error": c.peak_error,
+                     "trace_peak_bytes": c.trace_peak_bytes, "estimate_peak_bytes": c.estimate_peak_bytes,
+                     "phase": c.trace_phase, "trace_seconds": round(c.trace_seconds, 2)})
+        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label}: "
+              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_seconds:.1f} s)", flush=True)
+    s = summarize(results, failures)
+    families = {f: {"n": len(v), "median_abs_error": statistics.median(v), "max_abs_error": max(v)}
+                for f, v in sorted(by_family.items())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"summary": asdict(s), "families": families, "results": rows}, indent=1))
+    tmp.replace(args.out)
+    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| "
+          f"{100 * s.median_abs_error:.2f}%, p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
+          f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    for f, v in families.items():
+        print(f"  {f:12s} {v['n']:3d} configurations, median {100 * v['median_abs_error']:.2f}%, "
+              f"max {100 * v['max_abs_error']:.2f}%")
+    for r in sorted(rows, key=lambda r: -abs(r["peak_error"]))[:8]:
+        print(f"  {100 * r['peak_error']:+.2f}%  {r['config']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Per-block memory terms of what the newer families do beyond the classic pre-norm block.
+
+Each term reads an explicit card fact that cardgen recorded (the `qk_norm` flag and the norms' sizes in the
+module tree, the Linears' roles and shapes, the config.json kept in the card) and returns bytes per token that `memory._block_saved_per_token`
+adds to its generic count with one call line. Symbols as in memory.py: d hidden, q = h·d_h query width,
+k = h_kv·d_h key/value width, e bytes per element.
+
+    qk_norm_correction   q/k norms (Qwen3, OLMo-2, Gemma-3): the generic count treats every block norm as a
+                         d-wide norm of the residual stream; a q/k norm normalises q (q elements) and k (k
+                         elements) in groups of its own size (d_h per head in Qwen3/Gemma-3, the whole
+                         projection in OLMo-2), saving a fp32 copy of its input and one fp32 rsqrt per group.
+    fp32_scaled_norms    RMSNorms that multiply by γ in fp32 and cast after (Gemma's (1 + γ), OLMo-2's γ), so a
+                         training γ keeps x̂ in fp32, not in the compute dtype as Llama's RMSNorm does
+                         (transformers' Gemma3RMSNorm.forward, Olmo2RMSNorm.forward).
+    fused_qkv_correction one fused q/k/v projection (GPT-NeoX/Pythia, Phi-3/Phi-4, Falcon, BLOOM): q, k and v
+                         are views of its output; rotary makes new q and k, and SDPA saves v, so the whole
+                         q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
+                         more per token. Without rotary (GPT-2) q and k stay views too: nothing more. (A
+                         fused gate_up costs nothing extra: gate and up are both saved anyway.)
+    parallel_norm_correction  parallel blocks (GPT-NeoX/Pythia: x + attn(ln1(x)) + mlp(ln2(x))): both pre-norms
+                         read the block input x, which a LayerNorm saves, so x is saved once, not twice.
+    rotary_cat_correction  Phi-3/Phi-4 and GPT-NeoX build the rotated q by concatenating the rotated and the
+                         pass-through part of each head (their apply_rotary_pos_emb always does), so q is a new
+                         contiguous (b, h, s, d_h) tensor, SDPA's output has that layout too, and transformers'
+                         `transpose(1, 2).contiguous()` copies it: when the output projection saves its input
+                         (QLoRA's fp32 stream, a trained o_proj), that copy is saved beside SDPA's own output,
+                         q·ce more per token (the eager path counts it already).
+    sdpa_math_correction multi-query attention that calls SDPA with fewer key/value heads than query heads and
+                         no `enable_gqa` (Falcon's own attention code): neither flash nor memory-efficient
+                         kernels take that, so SDPA runs its math path, which upcasts to fp32 and saves the
+                         scaled q, k and v (views of the one kv head for b = 1, copies broadcast to h heads
+                         by the batched matmul for b > 1) and the b·h·s² probabilities: 4·(q + 2k) + 4·h·s
+                         per token (k = q for b > 1), in place of the flash kernel's q, k, v, output and lse
+                         (torch aten/native/transformers/attention.cpp, _scaled_dot_product_attention_math).
+    falcon_eager_correction  Falcon's own eager path: scores = q @ kᵀ with the one kv head broadcast by matmul
+                         (views for b = 1, copies for b > 1), softmax in the hidden states' dtype, probs @ v:
+                         q·ce + 2·kv·ce + ce·h·s per token where the generic eager count has q, k and v at h heads
+                         and a fp32 softmax with its cast. Without autocast only (under autocast the generic
+                         count stands).
+    sliding-window       layers attending to the last W tokens (Gemma-2/3's "sliding_attention" layer_types,
+                         Mistral's sliding_window): once s > W, transformers hands SDPA an explicit b×1×s×s
+                         bool mask (built once, 1 byte per element), which SDPA turns into an additive mask in
+                         the compute dtype and saves, in every sliding layer: ce·s per token per such layer.
+                         Full-attention layers keep `is_causal` and no mask.
+    logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
+
+Three class traits no config field states are named by family until cardgen records them (the shipped generated
+cards would need re-importing): FP32_SCALE_FAMILIES, ROTARY_CAT_FAMILIES, SDPA_NO_GQA_FAMILIES.
+
+Sources: transformers 5.24 models/qwen3 (Qwen3RMSNorm on q_proj/k_proj outputs viewed as (b, s, h, d_h)),
+models/olmo2 (q_norm over h·d_h before the head split), models/gemma3 (Gemma3RMSNorm, q_norm/k_norm per head);
+PyTorch's autograd save rules (pow and mul save their inputs, rsqrt its output).
+"""
+from __future__ import annotations
+
+import re
+
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import Norm, layout
+from peftplan.plan import Plan
+
+FP32 = 4
+_QK = re.compile(r"(^|\.)(q|k)_(norm|layernorm)$")
+
+
+def qk_norms(card: ModelCard) -> tuple[Norm, ...]:
+    """The block's query and key norms (empty unless the card's `qk_norm` fact is set)."""
+    if not card.qk_norm:
+        return ()
+    return tuple(n for n in layout(card).block_norms if _QK.search(n.name))
+
+
+# The RMSNorm classes that scale in fp32 before casting back. Not yet a card field: the shipped generated cards
+# would have to be re-imported to carry it; until then the family names the class.
+FP32_SCALE_FAMILIES = ("gemma", "gemma2", "gemma3", "olmo2")
+
+
+def fp32_scaled_norms(card: ModelCard) -> bool:
+    """RMSNorm whose γ scale is computed in fp32 and cast after (Gemma's 1 + γ, OLMo-2)."""
+    return card.norm == "rmsnorm" and card.family in FP32_SCALE_FAMILIES
+
+
+def _rms_saved(width: int, groups: int, plan: Plan, e: int, scale_fp32: bool, weight_trains: bool) -> int:
+    """An RMSNorm over `width` elements per token in `groups` groups: fp32 x, fp32 rsqrt per group, and the
+    normalised x̂ (fp32 or e) when γ trains."""
+    return FP32 * width + FP32 * groups + ((FP32 if scale_fp32 else e) * width if weight_trains else 0)
+
+
+def qk_norm_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float, weight_trains: bool) -> float:
+    """Bytes per token to add to a block's count for its q/k norms: what they save minus `generic_norm`, the
+    bytes per token the generic count gave each of them (a d-wide norm of the residual stream)."""
+    norms = qk_norms(card)
+    if not norms:
+        return 0.0
+    total = 0.0
+    for n in norms:
+        width = card.d_q if n.name.rsplit(".", 1)[-1].startswith("q") else card.d_kv
+        total += _rms_saved(width, max(1, width // n.size), plan, e, fp32_scaled_norms(card), weight_trains)
+    return total - len(norms) * generic_norm
+
+
+def fp32_scale_correction(card: ModelCard, e: int, weight_trains: bool) -> float:
+    """Bytes per token to add for the fp32 x̂ of fp32-scaled d-wide block norms when γ trains (the generic
+    count keeps x̂ in the compute dtype)."""
+    if not (weight_trains and fp32_scaled_norms(card)) or card.family == "gemma2":  # gemma2: memory.norm_saved
+        return 0.0
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    return wide * (FP32 - e) * card.d_model
+
+
+def fused_qkv(card: ModelCard) -> bool:
+    """The block's attention reads one fused q/k/v Linear (role attn_in, q + 2k wide): a fact of the tree."""
+    attn_in = [x for x in layout(card).block_linears if x.role == "attn_in"]
+    return len(attn_in) == 1 and attn_in[0].d_out == card.d_q + 2 * card.d_kv
+
+
+def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token SDPA keeps beyond separate projections when v is a view of the fused qkv output."""
+    if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary" \
+            or sdpa_math(card, plan) or _memory_models_phi3_rope(card):
+        return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
+    return ce * (card.d_q + card.d_kv)
+
+
+def _text_config(card: ModelCard) -> dict:
+    text = card.config.get("text_config")
+    return text if isinstance(text, dict) else card.config  # multimodal configs keep the text model's facts here
+
+
+def sliding_window(card: ModelCard) -> int:
+    """The sliding window W in tokens (0: none), from the generated card's config.json."""
+    cfg = _text_config(card)
+    if cfg.get("use_sliding_window") is False:
+        return 0
+    return int(cfg.get("sliding_window") or 0)
+
+
+def sliding_layers(card: ModelCard) -> int:
+    """How many of the card's first n_layers blocks use the sliding window (config `layer_types`; every layer
+    when the config has a window and no per-layer list)."""
+    if not sliding_window(card):
+        return 0
+    cfg = _text_config(card)
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        return sum(t == "sliding_attention" for t in types[:card.n_layers])
+    pattern = cfg.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 0:  # Gemma-3's config.json: every pattern-th layer is global
+        return sum(bool((i + 1) % pattern) for i in range(card.n_layers))  # as Gemma3TextConfig.__post_init__
+    return card.n_layers
+
+
+def sliding_mask_applies(card: ModelCard, plan: Plan) -> bool:
+    return plan.attention == "sdpa" and 0 < sliding_window(card) < plan.seq_len and sliding_layers(card) > 0
+
+
+def sliding_block_bytes(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token per block (averaged over the blocks) of the additive masks SDPA saves in sliding layers."""
+    if not sliding_mask_applies(card, plan):
+        return 0.0
+    return ce * plan.seq_len * sliding_layers(card) / card.n_layers
+
+
+def mask_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """The one bool b×1×s×s sliding-window mask the model builds for its sliding layers, bytes per token."""
+    return float(plan.seq_len) if sliding_mask_applies(card, plan) else 0.0
+
+
+def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) -> float:
+    """Bytes per token the generic count gave twice for a parallel block's two pre-norms' shared input."""
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    if not (card.parallel_block and wide == 2 and card.norm == "layernorm" and norm_input_saved):
+        return 0.0
+    return -e * card.d_model
+
+
+# Classes whose apply_rotary_pos_emb concatenates (rotated, pass-through) even for a full rotary: a class trait
+# that no config field states (Phi-4's config has no partial_rotary_factor), so the family names it.
+ROTARY_CAT_FAMILIES = ("phi3", "gpt_neox")
+
+
+def _memory_models_phi3_rope(card: ModelCard) -> bool:
+    """Whether memory.py itself already counts Phi-3's fused-qkv storage and output copy (helper 17's branch
+    adds `memory._rope_by_cat` for model_type phi3): then the two terms below stay out for those cards, so a
+    merge of both branches cannot count them twice."""
+    from peftplan.planning import memory  # memory imports this module: imported here, at call time
+
+    by_cat = getattr(memory, "_rope_by_cat", None)
+    return bool(by_cat and by_cat(card))
+
+
+def rotary_cat_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool) -> float:
+    if plan.attention not in ("sdpa", "flash") or card.family not in ROTARY_CAT_FAMILIES or not out_proj_saves_input \
+            or _memory_models_phi3_rope(card):
+        return 0.0
+    return ce * card.d_q
+
+
+# Families whose attention hands SDPA un-repeated kv heads without enable_gqa (transformers' models/falcon).
+SDPA_NO_GQA_FAMILIES = ("falcon",)
+
+
+def sdpa_math(card: ModelCard, plan: Plan) -> bool:
+    return (plan.attention in ("sdpa", "flash") and card.family in SDPA_NO_GQA_FAMILIES
+            and card.n_kv_heads < card.n_heads)
+
+
+def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token the math path saves minus what the generic count gave the flash kernel."""
+    if not sdpa_math(card, plan):
+        return 0.0
+    q, k, h = card.d_q, card.d_kv, card.n_heads
+    # k and v broadcast to h heads stay views for b = 1; for b > 1 the batched matmul materialises them
+    kv = q if plan.batch_size > 1 else k
+    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len
+    flash_saved = ce * (2 * q + 2 * k) + FP32 * h
+    return math_saved - flash_saved
+
+
+def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token Falcon's eager attention saves minus the generic eager count (memory.py: q, k and v at h
+    heads, fp32 softmax output and its cast back to ce, no dropout)."""
+    if (plan.attention != "eager" or card.family not in SDPA_NO_GQA_FAMILIES or card.n_kv_heads >= card.n_heads
+            or plan.autocast != "none" or card.attention_dropout > 0):
+        return 0.0
+    q, k, h, s = card.d_q, card.d_kv, card.n_heads, plan.seq_len
+    kv = q if plan.batch_size > 1 else k
+    generic = 3 * ce * q + (FP32 + (ce if ce != FP32 else 0)) * h * s
+    return ce * (q + 2 * kv) + ce * h * s - generic
+
+
+def block_key(card: ModelCard, plan: Plan) -> tuple:
+    """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
+    if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
+        return plan.seq_len, plan.batch_size > 1
+    return ()
+
+
+def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
+                     weight_trains: bool, out_proj_saves_input: bool) -> float:
+    """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
+    e: the residual stream's bytes per element; ce: what attention saves per element; out_proj_saves_input:
+    whether the attention output projection keeps its input alive (memory's `saves(attn_out)`)."""
+    return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
+            + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
+            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
+            + falcon_eager_correction(card, plan, ce))
+
+
+def logit_softcap(card: ModelCard) -> float:
+    """The final logit soft-cap (0: none), from the hand-written card's fields or the generated card's config."""
+    cap = card.hf.get("final_logit_softcapping") or card.config.get("final_logit_softcapping")
+    if not cap and isinstance(card.config.get("text_config"), dict):
+        cap = card.config["text_config"].get("final_logit_softcapping")
+    return float(cap or 0.0)

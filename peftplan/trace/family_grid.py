@@ -1,0 +1,84 @@
+"""The check grid of the generated cards' families: a list of (card, options), each traced and estimated.
+
+Every entry is `Config(card, n_layers, options)`: a shipped card, cut to its first `n_layers` blocks (0: the
+whole card; cut cards keep every width and the vocabulary, and the peaks are affine in the number of blocks,
+`tests/test_check_random.py`), and the `Plan` fields that differ from the defaults. `benchmarks/check_families.py`
+runs them all; `tests/test_families.py` a sample. A new family or feature adds entries to `CONFIGS` (or a list
+of its own concatenated to it); nothing else changes.
+
+The families and what each exercises (peftplan/planning/families.py):
+    Qwen3, OLMo-2, Gemma-3      q/k norms (per head; OLMo-2 over the whole projection), fp32-scaled norms
+    Gemma-3                     sliding-window layers (s > W: SDPA's additive masks), four norms per block
+    Phi-4, Pythia               fused qkv (views kept by SDPA), rotary by concatenation; Phi-4 fused gate_up
+    Pythia                      parallel attention + MLP with two norms of one input
+    Falcon                      multi-query attention through SDPA's math path (its eager path too), parallel
+                                block, one norm
+    Mistral-Nemo/Small, SmolLM2, TinyLlama, Llama-3.3   the Llama block through generated cards
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from peftplan.plan import Plan
+from peftplan.planning.cards import ModelCard, registry
+
+
+@dataclass(frozen=True)
+class Config:
+    card: str
+    n_layers: int = 2  # 0: every block
+    options: dict = field(default_factory=dict, hash=False)
+
+    def label(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.card}[{self.n_layers or 'all'}] {opts}"
+
+
+METHODS = ("full", "adapter", "lora", "qlora")
+
+
+def _product(cards, n_layers=2, methods=METHODS, gcs=(False, True), shapes=((2, 256),), **fixed) -> list[Config]:
+    out = []
+    for card, method, gc, (b, s) in itertools.product(cards, methods, gcs, shapes):
+        opts = dict(method=method, batch_size=b, seq_len=s, grad_checkpointing=gc, **fixed)
+        if method in ("lora", "qlora"):
+            opts.setdefault("targets", "all-linear")  # peft has no default targets for phi3, olmo2
+            opts.setdefault("r", 16)
+        out.append(Config(card, n_layers, opts))
+    return out
+
+
+DENSE = (
+    # every method × checkpointing on 2-block cuts of the most used cards
+    _product(["qwen3-0.6b", "qwen3-8b", "gemma-3-1b", "gemma-3-4b", "phi-4", "mistral-nemo-12b", "olmo-2-7b",
+              "smollm2-135m", "falcon-7b", "pythia-1b"])
+    # other batch × sequence points (b = 1 keeps Falcon's k, v as views; s = 1024 passes Gemma-3's window)
+    + _product(["qwen3-1.7b", "gemma-3-1b", "falcon-7b", "pythia-1b", "olmo-2-7b"], methods=("lora", "qlora"),
+               gcs=(False,), shapes=((1, 1024), (4, 128)))
+    + _product(["mistral-small-24b", "smollm2-360m", "tinyllama-1.1b", "llama-3.3-70b", "qwen3-14b"],
+               n_layers=3, methods=("full", "lora"), gcs=(False, True), shapes=((1, 512),))
+    # peft's default targets where it has them, LoRA ranks, 3-block cuts
+    + [Config(c, 3, dict(method="lora", r=r, batch_size=2, seq_len=256))
+       for c in ("qwen3-0.6b", "gemma-3-1b", "pythia-1b", "falcon-7b") for r in (8, 64)]
+    # eager attention (the b·h·s² probabilities; Gemma-3 past its window adds the sliding mask to the scores;
+    # Falcon's own eager path keeps one kv head and a softmax in the compute dtype)
+    + _product(["qwen3-0.6b", "olmo-2-7b", "phi-4", "pythia-1b", "falcon-7b"], methods=("lora", "qlora"),
+               gcs=(False,), attention="eager")
+    + _product(["gemma-3-1b"], methods=("lora", "qlora"), gcs=(False,), shapes=((1, 1024),), attention="eager")
+    # whole small cards
+    + _product(["smollm2-135m", "qwen3-0.6b"], n_layers=0, methods=("lora", "qlora", "adapter"), gcs=(False,),
+               shapes=((2, 256),))
+)
+
+CONFIGS: list[Config] = list(DENSE)
+
+
+def resolve(config: Config) -> tuple[ModelCard, Plan]:
+    """(cut card, plan) for one entry."""
+    from peftplan.trace.random_check import cut
+
+    card = registry()[config.card]
+    if config.n_layers:
+        card = cut(card, config.n_layers)
+    return card, Plan(**config.options)
