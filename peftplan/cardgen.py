@@ -250,9 +250,10 @@ def cut_config(cfg, tree: dict, n_layers: int):
         cfg.num_decoder_layers = n_layers
     else:
         cfg.num_hidden_layers = n_layers
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and len(types) > n_layers:
-        cfg.layer_types = types[:n_layers]
+    n = tree.get("n_blocks")
+    for key, value in list(vars(cfg).items()):  # per-layer lists (layer_types, ...): one entry per block
+        if isinstance(value, list) and len(value) == n and n > n_layers:
+            setattr(cfg, key, value[:n_layers])
     return cfg
 
 

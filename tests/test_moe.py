@@ -146,10 +146,17 @@ def test_full_size_moe_trace(name, plan):
     assert abs(c.peak_error) <= 0.02, c
 
 
-def test_cut_generated_card_cuts_its_config():
+def test_cut_generated_card_cuts_the_config_the_trace_builds():
+    from peftplan.build import hf_config
+
     card = cut(registry()["mixtral-8x7b"], 2)
-    assert card.n_layers == 2 and card.config["num_hidden_layers"] == 2 and card.tree["n_blocks"] == 2
-    assert dataclasses.replace(card).config["num_local_experts"] == 8
+    config = hf_config(card)
+    assert card.n_layers == 2 and config.num_hidden_layers == 2 and config.num_local_experts == 8
+    gemma = hf_config(cut(registry()["gemma-3-1b"], 3))  # per-layer lists keep their first entries
+    assert gemma.num_hidden_layers == 3 and len(gemma.layer_types) == 3
+    assert gemma.layer_types == hf_config(registry()["gemma-3-1b"]).layer_types[:3]
+    t5 = hf_config(cut(registry()["flan-t5-base"], 1))  # the decoder is the card's block list; the encoder stays
+    assert t5.num_decoder_layers == 1 and t5.num_layers == hf_config(registry()["flan-t5-base"]).num_layers
 
 
 def test_aux_loss_router_logits_term_matches_the_trace():

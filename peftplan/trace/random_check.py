@@ -61,15 +61,11 @@ def cut(card: ModelCard, k: int) -> ModelCard:
         raise PlanError(f"{card.name} has {card.n_layers} blocks; cannot keep {k}")
     if k == card.n_layers:
         return card
-    if card.generated:  # the trace rebuilds the model from the config: cut it there too
-        n = card.n_layers
-        config = {key: (k if key in ("num_hidden_layers", "n_layer", "num_layers")
-                        else v[:k] if isinstance(v, list) and len(v) == n else v)  # per-layer lists (layer_types)
-                  for key, v in card.config.items()}
+    if card.generated:  # the trace rebuilds the model from the config, cut by cardgen.cut_config (build.py)
         prefix = card.tree["block_prefix"] + "."
         kept = [e for e in card.tree["other"]  # entries of blocks that differ (DeepSeek-V2's MoE layers) past k go
                 if not (e["name"].startswith(prefix) and int(e["name"][len(prefix):].split(".")[0]) >= k)]
-        return dataclasses.replace(card, n_layers=k, config=config, tree=dict(card.tree, n_blocks=k, other=kept))
+        return dataclasses.replace(card, n_layers=k, tree=dict(card.tree, other=kept))
     return dataclasses.replace(card, n_layers=k)
 
 
