@@ -48,6 +48,7 @@ class Plan:
     grad_accum: int = 1  # TrainingArguments.gradient_accumulation_steps: micro-steps per optimizer step
     max_grad_norm: float = 1.0  # TrainingArguments.max_grad_norm: clip_grad_norm_ before the step (0: off)
     use_reentrant: bool = False  # gradient_checkpointing_kwargs["use_reentrant"]; transformers 5 defaults to False
+    logits_shift_copy: bool = False  # transformers <= 4.48's causal-LM loss: a contiguous fp32 copy of shifted logits
     # -- past one GPU (planning/distributed.py)
     gpus: int = 1  # world size W (all nodes)
     nodes: int = 1

@@ -99,6 +99,10 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
         except ValueError as e:  # e.g. gemma2 has no SDPA path in transformers 5
             first = str(e).strip().split(". ")[0]
             raise PlanError(f"{card.name}: attention '{plan.attention}' is not available ({first})") from None
+        if plan.logits_shift_copy and not card.encoder:  # transformers <= 4.48's loss (measure/loss.py)
+            from peftplan.measure.loss import shifted_causal_lm_loss
+
+            model.loss_function = shifted_causal_lm_loss
         if resolve_impl(plan, impl) == "peft":
             from peftplan.inject import inject_peft
 

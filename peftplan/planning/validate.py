@@ -126,6 +126,7 @@ def plan_table() -> dict[str, Field]:
         "grad_accum": Field("int", "gradient accumulation steps", 1, 2**16),
         "max_grad_norm": Field("float", "max grad norm", 0, 1e6),
         "use_reentrant": Field("bool", "use_reentrant"),
+        "logits_shift_copy": Field("bool", "logits_shift_copy"),
         # past one GPU
         "gpus": Field("int", "--gpus", 1, 2**16),
         "nodes": Field("int", "--nodes", 1, 2**12),

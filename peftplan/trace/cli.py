@@ -9,7 +9,7 @@ import typer
 
 from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Batch, Dora, DoubleQuant, Dropout,
                           Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model,
-                          Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail, make_plan,
+                          Nodes, Optim, Placement, R, Reentrant, Seq, ShiftCopy, Strategy, Targets, TopK, fail, make_plan,
                           Yes, with_files)
 from peftplan.errors import PlanError, quote
 
@@ -25,7 +25,7 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
     dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
-    use_reentrant: Reentrant = False,
+    use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False,
     impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
     n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only the card's first N blocks"),
@@ -49,7 +49,7 @@ def trace_cmd(
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
-                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant)
+                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
         plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy)
         if gpus > 1 and strategy not in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
             raise PlanError(f"the distributed trace runs FSDP2: give --strategy fsdp|fsdp-grad-op|fsdp-hybrid "
