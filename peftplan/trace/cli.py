@@ -62,7 +62,7 @@ def trace_cmd(
             from peftplan.trace.random_check import cut
 
             card = cut(card, n_layers)
-        est = None if plan.use_dora else estimate(card, plan)  # DoRA: traced, not yet estimated
+        est = estimate(card, plan)
         check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
                    predicted_trace_ops(card.n_layers, steps), MAX_TRACE_OPS, yes)
         from peftplan.planning.allocator import AllocatorConfig
@@ -72,7 +72,7 @@ def trace_cmd(
         lens = parse_seq_lens(seq_lens, seq_percentiles, steps)
         if lens:  # the trace reports, and the estimate describes, the last step
             plan = plan.with_(seq_len=lens[-1])
-            est = None if plan.use_dora else estimate(card, plan)
+            est = estimate(card, plan)
         conf = AllocatorConfig.parse(alloc_conf)
         reserved = reserved or lens is not None or bool(alloc_conf)
         tr = trace(card, plan, steps=steps, impl=impl, seq_lens=lens, record_events=reserved)
