@@ -19,6 +19,7 @@ from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes
+from peftplan.planning.scaler import with_scaler
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
                                       quantizable)
 from peftplan.plan import DTYPES, Plan
@@ -623,7 +624,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     opt = _memory("optimizer", st, gradients_bytes=st.gradients_bytes,
                   temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
     fwd, bwd = dora.moments(card, plan, st, act, late, fwd, bwd)  # DoRA's weight-norm working set (dora.py)
-    return fwd, bwd, opt
+    return with_scaler(plan, (fwd, bwd, opt))  # fp16 autocast: the GradScaler's scalars (scaler.py)
 
 
 def clip_temporaries(card: ModelCard, plan: Plan) -> int:

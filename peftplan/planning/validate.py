@@ -155,6 +155,10 @@ def check_relations(plan: Any) -> None:
     if lora and plan.adapter_dtype != plan.dtype and DTYPES[plan.adapter_dtype] == 2:
         raise PlanValueError(f"adapter dtype {plan.adapter_dtype} over {plan.dtype} weights: peft keeps adapters "
                              "in the base dtype or fp32")
+    trained = plan.adapter_dtype if lora else plan.dtype
+    if plan.autocast == "fp16" and trained == "fp16":
+        raise PlanValueError("fp16 autocast with fp16 trainable weights: the GradScaler refuses to unscale fp16 "
+                             "gradients (load the weights in fp32, or keep LoRA adapters in fp32)")
     if plan.use_dora and not lora:
         raise PlanValueError("--dora applies to LoRA and QLoRA only")
     if plan.gpus % plan.nodes:
