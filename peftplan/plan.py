@@ -90,5 +90,10 @@ class Plan:
     def with_(self, **changes) -> "Plan":
         return replace(self, **changes)
 
+    def with_method(self, method: str, **changes) -> "Plan":
+        """This plan for another method (reports and fit matrices compare methods): DoRA kept where it applies
+        (LoRA, QLoRA), dropped elsewhere."""
+        return replace(self, method=method, use_dora=self.use_dora and method in ("lora", "qlora"), **changes)
+
     def to_dict(self) -> dict:
         return asdict(self)
