@@ -47,13 +47,52 @@ def with_magnitudes(card: ModelCard, plan: Plan, p: ParamCounts) -> ParamCounts:
     return replace(p, added=p.added + n, trainable=p.trainable + n) if n else p
 
 
-def _dtypes(plan: Plan) -> tuple[int, int, int]:
-    """(adapter element, DoRA input x element, base_result element) bytes."""
+def _x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of x as DoRA receives it in the Linear `lin`. peft's lora.Linear casts x to the adapter dtype;
+    its bitsandbytes twin skips that cast under autocast, so x stays what reaches the Linear4bit: the norm's
+    output for the Linears reading it (fp32 where autocast runs LayerNorm in fp32, or after k-bit preparation),
+    the attention output (the autocast dtype) for the output projection, and for the FFN's output projection
+    what the FFN's input projections return (a Linear4bit returns its input's dtype)."""
+    a = DTYPES[plan.adapter_dtype]
+    if not (plan.method == "qlora" and plan.autocast != "none"):
+        return a
+    ac = DTYPES[plan.autocast]
+    if lin.role == "attn_out":
+        return ac
+    normed = FP32 if card.norm == "layernorm" or plan.kbit_prep else plan.bytes_per_element
+    return normed if lin.role in ("attn_in", "ffn_in", "ffn_out") else ac
+
+
+def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
+    """(adapter element, DoRA input x element, base_result element) bytes for the wrapped Linear `lin`."""
     a = DTYPES[plan.adapter_dtype]
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    base = ac or (FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element)
-    x = base if plan.method == "qlora" and ac else a  # bnb's LoRA skips the input cast under autocast
+    x = _x_bytes(card, plan, lin)
+    if plan.method == "qlora":
+        base = x if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)  # Linear4bit: its input's dtype
+    else:
+        base = ac or plan.bytes_per_element
+    if plan.dropout:  # base_result is recomputed, F.linear(dropout(x), weight in x's dtype)
+        base = ac or x
     return a, x, base
+
+
+def _weight_copied(card: ModelCard, plan: Plan, lin) -> bool:
+    """Is the weight in x's dtype a new tensor: a 4-bit weight is dequantized, another one is cast unless it is
+    in x's dtype already."""
+    return plan.method == "qlora" or _x_bytes(card, plan, lin) != plan.bytes_per_element
+
+
+def saved_weight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per weight element that peft's recomputed base output (LoRA dropout) saves beyond the frozen
+    weight: the weight in x's dtype when that is a copy; under autocast the autocast-dtype copy F.linear makes
+    (none when that copy is the weight itself)."""
+    x = _x_bytes(card, plan, lin)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    copied = _weight_copied(card, plan, lin)
+    if ac:
+        return ac if (x != ac or copied) else 0
+    return x if copied else 0
 
 
 def block_saved_per_token(card: ModelCard, plan: Plan, wrapped: frozenset[str], first: bool) -> float:
@@ -61,18 +100,15 @@ def block_saved_per_token(card: ModelCard, plan: Plan, wrapped: frozenset[str], 
     Linear (the per-module vectors spread over the tokens, so blocks stay per-token figures)."""
     if not plan.use_dora:
         return 0.0
-    a, x, base = _dtypes(plan)
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    out = ac or a  # lora_B's output
-    if plan.dropout:  # base_result is recomputed, F.linear(dropout(x), weight in x's dtype): it saves that weight
-        base = ac or x
     total = 0.0
     for lin in layout(card).block_linears:
         if lin.name in wrapped:
-            total += (base + out) * lin.d_out
+            a, _, base = _dtypes(card, plan, lin)
+            total += (base + (ac or a)) * lin.d_out  # base_result, lora_B's output
             per_module = (2 if first else 3) * _rounded(FP32 * lin.d_out)
             if plan.dropout and not first:
-                per_module += _rounded((ac or x) * lin.d_in * lin.d_out)
+                per_module += _rounded(saved_weight_bytes(card, plan, lin) * lin.d_in * lin.d_out)
             total += per_module / plan.tokens
     return total
 
@@ -89,22 +125,28 @@ def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float
 
 
 def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
-    """The largest wrapped block Linear's weight-norm working set, live at the add inside the norm: eye(d_in),
-    A·eye, lora_weight, the base weight in x's dtype (a copy unless it already is; a 4-bit weight is always
-    dequantized), scaling·lora_weight and the sum. eye=False: a checkpointed forward, whose saved-tensor hooks
-    drop lora_A's saved input (the eye) at once."""
+    """The largest wrapped block Linear's weight-norm working set, at the larger of two moments:
+    computing lora_weight = B(A(eye)): the eye (adapter dtype; under autocast also its autocast-dtype copy),
+    A·eye and B's d_in×d_out output; and the add inside the norm: the eye lora_A saved (under autocast its copy;
+    the eye itself is freed on return), A·eye, lora_weight in x's dtype, the base weight in x's dtype (a copy
+    unless it already is; a 4-bit weight is always dequantized), scaling·lora_weight and the sum.
+    eye=False: a checkpointed forward, whose saved-tensor hooks keep nothing of lora_weight's graph."""
     if not plan.use_dora:
         return 0
-    a, x, _ = _dtypes(plan)
-    copy = plan.method == "qlora" or x != plan.bytes_per_element
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     best = 0
     for lin, in_block, _ in lora_targets(card, plan.targets):
         if not in_block:
             continue
-        n = lin.d_in * lin.d_out
-        v = (eye * _rounded(a * lin.d_in * lin.d_in) + _rounded(a * plan.r * lin.d_in) + _rounded(a * n)
-             + (2 + copy) * _rounded(x * n))
-        best = max(best, v)
+        a, x, _ = _dtypes(card, plan, lin)
+        lw = ac or a  # lora_A(eye) and lora_B's output
+        n, sq = lin.d_in * lin.d_out, lin.d_in * lin.d_in
+        a_eye = _rounded(lw * plan.r * lin.d_in)
+        making = (eye * (_rounded(a * sq) + (_rounded(ac * sq) if ac and ac != a else 0)) + a_eye
+                  + _rounded(lw * n))
+        adding = (eye * _rounded(lw * sq) + a_eye + _rounded(x * n)
+                  + (2 + _weight_copied(card, plan, lin)) * _rounded(x * n))
+        best = max(best, making, adding)
     return best
 
 

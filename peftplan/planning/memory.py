@@ -18,7 +18,7 @@ from functools import lru_cache
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
 from peftplan.planning.layout import layout
-from peftplan.planning.loss import shift_copy_bytes
+from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
                                       quantizable)
@@ -440,8 +440,9 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
         # logits, their fp32 copy (none when already fp32), the log-softmax output
         logits_forward_bytes=int((lg + (x if lg != x else 0) + x + cap) * t * V)  # logits, fp32 copy, log-softmax
-        + shift_copy_bytes(c, plan),  # transformers <= 4.48: the shifted logits' contiguous copy (planning/loss.py)
-        logits_backward_bytes=int((3 * x + cap) * t * V),  # saved log-softmax, its gradient, the input gradient
+        + shift_copy_bytes(c, plan) + shifted_rows_bytes(c, plan, 1),  # transformers <= 4.48 (planning/loss.py)
+        logits_backward_bytes=int((3 * x + cap) * t * V)  # saved log-softmax, its gradient, the input gradient
+        + shifted_rows_bytes(c, plan, 3),
     )
 
 
