@@ -95,22 +95,44 @@ def saved_weight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     return x if copied else 0
 
 
+def module_saved_bytes(card: ModelCard, plan: Plan, lin, first: bool) -> float:
+    """Bytes DoRA saves for backward in one wrapped Linear over the step's tokens: base_result and lora_B's output
+    (per token), the detached norm, the magnitude scale and (not `first`) m_scale − 1, and with LoRA dropout the
+    weight copy F.linear saves (not `first`: its input needs a gradient)."""
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    a, _, base = _dtypes(card, plan, lin)
+    total = (base + (ac or a)) * lin.d_out * plan.tokens + (2 if first else 3) * _rounded(FP32 * lin.d_out)
+    if plan.dropout and not first:
+        total += _rounded(saved_weight_bytes(card, plan, lin) * lin.d_in * lin.d_out)
+    return total
+
+
 def block_saved_per_token(card: ModelCard, plan: Plan, wrapped: frozenset[str], first: bool) -> float:
-    """Bytes per token DoRA saves in one block beyond vanilla LoRA: base_result and lora_B's output per wrapped
-    Linear (the per-module vectors spread over the tokens, so blocks stay per-token figures)."""
+    """Bytes per token DoRA saves in one block beyond vanilla LoRA (`module_saved_bytes` of each wrapped Linear,
+    the per-module vectors spread over the tokens, so blocks stay per-token figures). `first`: the block's input
+    needs no gradient — a Linear is then `first` up to the group of the first wrapped one (`_input_has_grad`)."""
     if not plan.use_dora:
         return 0.0
-    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    total = 0.0
-    for lin in layout(card).block_linears:
-        if lin.name in wrapped:
-            a, _, base = _dtypes(card, plan, lin)
-            total += (base + (ac or a)) * lin.d_out  # base_result, lora_B's output
-            per_module = (2 if first else 3) * _rounded(FP32 * lin.d_out)
-            if plan.dropout and not first:
-                per_module += _rounded(saved_weight_bytes(card, plan, lin) * lin.d_in * lin.d_out)
-            total += per_module / plan.tokens
-    return total
+    return sum(module_saved_bytes(card, plan, lin, first and not _input_has_grad(lin, wrapped, card))
+               for lin in layout(card).block_linears if lin.name in wrapped) / plan.tokens
+
+
+ROLES = ("attn_in", "attn_out", "ffn_in", "ffn_out")  # a block's Linears in forward order
+
+
+def _input_has_grad(lin, wrapped: frozenset[str], card: ModelCard) -> bool:
+    """In a block whose input needs no gradient: does `lin`'s input need one? Only once a wrapped Linear of an
+    earlier group ran (its LoRA output needs a gradient and flows on)."""
+    order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    first = min((order[n] for n in wrapped if n in order), default=len(ROLES))
+    return order.get(lin.name, 0) > first
+
+
+def _first_in_blocks(plan: Plan) -> bool:
+    """Is the lowest trained block's input free of gradient? Checkpointed, transformers makes the embedding output
+    require grad (enable_input_require_grads), and so does peft's prepare_model_for_kbit_training
+    (use_gradient_checkpointing=True, its default)."""
+    return not (plan.grad_checkpointing or (plan.method == "qlora" and plan.kbit_prep))
 
 
 def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float]:
@@ -118,23 +140,13 @@ def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float
     if not plan.use_dora or not blocks:
         return blocks
     sets = lora_block_sets(card, plan.targets)[-len(blocks):]
-    # checkpointed, transformers makes the embedding output require grad (enable_input_require_grads): no block
-    # is then `first`
-    return [v + block_saved_per_token(card, plan, sets[i], i == 0 and not plan.grad_checkpointing)
+    return [v + block_saved_per_token(card, plan, sets[i], i == 0 and _first_in_blocks(plan))
             for i, v in enumerate(blocks)]
 
 
-def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
-    """The largest wrapped block Linear's weight-norm working set, at the larger of two moments:
-    computing lora_weight = B(A(eye)): the eye (adapter dtype; under autocast also its autocast-dtype copy),
-    A·eye and B's d_in×d_out output; and the add inside the norm: the eye lora_A saved (under autocast its copy;
-    the eye itself is freed on return), A·eye, lora_weight in x's dtype, the base weight in x's dtype (a copy
-    unless it already is; a 4-bit weight is always dequantized), scaling·lora_weight and the sum.
-    eye=False: a checkpointed forward, whose saved-tensor hooks keep nothing of lora_weight's graph."""
-    if not plan.use_dora:
-        return 0
+def _transients(card: ModelCard, plan: Plan, eye: bool = True):
+    """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    best = 0
     for lin, in_block, _ in lora_targets(card, plan.targets):
         if not in_block:
             continue
@@ -146,31 +158,77 @@ def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
                   + _rounded(lw * n))
         adding = (eye * _rounded(lw * sq) + a_eye + _rounded(x * n)
                   + (2 + _weight_copied(card, plan, lin)) * _rounded(x * n))
-        best = max(best, making, adding)
-    return best
+        yield max(making, adding), lin
+
+
+def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
+    """The largest wrapped block Linear's weight-norm working set, at the larger of two moments:
+    computing lora_weight = B(A(eye)): the eye (adapter dtype; under autocast also its autocast-dtype copy),
+    A·eye and B's d_in×d_out output; and the add inside the norm: the eye lora_A saved (under autocast its copy;
+    the eye itself is freed on return), A·eye, lora_weight in x's dtype, the base weight in x's dtype (a copy
+    unless it already is; a 4-bit weight is always dequantized), scaling·lora_weight and the sum.
+    eye=False: a checkpointed forward, whose saved-tensor hooks keep nothing of lora_weight's graph."""
+    if not plan.use_dora:
+        return 0
+    return max((b for b, _ in _transients(card, plan, eye)), default=0)
+
+
+def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
+    """The autocast cache while the top block runs: LoRA's A and B copies (cached for the region), and under
+    mixed precision the autocast copies of the frozen block Linears that autograd saved — every one whose input
+    needs a gradient (checkpointed: none; the head's copy is made later)."""
+    from peftplan.planning.memory import autocast_lora_bytes
+
+    total = autocast_lora_bytes(card, plan)
+    if plan.mixed_precision and plan.method != "qlora" and not plan.grad_checkpointing:
+        per_block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears)
+        trained = len(lora_block_sets(card, plan.targets)) - next(
+            (i for i, names in enumerate(lora_block_sets(card, plan.targets)) if names), 0)
+        sets = lora_block_sets(card, plan.targets)
+        low = sets[len(sets) - trained] if trained else frozenset()
+        # the lowest block's Linears up to its first wrapped group read inputs without gradient: not saved
+        no_grad = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears
+                      if not _input_has_grad(x, low, card))
+        total += DTYPES[plan.autocast] * (per_block * trained - no_grad * _first_in_blocks(plan))
+    return total
 
 
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
-    """(forward, backward) with the weight-norm working set's moments added where they are larger:
-    forward, the top block's largest wrapped Linear running over what the blocks saved (checkpointed: every
-    block's kept input); checkpointed backward, the same module recomputed, once before any gradient
-    (every kept input) and once in the lowest trained block (the other blocks' gradients written, that block's
-recomputed saved tensors beside it).
+    """(forward, backward) with the weight-norm working set's moments added where they are larger.
+
+    Forward: the top block's largest wrapped Linear runs over what the blocks saved before it (all but its own
+    DoRA tensors; checkpointed: every block's kept input), beside the forward's autocast cache. Checkpointed
+    backward: the same module recomputed, once in the top block before any gradient (every kept input and the
+    top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
+    that block's recomputed tensors beside it).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
-    from peftplan.planning.memory import _memory
+    from peftplan.planning.memory import _memory, autocast_cache_bytes
 
-    tr = transient_bytes(card, plan)
-    if not tr:
+    if not plan.use_dora:
         return fwd, bwd
+    ckpt = plan.grad_checkpointing
     accum = st.gradients_bytes if plan.grad_accum > 1 else 0
-    inputs = act.saved_bytes - act.outside_bytes  # the top block's own share is mostly saved by then
-    fwd_tr = transient_bytes(card, plan, eye=not plan.grad_checkpointing)
-    cands = [_memory("forward", st, activations_bytes=inputs, temporaries_bytes=fwd_tr, gradients_bytes=accum)]
+    inputs = act.saved_bytes - act.outside_bytes
+    only_block = act.saved_bytes and act.first_block_bytes == act.saved_bytes - act.outside_bytes
+    first_top = bool(only_block) and _first_in_blocks(plan)
+    top_wrapped = lora_block_sets(card, plan.targets)[-1]
+    cache = _forward_cache_bytes(card, plan, act)
+    cands = []
+    for tr, lin in _transients(card, plan, eye=not ckpt):
+        first = first_top and not _input_has_grad(lin, top_wrapped, card)
+        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first))
+        cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
+                             gradients_bytes=accum))
     fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
-    if plan.grad_checkpointing:
-        cands = [_memory("backward", st, activations_bytes=inputs, temporaries_bytes=tr, gradients_bytes=accum),
-                 _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes,
-                         temporaries_bytes=tr, gradients_bytes=max(accum, grads_late))]
+    if ckpt:
+        cache = autocast_cache_bytes(card, plan, blocks=False)
+        cands = []
+        for tr, lin in _transients(card, plan):
+            own = int(module_saved_bytes(card, plan, lin, False))
+            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
+                              temporaries_bytes=tr + cache, gradients_bytes=accum),
+                      _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
+                              temporaries_bytes=tr + cache, gradients_bytes=max(accum, grads_late))]
         bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
     return fwd, bwd
