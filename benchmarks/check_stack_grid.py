@@ -55,14 +55,18 @@ def configurations() -> list:
 
 
 def new_configurations(cards: list) -> list:
-    """DoRA (peft's use_dora; LoRA: peft cannot build DoRA over a fake 4-bit base, see README) and transformers
-    <= 4.48's loss (the shifted logits' fp32 copy)."""
+    """DoRA (peft's use_dora, LoRA and QLoRA) and transformers <= 4.48's loss (the shifted logits' fp32 copy)."""
     out = []
     for card, adt, gc, drop in itertools.product(cards, ("fp32", "bf16"), (False, True), (0.0, 0.1)):
         out.append((card, Plan(method="lora", use_dora=True, adapter_dtype=adt, grad_checkpointing=gc, dropout=drop,
                                batch_size=2, seq_len=256, targets="all-linear" if gc else None)))
+    for card, kbit, gc in itertools.product(cards, (True, False), (False, True)):
+        out.append((card, Plan(method="qlora", use_dora=True, kbit_prep=kbit, grad_checkpointing=gc, autocast="bf16",
+                               batch_size=2, seq_len=256, targets="all-linear" if gc else None)))
     for card in cards:
         out.append((card, Plan(method="lora", use_dora=True, dtype="fp32", autocast="bf16", batch_size=2, seq_len=256)))
+        out.append((card, Plan(method="lora", use_dora=True, dtype="fp32", autocast="fp16", batch_size=1, seq_len=32,
+                               dropout=0.1, targets="all-linear")))  # few tokens: the weight norm's working set
         out.append((card, Plan(method="lora", logits_shift_copy=True, batch_size=2, seq_len=256)))
         out.append((card, Plan(method="qlora", autocast="bf16", grad_checkpointing=True, kbit_prep=False,
                                logits_shift_copy=True, batch_size=2, seq_len=256)))

@@ -130,9 +130,8 @@ def _input_has_grad(lin, wrapped: frozenset[str], card: ModelCard) -> bool:
 
 def _first_in_blocks(plan: Plan) -> bool:
     """Is the lowest trained block's input free of gradient? Checkpointed, transformers makes the embedding output
-    require grad (enable_input_require_grads), and so does peft's prepare_model_for_kbit_training
-    (use_gradient_checkpointing=True, its default)."""
-    return not (plan.grad_checkpointing or (plan.method == "qlora" and plan.kbit_prep))
+    require grad (enable_input_require_grads)."""
+    return not plan.grad_checkpointing
 
 
 def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float]:
