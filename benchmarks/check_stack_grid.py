@@ -5,7 +5,9 @@ the Trainer's autocast (mixed precision over fp32 weights, bf16 autocast over bf
 gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
 Cards are shipped cards cut to 2 blocks (same per-block shapes). Writes benchmarks/results/check_stack_grid.json.
 
-    python benchmarks/check_stack_grid.py          # ~240 configurations
+    python benchmarks/check_stack_grid.py          # ~300 configurations
+    python benchmarks/check_stack_grid.py --new-only --out benchmarks/results/check_stack_grid_new.json
+                                                   # the 64 DoRA / old-loss ones (new_configurations)
 """
 from __future__ import annotations
 
