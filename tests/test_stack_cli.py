@@ -17,7 +17,8 @@ STACK = {"adapter_dtype": cli.AdapterDtype, "dora": cli.Dora, "autocast": cli.Au
          "attention": cli.Attention}
 
 
-@pytest.mark.parametrize("command", [cli.estimate, trace_cli.trace_cmd, profile_cli.profile, report_cli.report])
+@pytest.mark.parametrize("command", [cli.estimate, trace_cli.trace_cmd, profile_cli.profile, report_cli.report,
+                                     report_cli.fit])
 def test_each_command_takes_the_stack_options_from_cli_py(command):
     hints = typing.get_type_hints(command, include_extras=True)
     for name, alias in STACK.items():
@@ -47,6 +48,12 @@ def test_report_plans_dora_for_lora_methods_only(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "peftplan", "report", "-m", "opt-125m", "--grad-accum", "0",
                           "-o", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "gradient accumulation" in bad.stderr
+
+
+def test_fit_takes_the_stack_options():
+    r = subprocess.run([sys.executable, "-m", "peftplan", "fit", "-m", "opt-125m", "--gpus", "a100-80gb", "--dora",
+                        "--grad-accum", "2", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_estimate_use_reentrant_is_the_plan_s():

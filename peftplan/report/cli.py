@@ -124,18 +124,21 @@ def fit(
     gpus_per_node: Annotated[int, typer.Option(help="with --cluster: GPUs in one node")] = 8,
     batch_size: Batch = 1, grad_checkpointing: GradCkpt = False,
     tokens: Annotated[float, typer.Option(help="with --cluster: token budget for GPU-hours and cost")] = 0,
+    adapter_dtype: AdapterDtype = "fp32", dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1,
+    max_grad_norm: MaxGradNorm = 1.0, use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False,
 ) -> None:
     """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method.
 
     With --cluster: for each model and method, the fewest GPUs of each card under each strategy, cheapest first."""
     from peftplan.planning.fit import fit_matrix
 
+    stack = dict(adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
+                 max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
     if cluster:
         return fit_cluster(model, gpus, methods, seq_len, batch_size, grad_checkpointing, strategies, gpus_per_node,
-                           tokens, base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention), json_out)
+                           tokens, base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention, **stack),
+                           json_out)
     try:
-        stack = dict(adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
-                     max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
                                                               attention, **stack), model)
         fm = fit_matrix(need_models(model), split(gpus, "--gpus"), split(methods, "--methods"), seq_len, base=base)
