@@ -5,7 +5,9 @@ the Trainer's autocast (mixed precision over fp32 weights, bf16 autocast over bf
 gradient accumulation, clipping off, flash attention, non-reentrant/reentrant checkpointing, LoRA dropout.
 Cards are shipped cards cut to 2 blocks (same per-block shapes). Writes benchmarks/results/check_stack_grid.json.
 
-    python benchmarks/check_stack_grid.py          # ~240 configurations
+    python benchmarks/check_stack_grid.py          # ~300 configurations
+    python benchmarks/check_stack_grid.py --new-only --out benchmarks/results/check_stack_grid_new.json
+                                                   # the 64 DoRA / old-loss ones (new_configurations)
 """
 from __future__ import annotations
 
@@ -51,6 +53,25 @@ def configurations() -> list:
         for kbit in (True, False):
             out.append((card, Plan(method="qlora", dropout=drop, targets=targets, kbit_prep=kbit, batch_size=2,
                                    seq_len=256)))
+    return out + new_configurations(cards)
+
+
+def new_configurations(cards: list) -> list:
+    """DoRA (peft's use_dora, LoRA and QLoRA) and transformers <= 4.48's loss (the shifted logits' fp32 copy)."""
+    out = []
+    for card, adt, gc, drop in itertools.product(cards, ("fp32", "bf16"), (False, True), (0.0, 0.1)):
+        out.append((card, Plan(method="lora", use_dora=True, adapter_dtype=adt, grad_checkpointing=gc, dropout=drop,
+                               batch_size=2, seq_len=256, targets="all-linear" if gc else None)))
+    for card, kbit, gc in itertools.product(cards, (True, False), (False, True)):
+        out.append((card, Plan(method="qlora", use_dora=True, kbit_prep=kbit, grad_checkpointing=gc, autocast="bf16",
+                               batch_size=2, seq_len=256, targets="all-linear" if gc else None)))
+    for card in cards:
+        out.append((card, Plan(method="lora", use_dora=True, dtype="fp32", autocast="bf16", batch_size=2, seq_len=256)))
+        out.append((card, Plan(method="lora", use_dora=True, dtype="fp32", autocast="fp16", batch_size=1, seq_len=32,
+                               dropout=0.1, targets="all-linear")))  # few tokens: the weight norm's working set
+        out.append((card, Plan(method="lora", logits_shift_copy=True, batch_size=2, seq_len=256)))
+        out.append((card, Plan(method="qlora", autocast="bf16", grad_checkpointing=True, kbit_prep=False,
+                               logits_shift_copy=True, batch_size=2, seq_len=256)))
     return out
 
 
@@ -58,15 +79,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--new-only", action="store_true", help="only DoRA and the old loss (new_configurations)")
     args = ap.parse_args()
-    configs = configurations()[: args.limit or None]
+    configs = configurations()
+    if args.new_only:
+        configs = new_configurations([dataclasses.replace(registry()[n], n_layers=2, name=f"{n}-2L") for n in CARDS])
+    configs = configs[: args.limit or None]
     results, failures, rows = [], [], []
     t0 = time.perf_counter()
     for i, (card, plan) in enumerate(configs, 1):
         p = plan
         label = (f"{card.name} {p.method} adapter={p.adapter_dtype} accum={p.grad_accum} clip={p.max_grad_norm} "
                  f"{p.attention} gc={'on' if p.grad_checkpointing else 'off'} drop={p.dropout} t={p.targets} "
-                 f"kbit={p.kbit_prep} {p.dtype}+autocast={p.autocast}")
+                 f"kbit={p.kbit_prep} {p.dtype}+autocast={p.autocast}" + (" dora" if p.use_dora else "")
+                 + (" shift-copy" if p.logits_shift_copy else ""))
         try:
             tr = trace(card, plan)
             c = compare(estimate(card, plan), tr)

@@ -68,6 +68,19 @@ def _targets(row: dict) -> str | None:
     return t.replace(" ", "")
 
 
+def transformers_version(row: dict) -> tuple[int, int] | None:
+    """(major, minor) of the transformers release a row names in its notes; None when it names none."""
+    m = re.search(r"transformers (\d+)\.(\d+)", row["notes"])
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def shifts_logits(row: dict) -> bool:
+    """transformers <= 4.48's causal-LM loss copies the shifted fp32 logits (planning/loss.py); a row of a
+    transformers-based stack that names such a release ran it. Own-model-code stacks compute their own loss."""
+    v = transformers_version(row)
+    return stack_of(row) == "transformers" and v is not None and v < (4, 49)
+
+
 def plan_for_row(row: dict) -> tuple[str, Plan] | str:
     """(card name, Plan) for a published row, or the reason it cannot be expressed.
 
@@ -119,6 +132,7 @@ def plan_for_row(row: dict) -> tuple[str, Plan] | str:
     gc = row["grad_ckpt"].lower()
     kw["grad_checkpointing"] = gc.startswith("on") or gc.startswith("presumably")
     kw["use_reentrant"] = "use_reentrant default true" in gc or "reentrant" in gc and stack_of(row) == "transformers"
+    kw["logits_shift_copy"] = shifts_logits(row)
     att = row["attention"].lower()
     kw["attention"] = "flash" if "flash_attention_2" in att else ("eager" if att.startswith("eager") else "sdpa")
     try:

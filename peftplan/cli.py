@@ -45,6 +45,8 @@ MaxGradNorm = Annotated[float, typer.Option(help="clip_grad_norm_ before the ste
 Reentrant = Annotated[bool, typer.Option("--use-reentrant/--no-use-reentrant", help="reentrant checkpointing")]
 MoeRouting = Annotated[str, typer.Option(help="mixture of experts: balanced (t·k/E tokens per expert) | worst "
                                               "(every token to the same k experts)")]
+ShiftCopy = Annotated[bool, typer.Option("--logits-shift-copy/--no-logits-shift-copy",
+                                         help="transformers <= 4.48's loss: a contiguous fp32 copy of the shifted logits")]
 DoubleQuant = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="QLoRA NF4 double quantization")]
 KbitPrep = Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep", help="QLoRA: upcast non-4-bit weights to fp32")]
 Gpu = Annotated[Optional[str], typer.Option(help="GPU card (see `peftplan gpus`) for fit, time and cost")]
@@ -125,8 +127,8 @@ def estimate(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
     dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
-    use_reentrant: Reentrant = False, gpu: Gpu = None, tokens: Tokens = 0, json_out: Json = False,
-    from_files: From = None, moe_routing: MoeRouting = "balanced",
+    use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False, gpu: Gpu = None, tokens: Tokens = 0,
+    json_out: Json = False, from_files: From = None, moe_routing: MoeRouting = "balanced",
     gpus: Gpus = 1, nodes: Nodes = 1, strategy: Strategy = "none", offload: Offload = "none",
     reduce_bucket_size: ReduceBucket = 500_000_000, stage3_prefetch_bucket_size: Prefetch = 50_000_000,
     stage3_max_live_parameters: MaxLive = 1_000_000_000,
@@ -139,7 +141,8 @@ def estimate(
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
-                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, moe_routing=moe_routing)
+                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, moe_routing=moe_routing,
+                         logits_shift_copy=logits_shift_copy)
         plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy, offload=offload,
                           reduce_bucket_size=reduce_bucket_size, stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
                           stage3_max_live_parameters=stage3_max_live_parameters)

@@ -16,6 +16,7 @@ model with real weights. Validation goes through `params.count`, so bad input fa
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -207,6 +208,56 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
+@contextlib.contextmanager
+def _meta_dora_init(plan: Plan):
+    """QLoRA + DoRA on the meta skeleton: peft's `DoraLinearLayer.update_layer` deep-copies each Linear4bit (for
+    FSDP) and dequantizes it to initialise the magnitude with the weight norm, neither of which a meta NF4 weight
+    supports. Both happen once at load time and only the magnitude's shape (d_out) outlives them, so for the
+    duration of get_peft_model the copy is skipped and the dequantized weight is an empty meta tensor of the
+    weight's shape. In the step, `_fake_nf4_dequantize` lets peft's DoRA forward dequantize the fake NF4 weight."""
+    if not (plan.use_dora and plan.method == "qlora"):
+        yield
+        return
+    from peft.tuners.lora import dora
+
+    _fake_nf4_dequantize()
+    saved = dora.deepcopy, dora.dequantize_module_weight
+
+    def dequantize(module):
+        if is_linear4bit(module) and module.weight.device.type == "meta":
+            return torch.empty(module.out_features, module.in_features, dtype=module.compute_dtype, device="meta")
+        return saved[1](module)
+
+    dora.deepcopy, dora.dequantize_module_weight = (lambda m: m), dequantize
+    try:
+        yield
+    finally:
+        dora.deepcopy, dora.dequantize_module_weight = saved
+
+
+def _fake_nf4_dequantize() -> None:
+    """Under fake tensors an NF4 weight is a plain Parameter carrying Params4bit's attributes (`attach_nf4`), which
+    peft's `dequantize_module_weight` would return undequantized (it tests the class name). Wrap it once so that
+    such a weight is dequantized as peft dequantizes a Params4bit (`bnb.functional.dequantize_4bit(weight.data,
+    weight.quant_state)`); every other weight goes to peft's own function unchanged."""
+    from peft.tuners.lora import dora
+
+    if getattr(dora.dequantize_module_weight, "peftplan_fake_nf4", False):
+        return
+    original = dora.dequantize_module_weight
+
+    def dequantize(module):
+        w = getattr(module, "weight", None)
+        if is_linear4bit(module) and getattr(w, "quant_state", None) is not None and type(w).__name__ != "Params4bit":
+            import bitsandbytes as bnb
+
+            return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        return original(module)
+
+    dequantize.peftplan_fake_nf4 = True
+    dora.dequantize_module_weight = dequantize
+
+
 def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Module, Injection]:
     """LoRA/QLoRA/DoRA built by peft's own `get_peft_model`, as users run it; returns (PeftModel, Injection).
 
@@ -235,7 +286,8 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
         targets = "all-linear" if kind == "all-linear" else list(names)
     config = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout, target_modules=targets,
                         use_dora=plan.use_dora, bias="none")
-    with warnings.catch_warnings():  # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated name
+    with _meta_dora_init(plan), warnings.catch_warnings():
+        # peft 0.21's PeftModel.__init__ reads transformers 5's deprecated name
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     adapter_dtype = TORCH_DTYPES[plan.adapter_dtype]

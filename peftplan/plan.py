@@ -52,6 +52,7 @@ class Plan:
     use_reentrant: bool = False  # gradient_checkpointing_kwargs["use_reentrant"]; transformers 5 defaults to False
     # -- mixture of experts: balanced = t·k/E tokens per expert; worst = every token to the same k experts
     moe_routing: str = "balanced"
+    logits_shift_copy: bool = False  # transformers <= 4.48's causal-LM loss: a contiguous fp32 copy of shifted logits
     # -- past one GPU (planning/distributed.py)
     gpus: int = 1  # world size W (all nodes)
     nodes: int = 1
@@ -92,6 +93,11 @@ class Plan:
 
     def with_(self, **changes) -> "Plan":
         return replace(self, **changes)
+
+    def with_method(self, method: str, **changes) -> "Plan":
+        """This plan for another method (reports and fit matrices compare methods): DoRA kept where it applies
+        (LoRA, QLoRA), dropped elsewhere."""
+        return replace(self, method=method, use_dora=self.use_dora and method in ("lora", "qlora"), **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -100,7 +100,8 @@ def test_clipping_temporaries_are_per_gradient_scalars():
     (["--adapter-dtype", "bf16", "--dtype", "fp32"], "narrower"),
     (["--autocast", "bf16", "--dtype", "fp32", "--gpu", "t4"], "no bf16 support"),
     (["--autocast", "fp8"], "unknown autocast"),
-    (["--dora"], "DoRA"),
+    (["--grad-accum", "-1"], "gradient accumulation"),
+    (["--dora", "--method", "full"], "LoRA and QLoRA only"),
 ])
 def test_bad_precision_input_is_one_line_exit_2(args, needle):
     r = subprocess.run([sys.executable, "-m", "peftplan", "estimate", *args], capture_output=True, text=True)

@@ -29,6 +29,7 @@ from peftplan.layers import Adapter, LoRALinear, is_linear, is_linear4bit
 from peftplan.layers.lora import attach_nf4
 from peftplan.measure.autocast import recompute_autocast, trainer_autocast
 from peftplan.measure.count import ModelCount, count_model
+from peftplan.measure.scaler import scaler_for
 from peftplan.plan import Plan
 
 INIT_STD = 0.02  # N(0, 0.02²) for Linear/Embedding weights, transformers' initializer_range default
@@ -108,6 +109,10 @@ def build_model(card: ModelCard, plan: Plan, device="cpu", *, seed: int = 0,
         except ValueError as e:  # e.g. gemma2 has no SDPA path in transformers 5
             first = str(e).strip().split(". ")[0]
             raise PlanError(f"{card.name}: attention '{plan.attention}' is not available ({first})") from None
+        if plan.logits_shift_copy and not card.encoder:  # transformers <= 4.48's loss (measure/loss.py)
+            from peftplan.measure.loss import shifted_causal_lm_loss
+
+            model.loss_function = shifted_causal_lm_loss
         if resolve_impl(plan, impl) == "peft":
             from peftplan.inject import inject_peft
 
@@ -288,12 +293,14 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
                on_phase: OnPhase | None = None) -> torch.Tensor:
     """(forward → backward) × plan.grad_accum → clip_grad_norm_ (max_grad_norm > 0) → optimizer.step() →
     zero_grad(set_to_none=True), as the HF Trainer's inner loop; returns the detached loss of the last micro-step.
+    fp16 autocast: scaler.scale(loss).backward(), unscale_, clip, scaler.step, scaler.update (measure/scaler.py).
 
     `on_phase(name)` is called with "forward", "backward", "optimizer" before each phase and "end" after.
     """
     phase = on_phase or (lambda name: None)
     cfg = model.config
     kwargs = {"use_cache": False} if cfg.model_type not in ENCODERS and hasattr(cfg, "use_cache") else {}
+    scaler = scaler_for(optimizer, plan, batch["input_ids"].device)  # fp16 autocast: the GradScaler
     for _ in range(plan.grad_accum):  # the Trainer's gradient accumulation: grads add up over micro-steps
         phase("forward")
         with trainer_autocast(plan.autocast, batch["input_ids"].device):  # the Trainer's compute_loss region
@@ -301,12 +308,18 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
         if plan.grad_accum > 1:
             loss = loss / plan.grad_accum
         phase("backward")
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
     phase("optimizer")
+    if scaler:
+        scaler.unscale_(optimizer)  # accelerate unscales before clipping, and step() then skips it
     if plan.max_grad_norm > 0:  # the Trainer clips before every optimizer step (max_grad_norm, default 1.0)
         params = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm, foreach=plan.foreach)
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     phase("end")
     return loss.detach()

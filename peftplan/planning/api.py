@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from peftplan.errors import PlanError
-from peftplan.planning import moe
+from peftplan.planning import dora, moe
 from peftplan.planning.cards import ModelCard, load_card
 from peftplan.planning.memory import phases
 from peftplan.planning.params import count, lora_targets
@@ -23,10 +23,8 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     tokens = check_tokens(tokens)
     card = model if isinstance(model, ModelCard) else load_card(model)
     plan = plan.with_(**plan_fields) if plan is not None and plan_fields else (plan or Plan(**plan_fields))
-    if plan.use_dora:
-        raise PlanError("DoRA's memory is not modelled by the estimate yet (`peftplan trace --dora` measures it)")
     moe.refuse(card, plan)
-    p = count(card, plan)
+    p = dora.with_magnitudes(card, plan, count(card, plan))
     mem = phases(card, plan)
     warnings = moe.warnings(card, plan)
     strategy, cpu = "none", 0

@@ -199,7 +199,7 @@ def fit_matrix(models: Sequence[str | ModelCard], gpus: Sequence, methods: Seque
     cards = [_card(m) for m in models]
     gpu_cards = [load_gpu(g) if isinstance(g, str) else g for g in gpus]
     base = base or Plan()
-    plans = [base.with_(method=m, seq_len=seq_len) for m in methods]  # validates methods and seq_len
+    plans = [base.with_method(m, seq_len=seq_len) for m in methods]  # validates methods and seq_len
     cells = [c for card in cards for plan in plans for c in _method_cells(card, plan, gpu_cards, max_batch)]
     return FitMatrix(models=tuple(c.name for c in cards), gpus=tuple(g.name for g in gpu_cards),
                      methods=tuple(p.method for p in plans), seq_len=seq_len, cells=tuple(cells))

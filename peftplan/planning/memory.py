@@ -17,7 +17,10 @@ from functools import lru_cache
 
 from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
+from peftplan.planning import dora
 from peftplan.planning.layout import layout
+from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
+from peftplan.planning.scaler import with_scaler
 from peftplan.planning.params import (ParamCounts, count, lora_block_sets, lora_targets, qlora_weight_bytes,
                                       quantizable)
 from peftplan.plan import DTYPES, Plan
@@ -138,7 +141,7 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
     out = []
     for lin, _, copies in lora_targets(card, plan.targets):
         out += [plan.r * lin.d_in, lin.d_out * plan.r] * copies
-    return out
+    return out + dora.magnitudes(card, plan)
 
 
 def optimizer_state_bytes(numels: list[int], plan: Plan) -> int:
@@ -186,7 +189,8 @@ _STATIC: dict[tuple, Static] = {}
 def cached_static_memory(card: ModelCard, plan: Plan) -> Static:
     """Weights, gradients and optimizer states do not depend on the step's shape: cached without it."""
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.top_k,
-           plan.dtype, plan.optimizer, plan.foreach, plan.double_quant, plan.kbit_prep, plan.adapter_dtype)
+           plan.dtype, plan.optimizer, plan.foreach, plan.double_quant, plan.kbit_prep, plan.adapter_dtype,
+           plan.use_dora)
     st = _STATIC.get(key)
     if st is None:
         if len(_STATIC) > 65536:
@@ -420,6 +424,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         blocks = [block_saved_per_token(c, plan, False, first=True)] + \
             [block_saved_per_token(c, plan, False)] * (L - 1)
     blocks = [x + moe.lora_merged_bytes(c, plan) / t for x in blocks]  # peft's merged expert stacks, per block
+    blocks = dora.blocks_saved(c, plan, blocks)  # DoRA's saved tensors per block (planning/dora.py)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
     ac = plan.autocast != "none"
@@ -442,8 +447,10 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         outside_bytes=int(final * t),
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
         # logits, their fp32 copy (none when already fp32), the log-softmax output
-        logits_forward_bytes=int((lg + (x if lg != x else 0) + x + cap) * t * V),  # logits, fp32 copy, log-softmax
-        logits_backward_bytes=int((3 * x + cap) * t * V),  # saved log-softmax, its gradient, the input gradient
+        logits_forward_bytes=int((lg + (x if lg != x else 0) + x + cap) * t * V)  # logits, fp32 copy, log-softmax
+        + shift_copy_bytes(c, plan) + shifted_rows_bytes(c, plan, 1),  # transformers <= 4.48 (planning/loss.py)
+        logits_backward_bytes=int((3 * x + cap) * t * V)  # saved log-softmax, its gradient, the input gradient
+        + shifted_rows_bytes(c, plan, 3),
     )
 
 
@@ -506,7 +513,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
         per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
     else:
         per = [n for lin, in_block, _ in lora_targets(card, plan.targets) if in_block
-               for n in (plan.r * lin.d_in, lin.d_out * plan.r)]
+               for n in (plan.r * lin.d_in, lin.d_out * plan.r) + ((lin.d_out,) if plan.use_dora else ())]
     return sum(rounded(n * te) for n in per)
 
 
@@ -629,7 +636,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))
     opt = _memory("optimizer", st, gradients_bytes=st.gradients_bytes,
                   temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
-    return fwd, bwd, opt
+    fwd, bwd = dora.moments(card, plan, st, act, late, fwd, bwd)  # DoRA's weight-norm working set (dora.py)
+    return with_scaler(plan, (fwd, bwd, opt))  # fp16 autocast: the GradScaler's scalars (scaler.py)
 
 
 def clip_temporaries(card: ModelCard, plan: Plan) -> int:

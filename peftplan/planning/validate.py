@@ -128,6 +128,7 @@ def plan_table() -> dict[str, Field]:
         "max_grad_norm": Field("float", "max grad norm", 0, 1e6),
         "use_reentrant": Field("bool", "use_reentrant"),
         "moe_routing": Field("choice", "MoE routing", choices=MOE_ROUTINGS),
+        "logits_shift_copy": Field("bool", "logits_shift_copy"),
         # past one GPU
         "gpus": Field("int", "--gpus", 1, 2**16),
         "nodes": Field("int", "--nodes", 1, 2**12),
@@ -156,6 +157,10 @@ def check_relations(plan: Any) -> None:
     if lora and plan.adapter_dtype != plan.dtype and DTYPES[plan.adapter_dtype] == 2:
         raise PlanValueError(f"adapter dtype {plan.adapter_dtype} over {plan.dtype} weights: peft keeps adapters "
                              "in the base dtype or fp32")
+    trained = plan.adapter_dtype if lora else plan.dtype
+    if plan.autocast == "fp16" and trained == "fp16":
+        raise PlanValueError("fp16 autocast with fp16 trainable weights: the GradScaler refuses to unscale fp16 "
+                             "gradients (load the weights in fp32, or keep LoRA adapters in fp32)")
     if plan.use_dora and not lora:
         raise PlanValueError("--dora applies to LoRA and QLoRA only")
     if plan.gpus % plan.nodes:

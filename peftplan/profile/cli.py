@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from peftplan.cli import (AdapterDtype, Attention, Autocast, Dora, GradAccum, MaxGradNorm, Reentrant,
+                          ShiftCopy)
 from peftplan.errors import PlanError
 from peftplan.profile.nvml import DEFAULT_INTERVAL_S, GpuUnavailable
 from peftplan.profile.store import MEASURED_DIR, Measurement, Settings
@@ -34,7 +36,10 @@ def _fmt_err(e: float | None) -> str:
 def points_from_options(model: str, method: str, r: str, alpha: float, dropout: float, targets: str | None,
                         adapter_size: str, adapter_placement: str, top_k: str, batch_size: str, seq_len: str,
                         dtype: str, optimizer: str, foreach: bool, grad_checkpointing: bool, attention: str,
-                        double_quant: bool, kbit_prep: bool, settings: dict, max_points: int | None = None) -> list:
+                        double_quant: bool, kbit_prep: bool, settings: dict, max_points: int | None = None,
+                        **stack) -> list:
+    """`stack`: the peft/Trainer options by Plan field name (adapter_dtype, use_dora, autocast, grad_accum,
+    max_grad_norm, use_reentrant, logits_shift_copy), one value each."""
     from peftplan.profile.grid import dedupe, expand, split_list
 
     spec = {
@@ -44,7 +49,7 @@ def points_from_options(model: str, method: str, r: str, alpha: float, dropout: 
         "batch_size": split_list(batch_size, int), "seq_len": split_list(seq_len, int),
         "dtype": split_list(dtype), "optimizer": split_list(optimizer), "foreach": foreach,
         "grad_checkpointing": grad_checkpointing, "attention": split_list(attention),
-        "double_quant": double_quant, "kbit_prep": kbit_prep,
+        "double_quant": double_quant, "kbit_prep": kbit_prep, **stack,
     }
     return dedupe(expand(spec, settings, max_points))
 
@@ -195,9 +200,11 @@ def profile(
     = "adamw",
     foreach: Annotated[bool, typer.Option("--foreach/--no-foreach")] = True,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = False,
-    attention: Annotated[str, typer.Option(help="sdpa | eager")] = "sdpa",
+    attention: Attention = "sdpa",
     double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant")] = True,
     kbit_prep: Annotated[bool, typer.Option("--kbit-prep/--no-kbit-prep")] = True,
+    adapter_dtype: AdapterDtype = "fp32", dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1,
+    max_grad_norm: MaxGradNorm = 1.0, use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False,
     steps: Annotated[int, typer.Option(help="measured steps")] = 3,
     warmup: Annotated[int, typer.Option(help="warm-up steps before measuring")] = 1,
     interval_ms: Annotated[float, typer.Option(help="NVML sampling interval")] = DEFAULT_INTERVAL_S * 1e3,
@@ -241,7 +248,9 @@ def profile(
             points = points_from_options(model, method, r, alpha, dropout, targets, adapter_size,
                                          adapter_placement, top_k, batch_size, seq_len, dtype, optimizer, foreach,
                                          grad_checkpointing, attention, double_quant, kbit_prep, settings,
-                                         max_points)
+                                         max_points, adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast,
+                                         grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                                         use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
         Settings(**settings)  # bad settings are an input error even for a grid file
         for name in dict.fromkeys(p.model for p in points):
             run_mod.load_card(name)  # an unknown card is an input error, before any GPU work

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftplan.cli import (AdapterSize, Attention, Dtype, From, GradCkpt, Json, Optim, R, Seq, Targets, TopK,
-                          fail, with_files)
+from peftplan.cli import (AdapterDtype, AdapterSize, Attention, Autocast, Dora, Dtype, From, GradAccum, GradCkpt,
+                          Json, MaxGradNorm, Optim, R, Reentrant, Seq, ShiftCopy, Targets, TopK, fail, with_files)
 from peftplan.errors import PlanError, quote
 from peftplan.planning.validate import check_tokens
 from peftplan.plan import Plan
@@ -58,9 +58,10 @@ def models_with_files(files: list[str] | None, base: Plan, models: list[str] | N
 
 
 def base_plan(r: int, targets: str | None, adapter_size: int, top_k: int, dtype: str, optimizer: str,
-              attention: str) -> Plan:
+              attention: str, **stack) -> Plan:
+    """`stack`: the peft/Trainer options by Plan field name (report: adapter_dtype, use_dora, autocast, ...)."""
     return Plan(r=r, targets=targets, adapter_size=adapter_size, top_k=top_k, dtype=dtype, optimizer=optimizer,
-                attention=attention)
+                attention=attention, **stack)
 
 
 def report(
@@ -68,15 +69,19 @@ def report(
     seq_len: Seq = 512, batch_size: Batch = 1, tokens: Tokens = 1e8, output: Output = Path("reports/report.html"),
     r: R = 16, targets: Targets = None, adapter_size: AdapterSize = 64, top_k: TopK = 2, dtype: Dtype = "bf16",
     optimizer: Optim = "adamw", attention: Attention = "sdpa", measured_dir: MeasuredDir = None,
-    from_files: From = None,
+    from_files: From = None, adapter_dtype: AdapterDtype = "fp32", dora: Dora = False, autocast: Autocast = "none",
+    grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0, use_reentrant: Reentrant = False,
+    logits_shift_copy: ShiftCopy = False,
 ) -> None:
     """One self-contained HTML page: what fits where, why, and what it costs."""
     from peftplan.report import build_report
     from peftplan.report.measured import MEASURED_DIR
 
     try:
+        stack = dict(adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
+                     max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
-                                                              attention), model)
+                                                              attention, **stack), model)
         page = build_report(
             need_models(model), split(gpus, "--gpus"), methods=split(methods, "--methods"), seq_len=seq_len,
             batch_size=batch_size, tokens=check_tokens(tokens), base=base,
@@ -119,18 +124,23 @@ def fit(
     gpus_per_node: Annotated[int, typer.Option(help="with --cluster: GPUs in one node")] = 8,
     batch_size: Batch = 1, grad_checkpointing: GradCkpt = False,
     tokens: Annotated[float, typer.Option(help="with --cluster: token budget for GPU-hours and cost")] = 0,
+    adapter_dtype: AdapterDtype = "fp32", dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1,
+    max_grad_norm: MaxGradNorm = 1.0, use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False,
 ) -> None:
     """Largest batch at --seq-len and longest sequence at batch 1, for every model × GPU × method.
 
     With --cluster: for each model and method, the fewest GPUs of each card under each strategy, cheapest first."""
     from peftplan.planning.fit import fit_matrix
 
+    stack = dict(adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
+                 max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
     if cluster:
         return fit_cluster(model, gpus, methods, seq_len, batch_size, grad_checkpointing, strategies, gpus_per_node,
-                           tokens, base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention), json_out)
+                           tokens, base_plan(r, targets, adapter_size, top_k, dtype, optimizer, attention, **stack),
+                           json_out)
     try:
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
-                                                              attention), model)
+                                                              attention, **stack), model)
         fm = fit_matrix(need_models(model), split(gpus, "--gpus"), split(methods, "--methods"), seq_len, base=base)
     except PlanError as e:
         fail(str(e))

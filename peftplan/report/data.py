@@ -320,7 +320,7 @@ def report_data(models: Sequence[str | ModelCard], gpus: Sequence, methods: Sequ
     cards = _unique([m if isinstance(m, ModelCard) else load_card(m) for m in models])
     gpu_infos = tuple(_gpu_info(g) for g in dict.fromkeys(gpus))
     base = base or Plan()
-    plans = [base.with_(method=m, batch_size=batch_size, seq_len=seq_len) for m in dict.fromkeys(methods)]
+    plans = [base.with_method(m, batch_size=batch_size, seq_len=seq_len) for m in dict.fromkeys(methods)]
     fit = fit_matrix(cards, [g.name for g in gpu_infos], [p.method for p in plans], seq_len, base=base)
     names = tuple(c.name for c in cards)
     return ReportData(

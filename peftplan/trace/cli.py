@@ -9,8 +9,8 @@ import typer
 
 from peftplan.cli import (AdapterDtype, AdapterSize, Alpha, Attention, Autocast, Batch, Dora, DoubleQuant, Dropout,
                           Dtype, Foreach, From, Gpus, GradAccum, GradCkpt, Json, KbitPrep, MaxGradNorm, Method, Model,
-                          MoeRouting, Nodes, Optim, Placement, R, Reentrant, Seq, Strategy, Targets, TopK, fail,
-                          make_plan, Yes, with_files)
+                          MoeRouting, Nodes, Optim, Placement, R, Reentrant, Seq, ShiftCopy, Strategy, Targets, TopK,
+                          fail, make_plan, Yes, with_files)
 from peftplan.errors import PlanError, quote
 
 
@@ -25,7 +25,7 @@ def trace_cmd(
     foreach: Foreach = True, grad_checkpointing: GradCkpt = False, attention: Attention = "sdpa",
     double_quant: DoubleQuant = True, kbit_prep: KbitPrep = True, adapter_dtype: AdapterDtype = "fp32",
     dora: Dora = False, autocast: Autocast = "none", grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0,
-    use_reentrant: Reentrant = False, moe_routing: MoeRouting = "balanced",
+    use_reentrant: Reentrant = False, logits_shift_copy: ShiftCopy = False, moe_routing: MoeRouting = "balanced",
     impl: str = typer.Option("auto", help="LoRA layers: peft (get_peft_model) | ours | auto (peft when installed)"),
     steps: int = typer.Option(2, help="steps to run; the last (steady-state) one is reported"),
     n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only the card's first N blocks"),
@@ -49,7 +49,8 @@ def trace_cmd(
         plan = make_plan(method, r, alpha, dropout, targets, adapter_size, adapter_placement, top_k, batch_size,
                          seq_len, dtype, optimizer, foreach, grad_checkpointing, attention, double_quant, kbit_prep,
                          adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
-                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, moe_routing=moe_routing)
+                         max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, moe_routing=moe_routing,
+                         logits_shift_copy=logits_shift_copy)
         plan = plan.with_(gpus=gpus, nodes=nodes, strategy=strategy)
         if gpus > 1 and strategy not in ("fsdp", "fsdp-grad-op", "fsdp-hybrid"):
             raise PlanError(f"the distributed trace runs FSDP2: give --strategy fsdp|fsdp-grad-op|fsdp-hybrid "
@@ -62,7 +63,7 @@ def trace_cmd(
             from peftplan.trace.random_check import cut
 
             card = cut(card, n_layers)
-        est = None if plan.use_dora else estimate(card, plan)  # DoRA: traced, not yet estimated
+        est = estimate(card, plan)
         check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
                    predicted_trace_ops(card.n_layers, steps), MAX_TRACE_OPS, yes)
         from peftplan.planning.allocator import AllocatorConfig
@@ -72,7 +73,7 @@ def trace_cmd(
         lens = parse_seq_lens(seq_lens, seq_percentiles, steps)
         if lens:  # the trace reports, and the estimate describes, the last step
             plan = plan.with_(seq_len=lens[-1])
-            est = None if plan.use_dora else estimate(card, plan)
+            est = estimate(card, plan)
         conf = AllocatorConfig.parse(alloc_conf)
         reserved = reserved or lens is not None or bool(alloc_conf)
         tr = trace(card, plan, steps=steps, impl=impl, seq_lens=lens, record_events=reserved)

@@ -114,7 +114,9 @@ DOMAINS: dict[str, Domain] = {
     "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
     "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
     "moe_routing": lambda rng, card: rng.choice(("balanced", "worst")),  # changes nothing on a dense card
-    "use_dora": lambda rng, card: False,  # the estimate refuses DoRA until it models it (the trace measures it)
+    # DoRA (peft's use_dora) on a quarter of the draws; Plan refuses it for the methods other than LoRA/QLoRA,
+    # and such a draw is drawn again
+    "use_dora": lambda rng, card: rng.random() < 0.25,
     # one GPU: the FSDP2 trace on a fake process group has its own check (benchmarks/check_distributed.py)
     "gpus": lambda rng, card: 1,
     "nodes": lambda rng, card: 1,
@@ -127,7 +129,6 @@ DOMAINS: dict[str, Domain] = {
 }
 # Fields held at one value in the draw, and why (the test of the draw's coverage skips them)
 FIXED = {
-    "use_dora": "the estimate refuses DoRA until it models it",
     "gpus": "one GPU: the FSDP2 trace has its own check (benchmarks/check_distributed.py)",
     "nodes": "one GPU", "strategy": "one GPU", "offload": "one GPU", "reduce_bucket_size": "one GPU",
     "allgather_bucket_size": "one GPU", "stage3_prefetch_bucket_size": "one GPU",

@@ -1,0 +1,233 @@
+"""DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", §4.3) as peft 0.21 runs it.
+
+peft `tuners/lora/variants.py::DoraLinearVariant.forward` and `tuners/lora/dora.py::DoraLinearLayer.forward`, per
+wrapped Linear W (d_out × d_in), on x (the input peft cast to the adapter dtype; QLoRA under autocast: uncast):
+
+    lora_weight = lora_B(lora_A(eye(d_in))).T            # eye d_in², A·eye, B·A: d_in·d_out   (adapter dtype)
+    weight      = dequantize(W).to(x.dtype)              # a copy unless W is already x's dtype (4-bit: always)
+    norm        = ‖weight + scaling·lora_weight‖ row-wise  # scaling·lora_weight and the sum: 2·d_in·d_out
+    m_scale     = magnitude / norm.detach()              # magnitude: d_out, trainable (adapter dtype)
+    result     += (m_scale − 1)·base_result + m_scale·lora_B(lora_A(x))·scaling
+
+The weight norm is detached and lora_weight's own graph reaches no loss, so the d_in² and d_in·d_out tensors
+are transient: they live while the module runs (in forward, and again in a checkpointed block's recomputation)
+and peak at the add inside the norm. Saved for backward, per token: base_result (for the magnitude's gradient)
+and lora_B's output (for m_scale's); per module: the detached norm, m_scale and, when base_result needs a
+gradient (not in the lowest trained block of a frozen base), m_scale − 1. With LoRA dropout peft recomputes
+base_result = F.linear(dropout(x), weight) in x's dtype, which also saves that weight (when x needs a gradient).
+Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from peftplan.plan import DTYPES, Plan
+from peftplan.planning.cards import ModelCard
+from peftplan.planning.layout import layout
+from peftplan.planning.params import ParamCounts, lora_block_sets, lora_targets
+
+FP32 = 4
+ROUND = 512  # the caching allocator's block
+
+
+def _rounded(n: int) -> int:
+    return max(ROUND, -(-n // ROUND) * ROUND)
+
+
+def magnitudes(card: ModelCard, plan: Plan) -> list[int]:
+    """numel of each magnitude vector (one of d_out per wrapped Linear); [] without DoRA."""
+    if not plan.use_dora:
+        return []
+    return [lin.d_out for lin, _, copies in lora_targets(card, plan.targets) for _ in range(copies)]
+
+
+def with_magnitudes(card: ModelCard, plan: Plan, p: ParamCounts) -> ParamCounts:
+    """The parameter counts with DoRA's magnitude vectors added to the trainable (added) parameters."""
+    n = sum(magnitudes(card, plan))
+    return replace(p, added=p.added + n, trainable=p.trainable + n) if n else p
+
+
+def _x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of x as DoRA receives it in the Linear `lin`. peft's lora.Linear casts x to the adapter dtype;
+    its bitsandbytes twin skips that cast under autocast, so x stays what reaches the Linear4bit: the norm's
+    output for the Linears reading it (fp32 where autocast runs LayerNorm in fp32, or after k-bit preparation),
+    the attention output (the autocast dtype) for the output projection, and for the FFN's output projection
+    what the FFN's input projections return (a Linear4bit returns its input's dtype)."""
+    a = DTYPES[plan.adapter_dtype]
+    if not (plan.method == "qlora" and plan.autocast != "none"):
+        return a
+    ac = DTYPES[plan.autocast]
+    if lin.role == "attn_out":
+        return ac
+    normed = FP32 if card.norm == "layernorm" or plan.kbit_prep else plan.bytes_per_element
+    return normed if lin.role in ("attn_in", "ffn_in", "ffn_out") else ac
+
+
+def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
+    """(adapter element, DoRA input x element, base_result element) bytes for the wrapped Linear `lin`."""
+    a = DTYPES[plan.adapter_dtype]
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    x = _x_bytes(card, plan, lin)
+    if plan.method == "qlora":
+        base = x if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)  # Linear4bit: its input's dtype
+    else:
+        base = ac or plan.bytes_per_element
+    if plan.dropout:  # base_result is recomputed, F.linear(dropout(x), weight in x's dtype)
+        base = ac or x
+    return a, x, base
+
+
+def _weight_copied(card: ModelCard, plan: Plan, lin) -> bool:
+    """Is the weight in x's dtype a new tensor: a 4-bit weight is dequantized, another one is cast unless it is
+    in x's dtype already."""
+    return plan.method == "qlora" or _x_bytes(card, plan, lin) != plan.bytes_per_element
+
+
+def saved_weight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per weight element that peft's recomputed base output (LoRA dropout) saves beyond the frozen
+    weight: the weight in x's dtype when that is a copy; under autocast the autocast-dtype copy F.linear makes
+    (none when that copy is the weight itself)."""
+    x = _x_bytes(card, plan, lin)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    copied = _weight_copied(card, plan, lin)
+    if ac:
+        return ac if (x != ac or copied) else 0
+    return x if copied else 0
+
+
+def module_saved_bytes(card: ModelCard, plan: Plan, lin, first: bool) -> float:
+    """Bytes DoRA saves for backward in one wrapped Linear over the step's tokens: base_result and lora_B's output
+    (per token), the detached norm, the magnitude scale and (not `first`) m_scale − 1, and with LoRA dropout the
+    weight copy F.linear saves (not `first`: its input needs a gradient)."""
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    a, _, base = _dtypes(card, plan, lin)
+    total = (base + (ac or a)) * lin.d_out * plan.tokens + (2 if first else 3) * _rounded(FP32 * lin.d_out)
+    if plan.dropout and not first:
+        total += _rounded(saved_weight_bytes(card, plan, lin) * lin.d_in * lin.d_out)
+    return total
+
+
+def block_saved_per_token(card: ModelCard, plan: Plan, wrapped: frozenset[str], first: bool) -> float:
+    """Bytes per token DoRA saves in one block beyond vanilla LoRA (`module_saved_bytes` of each wrapped Linear,
+    the per-module vectors spread over the tokens, so blocks stay per-token figures). `first`: the block's input
+    needs no gradient — a Linear is then `first` up to the group of the first wrapped one (`_input_has_grad`)."""
+    if not plan.use_dora:
+        return 0.0
+    return sum(module_saved_bytes(card, plan, lin, first and not _input_has_grad(lin, wrapped, card))
+               for lin in layout(card).block_linears if lin.name in wrapped) / plan.tokens
+
+
+ROLES = ("attn_in", "attn_out", "ffn_in", "ffn_out")  # a block's Linears in forward order
+
+
+def _input_has_grad(lin, wrapped: frozenset[str], card: ModelCard) -> bool:
+    """In a block whose input needs no gradient: does `lin`'s input need one? Only once a wrapped Linear of an
+    earlier group ran (its LoRA output needs a gradient and flows on)."""
+    order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    first = min((order[n] for n in wrapped if n in order), default=len(ROLES))
+    return order.get(lin.name, 0) > first
+
+
+def _first_in_blocks(plan: Plan) -> bool:
+    """Is the lowest trained block's input free of gradient? Checkpointed, transformers makes the embedding output
+    require grad (enable_input_require_grads)."""
+    return not plan.grad_checkpointing
+
+
+def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float]:
+    """`blocks` (per-token saved bytes of the trained blocks, lowest first) plus DoRA's share of each."""
+    if not plan.use_dora or not blocks:
+        return blocks
+    sets = lora_block_sets(card, plan.targets)[-len(blocks):]
+    return [v + block_saved_per_token(card, plan, sets[i], i == 0 and _first_in_blocks(plan))
+            for i, v in enumerate(blocks)]
+
+
+def _transients(card: ModelCard, plan: Plan, eye: bool = True):
+    """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    for lin, in_block, _ in lora_targets(card, plan.targets):
+        if not in_block:
+            continue
+        a, x, _ = _dtypes(card, plan, lin)
+        lw = ac or a  # lora_A(eye) and lora_B's output
+        n, sq = lin.d_in * lin.d_out, lin.d_in * lin.d_in
+        a_eye = _rounded(lw * plan.r * lin.d_in)
+        making = (eye * (_rounded(a * sq) + (_rounded(ac * sq) if ac and ac != a else 0)) + a_eye
+                  + _rounded(lw * n))
+        adding = (eye * _rounded(lw * sq) + a_eye + _rounded(x * n)
+                  + (2 + _weight_copied(card, plan, lin)) * _rounded(x * n))
+        yield max(making, adding), lin
+
+
+def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
+    """The largest wrapped block Linear's weight-norm working set, at the larger of two moments:
+    computing lora_weight = B(A(eye)): the eye (adapter dtype; under autocast also its autocast-dtype copy),
+    A·eye and B's d_in×d_out output; and the add inside the norm: the eye lora_A saved (under autocast its copy;
+    the eye itself is freed on return), A·eye, lora_weight in x's dtype, the base weight in x's dtype (a copy
+    unless it already is; a 4-bit weight is always dequantized), scaling·lora_weight and the sum.
+    eye=False: a checkpointed forward, whose saved-tensor hooks keep nothing of lora_weight's graph."""
+    if not plan.use_dora:
+        return 0
+    return max((b for b, _ in _transients(card, plan, eye)), default=0)
+
+
+def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
+    """The autocast cache while the top block runs: LoRA's A and B copies (cached for the region), and under
+    mixed precision the autocast copies of the frozen block Linears that autograd saved — every one whose input
+    needs a gradient (checkpointed: none; the head's copy is made later)."""
+    from peftplan.planning.memory import autocast_lora_bytes
+
+    total = autocast_lora_bytes(card, plan)
+    if plan.mixed_precision and plan.method != "qlora" and not plan.grad_checkpointing:
+        per_block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears)
+        trained = len(lora_block_sets(card, plan.targets)) - next(
+            (i for i, names in enumerate(lora_block_sets(card, plan.targets)) if names), 0)
+        sets = lora_block_sets(card, plan.targets)
+        low = sets[len(sets) - trained] if trained else frozenset()
+        # the lowest block's Linears up to its first wrapped group read inputs without gradient: not saved
+        no_grad = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears
+                      if not _input_has_grad(x, low, card))
+        total += DTYPES[plan.autocast] * (per_block * trained - no_grad * _first_in_blocks(plan))
+    return total
+
+
+def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
+    """(forward, backward) with the weight-norm working set's moments added where they are larger.
+
+    Forward: the top block's largest wrapped Linear runs over what the blocks saved before it (all but its own
+    DoRA tensors; checkpointed: every block's kept input), beside the forward's autocast cache. Checkpointed
+    backward: the same module recomputed, once in the top block before any gradient (every kept input and the
+    top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
+    that block's recomputed tensors beside it).
+    `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
+    block runs backward (all of them under gradient accumulation)."""
+    from peftplan.planning.memory import _memory, autocast_cache_bytes
+
+    if not plan.use_dora:
+        return fwd, bwd
+    ckpt = plan.grad_checkpointing
+    accum = st.gradients_bytes if plan.grad_accum > 1 else 0
+    inputs = act.saved_bytes - act.outside_bytes
+    only_block = act.saved_bytes and act.first_block_bytes == act.saved_bytes - act.outside_bytes
+    first_top = bool(only_block) and _first_in_blocks(plan)
+    top_wrapped = lora_block_sets(card, plan.targets)[-1]
+    cache = _forward_cache_bytes(card, plan, act)
+    cands = []
+    for tr, lin in _transients(card, plan, eye=not ckpt):
+        first = first_top and not _input_has_grad(lin, top_wrapped, card)
+        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first))
+        cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
+                             gradients_bytes=accum))
+    fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
+    if ckpt:
+        cache = autocast_cache_bytes(card, plan, blocks=False)
+        cands = []
+        for tr, lin in _transients(card, plan):
+            own = int(module_saved_bytes(card, plan, lin, False))
+            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
+                              temporaries_bytes=tr + cache, gradients_bytes=accum),
+                      _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
+                              temporaries_bytes=tr + cache, gradients_bytes=max(accum, grads_late))]
+        bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
+    return fwd, bwd
