@@ -281,6 +281,9 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
             _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
         if plan.kbit_prep:
             upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
+        # transformers sets this on a 4-bit load; peft then wraps each Linear4bit in its bitsandbytes LoRA class
+        # (peft/tuners/lora/bnb.py Linear4bit: the base output cloned, no input cast under autocast)
+        model.is_loaded_in_4bit = True
     if card.model_type in PEFT_MOE_FAMILY:  # peft itself rewrites these targets onto the fused experts (moe_targets)
         kind, names = parse_targets(plan.targets, card.model_type)
         targets = "all-linear" if kind == "all-linear" else list(names)

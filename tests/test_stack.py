@@ -201,3 +201,17 @@ def test_breakdown_title_names_the_stack_on_one_line():
     plain = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", "llama-3.1-8b"],
                            capture_output=True, text=True, check=True).stdout
     assert "autocast" not in plain and "grad-accum" not in plain
+
+
+def test_qlora_trace_uses_pefts_bitsandbytes_lora_class():
+    """A 4-bit load sets `is_loaded_in_4bit`, and peft then wraps each Linear4bit in its bitsandbytes LoRA class
+    (peft/tuners/lora/bnb.py: base output cloned, no input cast under autocast), not the generic lora.Linear."""
+    from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+
+    from peftplan.measure.step import build_model
+    from peftplan.trace.random_check import cut
+
+    model, _ = build_model(cut(load_card("llama-3.2-1b"), 1), Plan(method="qlora", batch_size=1, seq_len=16),
+                           device="cpu", impl="peft")
+    wrapped = [m for m in model.modules() if isinstance(m, PeftLoraLinear4bit)]
+    assert len(wrapped) == 2  # q_proj and v_proj of the one block
