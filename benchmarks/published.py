@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from peftplan.errors import PlanError
@@ -25,15 +26,9 @@ JSONL = next((p for p in (ROOT.parent / "shared" / "published" / "measurements.j
              ROOT.parent / "shared" / "published" / "measurements.jsonl")
 OUT = Path(__file__).resolve().parent / "results" / "published.json"
 
-# Hub id -> shipped card (profiles/models); a model without a card cannot be expressed yet
-CARDS = {
-    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1",
-    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
-    "meta-llama/Llama-2-13b-hf": "llama-2-13b",
-    "NousResearch/Llama-2-70b-hf": "llama-2-70b",
-    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
-    "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from published_throughput import hub_cards  # noqa: E402  (Hub id -> card: the cards' sources + aliases)
+
 OWN_MODEL_CODE = ("litgpt", "torchtune")  # sources whose model code and LoRA layers are not transformers/peft
 
 
@@ -87,7 +82,7 @@ def plan_for_row(row: dict) -> tuple[str, Plan] | str:
     The row's text fields are read as the README of ../shared/published describes them: method, r, alpha,
     targets, batch_size, seq_len, dtype, mixed_precision, optimizer, grad_ckpt, attention.
     """
-    card = CARDS.get(row["model"])
+    card = hub_cards().get(row["model"])
     if card is None:
         return "cannot be expressed: no card for " + row["model"]
     if metric_of(row) is None:

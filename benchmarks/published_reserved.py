@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peftplan.planning.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, RESERVED_PER_LIVE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from published_throughput import hub_cards  # noqa: E402
+
 _ROOT = Path(__file__).resolve().parents[1]
 DATA = next((p for p in (_ROOT.parent / "shared" / "published" / "measurements.jsonl",
                          Path("/work/shared/published/measurements.jsonl")) if p.exists()),
@@ -38,7 +41,6 @@ FIT = Path(__file__).resolve().parent / "results" / "reserved_fit.jsonl"
 MiB = 2**20
 SMI = re.compile(r"nvidia-smi peak memory\.used minus initial = ([\d,.]+) MiB")
 # Hub id -> our card, for the replayed ρ (configurations the fit grid traced: b=4, s=4096, checkpointing)
-CARDS = {"mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def peak_phase(method: str) -> str:
 
 
 def replayed_rho(row: ReservedRow, fit_path: Path = FIT) -> float | None:
-    card = CARDS.get(row.model)
+    card = hub_cards().get(row.model)
     if card is None or not fit_path.exists():
         return None
     for line in fit_path.read_text().splitlines():

@@ -39,15 +39,19 @@ PUBLISHED = ROOT.parent / "shared" / "published" / "measurements.jsonl"
 if not PUBLISHED.exists():  # worktrees live one level deeper than the main checkout
     PUBLISHED = Path("/work/shared/published/measurements.jsonl")
 
-# Hub model → shipped card (profiles/models/); a model absent here has no card yet.
-HUB_CARDS = {
-    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1",
+# Hub model → shipped card: every card cites the config.json it was made from (its `source` URL); these aliases
+# name checkpoints of the same architecture as a card's (mirrors, instruct vs base).
+HUB_ALIASES = {
     "NousResearch/Llama-2-70b-hf": "llama-2-70b",
-    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
-    "meta-llama/Llama-2-13b-hf": "llama-2-13b",
-    "meta-llama/Llama-3.2-3B": "llama-3.2-3b",
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
 }
+
+
+def hub_cards() -> dict[str, str]:
+    """Hub id → card name: the shipped cards' own source URLs (planning/cards.py) plus HUB_ALIASES."""
+    from peftplan.planning.cards import hub_cards as shipped
+
+    return {**shipped(), **HUB_ALIASES}
 
 
 def load_rows(path: Path = PUBLISHED) -> list[dict]:
@@ -60,7 +64,7 @@ def source_of(row: dict) -> str:
 
 
 def card_for(row: dict) -> str | None:
-    return HUB_CARDS.get(row["model"])
+    return hub_cards().get(row["model"])
 
 
 def gpu_for(row: dict) -> str | None:

@@ -131,3 +131,16 @@ def test_piped_tables_are_not_cut_to_80_columns():
     narrow = subprocess.run([sys.executable, "-m", "peftplan", "models"], capture_output=True, text=True,
                             env={**env, "COLUMNS": "80"}, check=True).stdout
     assert "…" in narrow
+
+
+def test_hub_id_of_a_shipped_card_is_that_card_and_others_are_refused():
+    """`--model meta-llama/Llama-3.3-70B-Instruct` is the shipped card made from that config.json (its cited
+    source); a Hub id without a card is still one line, exit 2, and nothing is downloaded."""
+    from peftplan.planning.cards import hub_cards, load_card
+
+    assert load_card("meta-llama/Llama-3.3-70B-Instruct").name == "llama-3.3-70b"
+    assert load_card("Qwen/Qwen3-8B").name == load_card("qwen/qwen3-8b").name == "qwen3-8b"
+    assert all(load_card(hub).name == name for hub, name in hub_cards().items())
+    bad = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", "someone/not-a-card"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "local files only" in bad.stderr

@@ -195,11 +195,31 @@ def _exists(path: Path) -> tuple[bool, bool]:
         raise InputFileError(f"cannot read {quote(str(path), 200)}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def hub_cards() -> dict[str, str]:
+    """Hub id ("owner/name") -> shipped card name, from the config.json URL each card cites as its `source`
+    (https://huggingface.co/<owner>/<name>/blob/main/config.json)."""
+    out = {}
+    for name, card in registry().items():
+        src = card.source or ""
+        if "huggingface.co/" in src:
+            out["/".join(src.split("huggingface.co/", 1)[1].split("/")[:2])] = name
+    return out
+
+
+def card_for_hub_id(hub_id: str) -> str | None:
+    """The shipped card made from the Hub repository `hub_id` (matched case-insensitively, as the Hub resolves
+    names), or None."""
+    wanted = hub_id.strip().strip("/").lower()
+    return next((name for hub, name in hub_cards().items() if hub.lower() == wanted), None)
+
+
 def load_card(model: str, task: str | None = None, text_only: bool = False) -> ModelCard:
     """A card by registry name, or from a config.json path or a folder holding one (see `card_from_config_path`).
 
     `task` and `text_only` apply to config.json paths (a shipped card has its own task).
-    Raises PlanError (unknown name, a hub id), InputFileError (unreadable path), ConfigError (bad config.json).
+    A Hub id that a shipped card cites as its source (`meta-llama/Llama-3.1-8B`) is that card; any other Hub id is
+    refused (nothing is downloaded). Raises PlanError (unknown name), InputFileError (a Hub id without a card, an
+    unreadable path), ConfigError (bad config.json).
     """
     if not isinstance(model, str) or not model.strip():
         raise PlanError(f"a model name or path is needed, got {quote(model)}")
@@ -209,6 +229,9 @@ def load_card(model: str, task: str | None = None, text_only: bool = False) -> M
         return load_card_file(path, ModelCard, "card")
     if (model.endswith(".json") and not is_file and not is_dir) or (("/" in model or os.sep in model)
                                                                      and not (is_dir or is_file)):
+        shipped = card_for_hub_id(model)  # a Hub id a shipped card was made from: that card, nothing downloaded
+        if shipped is not None:
+            return registry()[shipped]
         # a path that does not exist, or a hub id (never downloaded)
         raise InputFileError(f"no config.json at {quote(model, 200)} (peftplan reads local files only: pass a "
                              "config.json or a folder holding one)")

@@ -202,7 +202,7 @@ def find_base_card(small: LoraAdapter, large: LoraAdapter, model: str | None):
     """The base model's card: `model` if given, else a config.json beside either adapter, else the adapters'
     base_model_name_or_path (a local path, a card name, or a Hub id matched to a card's source URL).
     Returns (card or None, note when unknown). Raises PlanError only for a bad explicit `model`."""
-    from peftplan.planning.cards import load_card, registry
+    from peftplan.planning.cards import card_for_hub_id, load_card, registry
 
     if model is not None:
         return load_card(model), None
@@ -217,10 +217,9 @@ def find_base_card(small: LoraAdapter, large: LoraAdapter, model: str | None):
         if path.is_dir() or path.is_file():
             return load_card(base), None
         cards = registry()
-        hub = f"huggingface.co/{base.strip('/').lower()}/"
-        for card in cards.values():
-            if hub in card.source.lower():
-                return card, None
+        shipped = card_for_hub_id(base)
+        if shipped is not None:
+            return cards[shipped], None
         for name in (base, base.rsplit("/", 1)[-1].lower()):
             if name in cards:
                 return cards[name], None
