@@ -7,6 +7,8 @@ traced is a FAIL row (one line) and the others go on.
 
     python benchmarks/check_families.py             # every configuration (~135, a few minutes on 2 cores)
     python benchmarks/check_families.py --only qwen3,falcon
+    python benchmarks/check_families.py --random 40 --seed 11   # off the grid: every Plan option drawn
+                                                                 # (peftplan.trace.random_check) on 1–3 blocks
 """
 from __future__ import annotations
 
@@ -24,6 +26,28 @@ from peftplan.trace.check import compare, one_line, summarize
 from peftplan.trace.family_grid import CONFIGS, resolve
 from peftplan.trace.run import trace
 
+
+def random_draws(n: int, seed: int) -> None:
+    """n (card, plan) drawn over the grid's cards (cut to 1–3 blocks) and every Plan option, worst first."""
+    import random
+
+    from peftplan.planning.cards import registry
+    from peftplan.trace.random_check import check, command, cut, draw_plan
+
+    names = sorted({c.card for c in CONFIGS})
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(n):
+        card = cut(registry()[rng.choice(names)], rng.randint(1, 3))
+        configs.append((card, draw_plan(rng, card)))
+    results, failures = check(configs)
+    for card, c in sorted(results, key=lambda rc: -abs(rc[1].peak_error)):
+        print(f"{100 * c.peak_error:+7.2f}% {c.trace_phase:9s} {command(card, c.plan)}")
+    for f in failures:
+        print(f"FAIL {one_line(f, 300)}")
+    within = sum(abs(c.peak_error) <= 0.02 for _, c in results)
+    print(f"{len(results)} random configurations (seed {seed}): {within} within 2%; {len(failures)} failed")
+
 OUT = Path(__file__).resolve().parent / "results" / "check_families.json"
 
 
@@ -31,7 +55,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="comma list of substrings of card names")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--random", type=int, default=0, help="instead of the grid: N random draws")
+    ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args()
+    if args.random:
+        return random_draws(args.random, args.seed)
     only = [x for x in args.only.split(",") if x]
     configs = [c for c in CONFIGS if not only or any(o in c.card for o in only)]
     results, failures, rows = [], [], []

@@ -55,9 +55,9 @@ from __future__ import annotations
 
 import re
 
+from peftplan.plan import Plan
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import Norm, layout
-from peftplan.plan import Plan
 
 FP32 = 4
 _QK = re.compile(r"(^|\.)(q|k)_(norm|layernorm)$")
@@ -183,7 +183,9 @@ def _memory_models_phi3_rope(card: ModelCard) -> bool:
     """Whether memory.py itself already counts Phi-3's fused-qkv storage and output copy (helper 17's branch
     adds `memory._rope_by_cat` for model_type phi3): then the two terms below stay out for those cards, so a
     merge of both branches cannot count them twice."""
-    from peftplan.planning import memory  # memory imports this module: imported here, at call time
+    from peftplan.planning import (
+        memory,  # memory imports this module: imported here, at call time
+    )
 
     by_cat = getattr(memory, "_rope_by_cat", None)
     return bool(by_cat and by_cat(card))
