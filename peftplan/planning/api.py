@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from peftplan.errors import PlanError
-from peftplan.planning import dora, moe
+from peftplan.planning import dora, families, moe
 from peftplan.planning.cards import ModelCard, load_card
 from peftplan.planning.memory import phases
 from peftplan.planning.params import count, lora_targets
@@ -26,7 +26,7 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     moe.refuse(card, plan)
     p = dora.with_magnitudes(card, plan, count(card, plan))
     mem = phases(card, plan)
-    warnings = moe.warnings(card, plan)
+    warnings = moe.warnings(card, plan) + families.warnings(card)
     strategy, cpu = "none", 0
     if plan.gpus > 1 or plan.strategy != "none" or plan.offload != "none":
         from peftplan.planning.distributed import check, shard_phases

@@ -256,3 +256,23 @@ def logit_softcap(card: ModelCard) -> float:
     if not cap and isinstance(card.config.get("text_config"), dict):
         cap = card.config["text_config"].get("final_logit_softcapping")
     return float(cap or 0.0)
+
+
+# Families whose activation memory is not modelled per tensor yet (held to the trace: README "What is exact for
+# generated cards"): the estimate still counts parameters exactly, and says its memory is an approximation.
+NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention", "modernbert": "ModernBERT's local/global attention"}
+
+
+def warnings(card: ModelCard) -> list[str]:
+    """What the memory model does not cover for this card, one line each (empty when it is held to the trace)."""
+    missing = []
+    if card.cross_attention:
+        missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
+    if card.model_type in NOT_MODELLED:
+        missing.append(NOT_MODELLED[card.model_type])
+    if card.generated and any(lin.role == "attn_latent" for lin in layout(card).block_linears):
+        missing.append("multi-head latent attention (MLA)")
+    if not missing:
+        return []
+    return [f"{card.name}'s activation memory is approximate: {', '.join(missing)} not modelled yet (parameters, "
+            f"weights, gradients and optimizer states are exact)"]
