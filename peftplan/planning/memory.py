@@ -70,7 +70,7 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
         if plan.method == "full":
             total += sum(x.weight_numel for x in lay.other_linears)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
-    if head_bytes != e and plan.method != "top":
+    if head_bytes != e:
         total += lay.head_rows * lay.head_cols
     if blocks and plan.uses_lora and DTYPES[plan.adapter_dtype] != e:
         total += sum(trainable_tensors(card, plan))
@@ -106,7 +106,7 @@ class Static:
     gradients_bytes: int
     optimizer_states_bytes: int
     optimizer_temporaries_bytes: int  # live only inside optimizer.step()
-    largest_gradient_bytes: int  # the first gradient to arrive in backward (output head / top block)
+    largest_gradient_bytes: int  # the largest of one block's gradients (written during that block's backward)
 
 
 def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
@@ -210,7 +210,7 @@ def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
         gradients_bytes=trainable,
         optimizer_states_bytes=optimizer_state_bytes(numels, plan),
         optimizer_temporaries_bytes=optimizer_temporaries(numels, plan),
-        largest_gradient_bytes=rounded(max(numels) * te) if numels else 0,
+        largest_gradient_bytes=rounded(max(block_tensors(card, plan) or numels) * te) if numels else 0,
     )
 
 
@@ -487,7 +487,13 @@ def first_gradients_bytes(card: ModelCard, plan: Plan) -> int:
 
 def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes of one block's gradients (rounded per tensor as the allocator rounds them)."""
-    te, lay = trainable_element_bytes(plan), layout(card)
+    te = trainable_element_bytes(plan)
+    return sum(rounded(n * te) for n in block_tensors(card, plan))
+
+
+def block_tensors(card: ModelCard, plan: Plan) -> list[int]:
+    """numel of each trainable tensor of one block (LoRA: of every block's wrapped Linears together)."""
+    lay = layout(card)
     if plan.method in ("full", "top"):
         per = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
         per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
@@ -498,7 +504,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     else:
         per = [n for lin, in_block, _ in lora_targets(card, plan.targets) if in_block
                for n in (plan.r * lin.d_in, lin.d_out * plan.r)]
-    return sum(rounded(n * te) for n in per)
+    return per
 
 
 @lru_cache(maxsize=1024)
@@ -609,9 +615,11 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=st.largest_gradient_bytes))
     emb = embedding_backward_bytes(card, plan)
-    if emb:
+    if plan.method == "full":
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
-        moments.append(dict(gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd))
+        # with the gradient of the embedding's output (embedding_dense_backward's input)
+        moments.append(dict(gradients_bytes=st.gradients_bytes - vd,
+                            temporaries_bytes=emb + vd + stream_element_bytes(plan) * card.d_embed * t))
     if accum:
         moments = [dict(m, gradients_bytes=grads_all) for m in moments]
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))
