@@ -29,7 +29,9 @@ def test_issue_case_mistral_qlora_all_linear_checkpointed():
     assert all(abs(e) <= TOL for e in c.phase_errors.values()), c.phase_errors
 
 
-# One small configuration per kind of gap the random draw found, each held within 2% of its trace.
+# One small configuration per kind of gap the random draw found. Each is modelled tensor by tensor, so it is
+# held to 0.5% of its trace (the gaps were 1.5% to 17%; diluted by weights and logits, some stayed under 2%).
+KIND_TOL = 0.005
 KINDS = {
     # the frozen head's autocast copy: fp32 weights under autocast, top-k training (its input needs a gradient)
     "top-k autocast head copy": ("roberta-large", 2, dict(method="top", batch_size=6, seq_len=17, dtype="fp32",
@@ -41,6 +43,19 @@ KINDS = {
     "full: embedding backward, untied": ("phi-3-mini", 1, dict(method="full", batch_size=7, seq_len=193,
                                                                dtype="fp16", optimizer="paged-adamw8bit",
                                                                foreach=False, grad_checkpointing=True)),
+    # Phi-3: v is a view of the fused qkv output (all of it stays saved), q and k are new (RoPE by cat), and the
+    # attention output in q's layout is copied for o_proj
+    "phi-3 fused qkv": ("phi-3-mini", 2, dict(method="full", batch_size=2, seq_len=96, dtype="fp16",
+                                              optimizer="sgd")),
+    # the lowest block of a frozen LoRA base saves only what lies downstream of its first wrapped Linear
+    "lowest LoRA block, v only, eager": ("llama-3.2-1b", 1, dict(method="lora", targets="v_proj", batch_size=2,
+                                                                  seq_len=128, attention="eager")),
+    "lowest LoRA block, up only": ("llama-3.2-1b", 1, dict(method="lora", targets="up_proj", batch_size=2,
+                                                            seq_len=128)),
+    "lowest LoRA block, post-norm": ("bert-base", 1, dict(method="lora", targets="value", batch_size=2,
+                                                          seq_len=128, attention="eager")),
+    "lowest LoRA block, autocast copies": ("gpt2", 1, dict(method="lora", targets="c_fc", batch_size=2,
+                                                           seq_len=128, autocast="bf16", dtype="fp32")),
 }
 
 
@@ -51,7 +66,7 @@ def test_kind_within_2pct(kind):
     name, k, fields = KINDS[kind]
     card, plan = cut(load_card(name), k), Plan(**fields)
     c = compare(estimate(card, plan), trace(card, plan))
-    assert abs(c.peak_error) <= TOL, (kind, c.peak_error, c.phase_errors)
+    assert abs(c.peak_error) <= KIND_TOL, (kind, c.peak_error, c.phase_errors)
 
 
 def _draw_40():

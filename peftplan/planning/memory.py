@@ -65,8 +65,15 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
     lay, e = layout(card), DTYPES[plan.autocast]
     total = 0
     if blocks and plan.mixed_precision and plan.method != "qlora":
-        block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears)
-        total += block * (plan.top_k if plan.method == "top" else card.n_layers)
+        numel = {x.name: x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears}
+        block = sum(numel.values())
+        if plan.uses_lora:
+            # below the lowest wrapped block no input needs a gradient; in it, only some Linears' inputs do
+            low, wrapped = lowest_lora_block(card, plan)
+            g = _needs_grad(card, plan, False, True, wrapped)
+            total += block * (card.n_layers - low - 1) + sum(numel[n] for n in _grad_input_linears(card, g))
+        else:
+            total += block * (plan.top_k if plan.method == "top" else card.n_layers)
         if plan.method == "full":
             total += sum(x.weight_numel for x in lay.other_linears)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
@@ -314,50 +321,144 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     gelu_new_ac = bool(ac) and c.activation == "gelu_new"
     x_of = {n: ne for n in (*attn_in, *ffn_in)} | {attn_out: ce, ffn_out: FP32 if gelu_new_ac else e}
     norm_trains = trainable_block or plan.method == "adapter"
+    g = _needs_grad(c, plan, trainable_block, first, lora)
     total = 0.0
-    # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
-    n_norms = len(layout(c).block_norms)
-    total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
+    # the norms whose input needs a gradient (Gemma-2's sandwich norms add two more on the sublayer outputs)
+    total += sum(_norm_inputs_grad(c, g)) * norm_saved(c, plan, norm_trains)
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     for names in (attn_in, ffn_in):
         copies, shared = group_saved(names, ne, d)
         total += copies + ne * d * shared
     total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
     total += sum(plan.r * (ac or lb) for n in lora)  # A·x, saved by B
-    # attention
-    if plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
+    # attention; o_proj's input is the kernel's output (SDPA) or a copy of it (eager, Phi-3)
+    o_in = ce * q * saves(attn_out)
+    if not (g.q or g.k or g.v):  # lowest block of a frozen base, q/k/v not wrapped: only o_proj's input
+        total += o_in
+    elif plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
         total += ce * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
+        if _rope_by_cat(c):
+            # v is a view of the fused qkv output, whose whole storage (q + 2k wide) stays saved beside the new
+            # rotated q and k; the kernel's output follows the cat-made q's (b, h, s, d_h) layout, so
+            # `transpose(1, 2).contiguous()` copies it, and o_proj saves that copy
+            total += ce * (q + k) + o_in
     else:
-        s = plan.seq_len
-        heads = c.n_heads
-        # eager: q, k (repeated to h heads), v (repeated), the softmax output (fp32 in the Llama family and OPT,
-        # the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the dropout output (with its
-        # bool mask) or the softmax cast back to e (a no-op when they agree); and the output copy
-        sm = e if c.model_type in ("gpt2", "bert", "roberta") and not ac else FP32  # softmax: autocast's fp32 list
-        probs = sm + (1 + ce if c.attention_dropout > 0 else (ce if sm != ce else 0))
-        total += ce * (2 * q) + ce * q + probs * heads * s
-        total += ce * q * saves(attn_out)
+        total += _eager_saved(c, plan, g, e, ce) + o_in
     # MLP
-    down = saves(ffn_out)
-    if c.gated_mlp:
-        total += 3 * e * f + e * f * down  # gate, act(gate), up; their product if down saves it
-    elif c.activation == "relu":
-        total += e * f  # ReLU keeps its output, which is also the down projection's input
-    else:
-        # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is
-        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op:
-        # it keeps a fp32 copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
-        if gelu_new_ac:
-            total += f * (3 * FP32 + ce) + FP32 * f * down
-        else:
-            total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
+    total += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
     if c.hidden_dropout > 0:
-        total += 2 * d  # a bool mask per sublayer output dropout
+        total += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
     if plan.method == "adapter":
         m = plan.adapter_size
         per = e * d + 2 * e * m  # adapter input, bottleneck pre-activation and activation
         total += per * (2 if plan.adapter_placement == "houlsby" else 1)
     return total
+
+
+@dataclass(frozen=True)
+class _Grad:
+    """Which tensors of a block need a gradient. In a trained block or above the lowest trained one, all; in
+    the lowest block of a frozen LoRA base (whose input needs none), only those downstream of a wrapped Linear."""
+    block_in: bool  # the block's input (not in the lowest block of a frozen base)
+    q: bool  # the query (its projection wrapped, or anything upstream)
+    k: bool
+    v: bool
+    attn: bool  # the attention sublayer's output (after o_proj)
+    gate: bool  # the FFN's inner activations: the gate projection's output (non-gated: the up projection's)
+    up: bool
+    out: bool  # the FFN sublayer's output (after the down projection)
+
+
+def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool, lora: frozenset[str]) -> _Grad:
+    if trainable_block or not first or not plan.uses_lora:
+        return _Grad(not first or trainable_block, *([True] * 7))
+    lin = {x.name: x for x in layout(card).block_linears}
+    attn_in, attn_out, ffn_in, ffn_out = _groups(card)
+
+    def part(role: str) -> bool:  # a wrapped attention input projection producing q, k or v
+        return any(n in lora and _qkv_part(lin[n], card, role) for n in attn_in)
+
+    q, k, v = part("q"), part("k"), part("v")
+    attn = q or k or v or attn_out in lora
+    # gate_proj, up_proj, Phi-3's fused gate_up_proj; a non-gated FFN's one input projection is both
+    gate = attn or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
+    up = attn or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
+    return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
+
+
+def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]:
+    """(index, wrapped Linears) of the lowest block LoRA wraps something in (the lowest that needs a gradient)."""
+    sets = lora_block_sets(card, plan.targets) if card.n_layers else ()
+    low = next((i for i, names in enumerate(sets) if names), 0)
+    return low, (sets[low] if sets else frozenset())
+
+
+def _grad_input_linears(card: ModelCard, g: _Grad) -> list[str]:
+    """The block Linears whose input needs a gradient (autograd then saves their weights' autocast copies)."""
+    attn_in, attn_out, ffn_in, ffn_out = _groups(card)
+    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if g.attn]
+            + [ffn_out] * (g.gate or g.up))
+
+
+def _qkv_part(lin, card: ModelCard, role: str) -> bool:
+    """Whether an attention input Linear produces q, k or v: fused ones (GPT-2's c_attn, Phi-3's qkv_proj)
+    all three; separate ones by name (q_proj / query, ...)."""
+    if lin.d_out == card.d_q + 2 * card.d_kv:
+        return True
+    return lin.name.rsplit(".", 1)[-1][0] == role  # q_proj / query, k_proj / key, v_proj / value
+
+
+def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
+    """For each block norm (layout order), whether its input needs a gradient. Pre-norm blocks read the block's
+    input, then the residual after attention (Gemma-2: also the attention output, and the FFN output);
+    post-norm blocks (BERT, RoBERTa, OPT-350m) normalise each sublayer's residual sum."""
+    if card.encoder or (card.model_type == "opt" and not card.final_norm):
+        return [g.attn, g.out]
+    if card.sandwich_norms:
+        return [g.block_in, g.attn, g.attn, g.out]
+    return [g.block_in, g.attn]
+
+
+def _eager_saved(card: ModelCard, plan: Plan, g: _Grad, e: int, ce: int) -> float:
+    """Bytes per token eager attention saves: q, k (repeated to h heads), v (repeated), the softmax output
+    (fp32 in the Llama family and OPT, the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the
+    dropout output (with its bool mask) or the softmax cast back to the compute dtype (a no-op when they
+    agree). Each only when what it is saved for needs a gradient: q·kᵀ saves q for k's gradient and k for q's;
+    A·V saves A for v's and v for A's."""
+    q, heads, s = card.d_q, card.n_heads, plan.seq_len
+    scores = g.q or g.k
+    sm = e if card.model_type in ("gpt2", "bert", "roberta") and plan.autocast == "none" else FP32
+    total = ce * q * (g.k + g.q + scores)  # q, k, v (k and v repeated to h heads)
+    if card.attention_dropout > 0:
+        probs = sm * scores + scores + ce * g.v  # softmax output, mask, dropout output
+    elif sm != ce:
+        probs = sm * scores + ce * g.v  # softmax output, its cast
+    else:
+        probs = sm * (scores or g.v)  # one tensor
+    return total + probs * heads * s
+
+
+def _mlp_saved(card: ModelCard, g: _Grad, e: int, ce: int, f: int, down_saves: bool, gelu_new_ac: bool) -> float:
+    """Bytes per token the MLP saves between its input and output projections (the down projection's input
+    counted when it saves it). The activation saves its input when the gate's output needs a gradient; the
+    gated product saves each factor when the other needs one."""
+    if card.gated_mlp:  # gate, act(gate), up; their product if down saves it
+        return e * f * (g.gate + g.gate + g.up + down_saves)
+    if card.activation == "relu":
+        return e * f * (g.gate or down_saves)  # ReLU keeps its output, which is also the down projection's input
+    # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is Python ops:
+    # x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op: it keeps a fp32
+    # copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
+    if gelu_new_ac:
+        return g.gate * f * (3 * FP32 + ce) + FP32 * f * down_saves
+    return e * f * ((4 if card.activation == "gelu_new" else 1) * g.gate + down_saves)
+
+
+def _rope_by_cat(card: ModelCard) -> bool:
+    """Phi-3 reads q, k and v from one fused qkv_proj output and rotates q and k with
+    `torch.cat([rotated, passed], dim=-1)` (transformers models/phi3 `apply_rotary_pos_emb`, partial rotary):
+    new contiguous q and k, while v stays a view of the fused output."""
+    return card.model_type == "phi3"
 
 
 def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
