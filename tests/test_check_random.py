@@ -56,6 +56,16 @@ KINDS = {
                                                           seq_len=128, attention="eager")),
     "lowest LoRA block, autocast copies": ("gpt2", 1, dict(method="lora", targets="c_fc", batch_size=2,
                                                            seq_len=128, autocast="bf16", dtype="fp32")),
+    # AdamW without foreach: sqrt(exp_avg_sq) and its quotient, both the size of the largest tensor
+    "AdamW no-foreach": ("qwen2.5-0.5b", 1, dict(method="full", batch_size=1, seq_len=64, foreach=False)),
+    # mixed precision, trained blocks: a block's weight copies live until its backward (recomputed when
+    # checkpointed); the last weight gradient in the autocast dtype beside its fp32 cast
+    "mixed precision block copies, checkpointed": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1,
+                                                                         seq_len=24, dtype="fp32", autocast="fp16",
+                                                                         optimizer="sgd", grad_checkpointing=True,
+                                                                         grad_accum=4)),
+    "mixed precision end of backward": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1, seq_len=24,
+                                                              dtype="fp32", autocast="fp16", optimizer="sgd")),
 }
 
 

@@ -55,7 +55,7 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
     torch.autocast (CUDA lower-precision list: linear, matmul, addmm, ...) casts each weight to the autocast
     dtype; copies of trainable leaf weights are cached for the region, and autograd saves every copy whose
     Linear input needs a gradient, frozen weights' included. Counted: under mixed precision every Linear of the
-    blocks (full fine-tuning: and the head and other Linears); an fp32 head (mixed precision, k-bit preparation);
+    blocks that saves its copy, and the Linears outside them; an fp32 head (mixed precision, k-bit preparation);
     LoRA's A and B when they are not in the autocast dtype. Embeddings and norms are not autocast ops; 4-bit
     weights are dequantized by bitsandbytes, not cast. blocks=False: only the head's copy (after a checkpointed
     forward, whose blocks saved no copies and whose cache was freed when the autocast region ended).
@@ -74,8 +74,8 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
             total += block * (card.n_layers - low - 1) + sum(numel[n] for n in _grad_input_linears(card, g))
         else:
             total += block * (plan.top_k if plan.method == "top" else card.n_layers)
-        if plan.method == "full":
-            total += sum(x.weight_numel for x in lay.other_linears)
+    if plan.mixed_precision and plan.method != "qlora":  # outside the blocks (MLM dense, OPT's project_out)
+        total += sum(x.weight_numel for x in lay.other_linears)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
     if head_bytes != e:
         total += lay.head_rows * lay.head_cols
@@ -180,7 +180,9 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
     if not numels:
         return 0
     if plan.optimizer == "adamw":
-        return sum(rounded(n * e) for n in numels) if plan.foreach else rounded(max(numels) * e)
+        # one tensor at a time (`_single_tensor_adamw`): exp_avg_sq.sqrt() and its out-of-place division by
+        # bias_correction2_sqrt are both alive
+        return sum(rounded(n * e) for n in numels) if plan.foreach else 2 * rounded(max(numels) * e)
     return 0  # SGD updates in place; bitsandbytes' steps (8- and 32-bit) are fused kernels
 
 
@@ -386,6 +388,32 @@ def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool,
     return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
 
 
+def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool) -> int:
+    """Mixed precision: the autocast-dtype weight copies one block's Linears save for backward (those whose
+    input needs a gradient: in the lowest block of a frozen LoRA base, only some). 0 otherwise."""
+    if not plan.mixed_precision or plan.method == "qlora":
+        return 0
+    lin = layout(card).block_linears
+    names = {x.name for x in lin}
+    if lowest and plan.uses_lora:
+        _, wrapped = lowest_lora_block(card, plan)
+        names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
+    elif lowest and plan.method == "top" and _post_norm(card):
+        names -= set(_groups(card)[0])  # they read the block's input, which needs no gradient
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lin if x.name in names)
+
+
+def top_quiet_copies_bytes(card: ModelCard, plan: Plan) -> int:
+    """Mixed precision, top-k, post-norm blocks: the lowest trained block's attention input Linears read its
+    input, which needs no gradient, so their weight copies (cached through forward: trainable leaves) are not
+    saved for backward. (A pre-norm block's trained norm comes first: its output needs a gradient.)"""
+    if plan.method != "top" or not plan.mixed_precision or not _post_norm(card):
+        return 0
+    attn_in = set(_groups(card)[0])
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
+                                       for x in layout(card).block_linears if x.name in attn_in)
+
+
 def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]:
     """(index, wrapped Linears) of the lowest block LoRA wraps something in (the lowest that needs a gradient)."""
     sets = lora_block_sets(card, plan.targets) if card.n_layers else ()
@@ -412,11 +440,17 @@ def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
     """For each block norm (layout order), whether its input needs a gradient. Pre-norm blocks read the block's
     input, then the residual after attention (Gemma-2: also the attention output, and the FFN output);
     post-norm blocks (BERT, RoBERTa, OPT-350m) normalise each sublayer's residual sum."""
-    if card.encoder or (card.model_type == "opt" and not card.final_norm):
+    if _post_norm(card):
         return [g.attn, g.out]
     if card.sandwich_norms:
         return [g.block_in, g.attn, g.attn, g.out]
     return [g.block_in, g.attn]
+
+
+def _post_norm(card: ModelCard) -> bool:
+    """Blocks that normalise after each residual add (BERT, RoBERTa, OPT-350m: `do_layer_norm_before=False`,
+    hence no final norm); the others normalise each sublayer's input."""
+    return card.encoder or (card.model_type == "opt" and not card.final_norm)
 
 
 def _eager_saved(card: ModelCard, plan: Plan, g: _Grad, e: int, ce: int) -> float:
@@ -686,10 +720,12 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
     # die at once); in backward, checkpointed blocks saved no copies: the region's cache died with it
     fwd_cache = bwd_cache = autocast_cache_bytes(card, plan)
-    if ckpt and plan.method != "full":
+    if ckpt and plan.method not in ("full", "top"):
         fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
     if ckpt:
         bwd_cache = autocast_cache_bytes(card, plan, blocks=False)
+    elif plan.method == "top" and plan.mixed_precision:
+        bwd_cache -= top_quiet_copies_bytes(card, plan)
     # gradient accumulation: from the second micro-step on, every gradient lives through forward and backward
     # (new ones are added in place, AccumulateGrad, one at a time); the peak is such a micro-step
     accum = plan.grad_accum > 1
@@ -706,15 +742,28 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     moments = [dict(activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
                     temporaries_bytes=bwd_cache)]
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
+    # mixed precision: a block's autocast weight copies, saved for backward (recomputed when checkpointed), live
+    # until that block's backward; a weight gradient comes in the autocast dtype and is then cast to fp32 (at
+    # that moment the copy it was computed with is freed: the block's copies still count once)
+    top_copies, low_copies = block_cache_bytes(card, plan, lowest=False), block_cache_bytes(card, plan, lowest=True)
     if ckpt:
-        moments.append(dict(activations_bytes=inputs,
-                            temporaries_bytes=act.top_block_bytes - shared_input_bytes(card, plan) + ffn_bwd_top))
+        moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
+                            - shared_input_bytes(card, plan) + ffn_bwd_top))
         moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes))
+                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
+                            + low_copies))
     else:
-        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes, temporaries_bytes=ffn_bwd_top))
+        blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
+        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
+                            temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
-                            temporaries_bytes=st.largest_gradient_bytes))
+                            temporaries_bytes=st.largest_gradient_bytes + low_copies))
+    if plan.method == "top" and plan.mixed_precision:
+        # the end of backward: every gradient, the last one (the lowest block's first Linear) still also in the
+        # autocast dtype (and, accumulating, its fp32 cast before the in-place add)
+        n = layout(card).block_linears[0].weight_numel
+        moments.append(dict(gradients_bytes=st.gradients_bytes,
+                            temporaries_bytes=rounded(ae * n) + (rounded(FP32 * n) if accum else 0)))
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
