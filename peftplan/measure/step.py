@@ -287,6 +287,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
             loss = loss / plan.grad_accum
         phase("backward")
         loss.backward()
+        # the Trainer's training_step returns loss.detach(): the graph dies here, with what its nodes still hold
+        # (checkpointing's enable_input_require_grads makes the embedding output a leaf that gets a .grad)
+        loss = loss.detach()
     phase("optimizer")
     if plan.max_grad_norm > 0:  # the Trainer clips before every optimizer step (max_grad_norm, default 1.0)
         params = [p for p in model.parameters() if p.grad is not None]

@@ -38,7 +38,9 @@ RESERVED_PER_LIVE = {"forward": 1.090, "backward": 1.090, "optimizer": 1.112}
 def activation_element_bytes(plan: Plan) -> int:
     """Element size of the activations. QLoRA's k-bit preparation stores embeddings and norms in fp32, so
     the residual stream and every Linear4bit output (returned in its input's dtype) are fp32."""
-    if plan.mixed_precision:  # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype
+    if plan.mixed_precision and plan.method != "qlora":
+        # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype (a Linear4bit
+        # casts its output back to its input's dtype: bitsandbytes nn.Linear4bit.forward)
         return DTYPES[plan.autocast]
     return FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element
 
@@ -395,7 +397,9 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool) -> int:
         return 0
     lin = layout(card).block_linears
     names = {x.name for x in lin}
-    if lowest and plan.uses_lora:
+    if lowest and plan.grad_checkpointing:  # every block's input needs a gradient (enable_input_require_grads)
+        pass
+    elif lowest and plan.uses_lora:
         _, wrapped = lowest_lora_block(card, plan)
         names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
     elif lowest and plan.method == "top" and _post_norm(card):
@@ -522,6 +526,8 @@ class Activations:
     saved_bytes: int  # saved for backward by all blocks and the final norm at the end of forward
     block_bytes: int  # one block's saved tensors (what a checkpointed block recomputes)
     first_block_bytes: int  # the lowest trained block's saved tensors (block 0's in a frozen base)
+    frozen_below: int  # checkpointed: frozen blocks below the lowest trained one, which run backward too
+    frozen_block_bytes: int  # one such block's saved tensors (recomputed in backward)
     top_block_bytes: int  # the top block's (the first to run backward)
     outside_bytes: int  # saved outside the blocks (final norm, head input), freed before the blocks' backward
     checkpoint_bytes: int  # with checkpointing, one block's kept input (0 without)
@@ -532,20 +538,26 @@ class Activations:
 def activations(card: ModelCard, plan: Plan) -> Activations:
     c, e, t = card, activation_element_bytes(plan), plan.tokens
     L, V, d = c.n_layers, c.vocab_size, c.d_model
-    checkpointed = None
+    # checkpointed, transformers' gradient_checkpointing_enable calls enable_input_require_grads: the embedding
+    # output needs a gradient, so every block (frozen ones below the trained ones too) keeps its input, is
+    # recomputed and runs its backward; no block is the quiet lowest one
+    ckpt = plan.grad_checkpointing
+    frozen_below = 0  # blocks below the lowest trained one that still run backward (checkpointed)
     if plan.method == "full":
         blocks = [block_saved_per_token(c, plan, True)] * L
     elif plan.method == "top":
-        # blocks below the trained ones need no input gradient and save nothing
-        blocks = [block_saved_per_token(c, plan, True)] * plan.top_k
+        # blocks below the trained ones need no input gradient and save nothing (unless checkpointed)
+        frozen_below = (L - plan.top_k) * ckpt
+        blocks = [block_saved_per_token(c, plan, False)] * frozen_below + \
+            [block_saved_per_token(c, plan, True)] * plan.top_k
     elif plan.uses_lora and len(sets := lora_block_sets(c, plan.targets)) and len(set(sets)) > 1:
         # targets naming some blocks: blocks below the lowest wrapped one need no gradient and save nothing
-        # (checkpointed, every block still keeps its input: measured with the trace)
         low = next(i for i, names in enumerate(sets) if names)
-        blocks = [block_saved_per_token(c, plan, False, first=(i == low), wrapped=sets[i]) for i in range(low, L)]
-        checkpointed = L
+        frozen_below = low * ckpt
+        blocks = [block_saved_per_token(c, plan, False, first=(i == low and not ckpt), wrapped=sets[i])
+                  for i in range(low - frozen_below, L)]
     else:
-        blocks = [block_saved_per_token(c, plan, False, first=True)] + \
+        blocks = [block_saved_per_token(c, plan, False, first=not ckpt)] + \
             [block_saved_per_token(c, plan, False)] * (L - 1)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
@@ -554,17 +566,17 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = lg if c.hf.get("final_logit_softcapping") else 0
-    if checkpointed is None:
-        checkpointed = len(blocks)
-    if plan.grad_checkpointing:
-        kept = checkpointed * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
+    if ckpt:
+        kept = len(blocks) * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
     final = outside_saved_per_token(c, plan)
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
-        first_block_bytes=int(blocks[0] * t) if blocks else 0,
+        first_block_bytes=int(blocks[frozen_below] * t) if blocks else 0,
+        frozen_below=frozen_below,
+        frozen_block_bytes=int(blocks[0] * t) if frozen_below else 0,
         top_block_bytes=int(blocks[-1] * t) if blocks else 0,
         outside_bytes=int(final * t),
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
@@ -709,12 +721,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # the top block's backward begins with its FFN's: a trained down projection's input gradient and the
     # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
     trained_base = plan.method in ("full", "top")
-    ffn_bwd_top = ffn_bwd if trained_base else ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    ffn_bwd_frozen = ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
     # outweigh the FFN's gradients when tokens are few
     deq = dequantized_weight_bytes(card, plan)
     if deq:
-        ffn_bwd, ffn_bwd_top = (max(x, deq + ae * card.d_model * t) for x in (ffn_bwd, ffn_bwd_top))
+        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq + ae * card.d_model * t)
+                                                for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
@@ -749,9 +763,12 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     if ckpt:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
-        moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=late,
+        moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
                             temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
                             + low_copies))
+        if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
+            moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
+                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
     else:
         blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
