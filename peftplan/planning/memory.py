@@ -261,16 +261,19 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
 
 
 def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
-                          wrapped: frozenset[str] | None = None) -> float:
+                          wrapped: frozenset[str] | None = None, part: str = "block") -> float:
+    """Bytes per token one block saves for backward (part="block"), or (part="attention", eager attention) what
+    is live per token while its attention runs the softmax's backward: what the block saved up to its attention
+    kernel, and the probabilities' gradient beside the softmax's input gradient (b·h·s² each)."""
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
-           trainable_block, first, wrapped)
+           trainable_block, first, wrapped, part)
     v = _BLOCK.get(key)
     if v is None:
         if len(_BLOCK) > 65536:
             _BLOCK.clear()
-        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first, wrapped)
+        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first, wrapped, part)
     return v
 
 
@@ -278,7 +281,7 @@ _BLOCK: dict[tuple, float] = {}
 
 
 def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
-                           wrapped: frozenset[str] | None = None) -> float:
+                           wrapped: frozenset[str] | None = None, part: str = "block") -> float:
     """Bytes per token one block saves for backward.
 
     A Linear saves its input when its weight trains or LoRA wraps it (lora_A reads the same input);
@@ -327,36 +330,51 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     norm_trains = trainable_block or plan.method == "adapter"
     g = _needs_grad(c, plan, trainable_block, first, lora)
     total = 0.0
+    late = 0.0  # what is saved after the attention kernel (freed before its backward)
     # the norms whose input needs a gradient (Gemma-2's sandwich norms add two more on the sublayer outputs)
-    total += sum(_norm_inputs_grad(c, g)) * norm_saved(c, plan, norm_trains)
+    norms, split = _norm_inputs_grad(c, g), 0 if _post_norm(c) else 1  # post-norms come after the attention
+    total += sum(norms[:split]) * norm_saved(c, plan, norm_trains)
+    late += sum(norms[split:]) * norm_saved(c, plan, norm_trains)
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
-    for names in (attn_in, ffn_in):
-        copies, shared = group_saved(names, ne, d)
-        total += copies + ne * d * shared
-    total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
-    total += sum(plan.r * (ac or lb) for n in lora)  # A·x, saved by B
+    copies, shared = group_saved(attn_in, ne, d)
+    total += copies + ne * d * shared
+    copies, shared = group_saved(ffn_in, ne, d)
+    late += copies + ne * d * shared
+    late += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
+    late += sum(plan.r * (ac or lb) for n in lora if n not in attn_in)  # A·x, saved by B
+    total += sum(plan.r * (ac or lb) for n in lora if n in attn_in)
     # attention; o_proj's input is the kernel's output (SDPA) or a copy of it (eager, Phi-3)
     o_in = ce * q * saves(attn_out)
+    before_attention = total
     if not (g.q or g.k or g.v):  # lowest block of a frozen base, q/k/v not wrapped: only o_proj's input
-        total += o_in
+        late += o_in
     elif plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
         total += ce * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
         if _rope_by_cat(c):
             # v is a view of the fused qkv output, whose whole storage (q + 2k wide) stays saved beside the new
             # rotated q and k; the kernel's output follows the cat-made q's (b, h, s, d_h) layout, so
             # `transpose(1, 2).contiguous()` copies it, and o_proj saves that copy
-            total += ce * (q + k) + o_in
+            total += ce * (q + k)
+            late += o_in
     else:
-        total += _eager_saved(c, plan, g, e, ce) + o_in
+        total += _eager_saved(c, plan, g, e, ce)
+        late += o_in
+    if part == "attention":
+        if plan.attention != "eager" or not (g.q or g.k):
+            return 0.0
+        # q and k (saved by q·kᵀ) and the softmax output; v, the dropout's output and mask, and the cast the A·V
+        # matmul read are freed with its backward
+        sm = e if c.model_type in ("gpt2", "bert", "roberta") and not ac else FP32
+        return before_attention + ce * q * (g.q + g.k) + (sm + 2 * max(sm, ce)) * c.n_heads * plan.seq_len
     # MLP
-    total += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
+    late += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
     if c.hidden_dropout > 0:
-        total += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
+        late += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
     if plan.method == "adapter":
         m = plan.adapter_size
         per = e * d + 2 * e * m  # adapter input, bottleneck pre-activation and activation
-        total += per * (2 if plan.adapter_placement == "houlsby" else 1)
-    return total
+        late += per * (2 if plan.adapter_placement == "houlsby" else 1)
+    return total + late
 
 
 @dataclass(frozen=True)
@@ -390,7 +408,7 @@ def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool,
     return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
 
 
-def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool) -> int:
+def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool = False) -> int:
     """Mixed precision: the autocast-dtype weight copies one block's Linears save for backward (those whose
     input needs a gradient: in the lowest block of a frozen LoRA base, only some). 0 otherwise."""
     if not plan.mixed_precision or plan.method == "qlora":
@@ -404,6 +422,9 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool) -> int:
         names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
     elif lowest and plan.method == "top" and _post_norm(card):
         names -= set(_groups(card)[0])  # they read the block's input, which needs no gradient
+    if ffn_only:  # the FFN's (freed once its backward is done)
+        _, _, ffn_in, ffn_out = _groups(card)
+        names &= {*ffn_in, ffn_out}
     return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lin if x.name in names)
 
 
@@ -528,6 +549,11 @@ class Activations:
     first_block_bytes: int  # the lowest trained block's saved tensors (block 0's in a frozen base)
     frozen_below: int  # checkpointed: frozen blocks below the lowest trained one, which run backward too
     frozen_block_bytes: int  # one such block's saved tensors (recomputed in backward)
+    # eager attention: live while the top / lowest trained / lowest frozen block runs its softmax's backward
+    # (what it saved up to the attention kernel and two b·h·s² gradients); 0 otherwise
+    top_attention_bytes: int
+    first_attention_bytes: int
+    frozen_attention_bytes: int
     top_block_bytes: int  # the top block's (the first to run backward)
     outside_bytes: int  # saved outside the blocks (final norm, head input), freed before the blocks' backward
     checkpoint_bytes: int  # with checkpointing, one block's kept input (0 without)
@@ -543,22 +569,22 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     # recomputed and runs its backward; no block is the quiet lowest one
     ckpt = plan.grad_checkpointing
     frozen_below = 0  # blocks below the lowest trained one that still run backward (checkpointed)
+    # each block as block_saved_per_token's (trainable_block, first, wrapped), bottom to top
     if plan.method == "full":
-        blocks = [block_saved_per_token(c, plan, True)] * L
+        specs = [(True, False, None)] * L
     elif plan.method == "top":
         # blocks below the trained ones need no input gradient and save nothing (unless checkpointed)
         frozen_below = (L - plan.top_k) * ckpt
-        blocks = [block_saved_per_token(c, plan, False)] * frozen_below + \
-            [block_saved_per_token(c, plan, True)] * plan.top_k
+        specs = [(False, False, None)] * frozen_below + [(True, False, None)] * plan.top_k
     elif plan.uses_lora and len(sets := lora_block_sets(c, plan.targets)) and len(set(sets)) > 1:
         # targets naming some blocks: blocks below the lowest wrapped one need no gradient and save nothing
         low = next(i for i, names in enumerate(sets) if names)
         frozen_below = low * ckpt
-        blocks = [block_saved_per_token(c, plan, False, first=(i == low and not ckpt), wrapped=sets[i])
-                  for i in range(low - frozen_below, L)]
+        specs = [(False, i == low and not ckpt, sets[i]) for i in range(low - frozen_below, L)]
     else:
-        blocks = [block_saved_per_token(c, plan, False, first=not ckpt)] + \
-            [block_saved_per_token(c, plan, False)] * (L - 1)
+        specs = [(False, not ckpt, None)] + [(False, False, None)] * (L - 1)
+    blocks = [block_saved_per_token(c, plan, *spec) for spec in specs]
+    attn = [block_saved_per_token(c, plan, *spec, part="attention") for spec in specs]
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
     ac = plan.autocast != "none"
@@ -577,6 +603,9 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         first_block_bytes=int(blocks[frozen_below] * t) if blocks else 0,
         frozen_below=frozen_below,
         frozen_block_bytes=int(blocks[0] * t) if frozen_below else 0,
+        top_attention_bytes=int(attn[-1] * t) if attn else 0,
+        first_attention_bytes=int(attn[frozen_below] * t) if attn else 0,
+        frozen_attention_bytes=int(attn[0] * t) if frozen_below else 0,
         top_block_bytes=int(blocks[-1] * t) if blocks else 0,
         outside_bytes=int(final * t),
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
@@ -636,6 +665,14 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes of one block's gradients (rounded per tensor as the allocator rounds them)."""
     te = trainable_element_bytes(plan)
     return sum(rounded(n * te) for n in block_tensors(card, plan))
+
+
+def block_ffn_gradients_bytes(card: ModelCard, plan: Plan) -> int:
+    """Bytes of one trained block's FFN weight (and bias) gradients."""
+    te = trainable_element_bytes(plan)
+    _, _, ffn_in, ffn_out = _groups(card)
+    return sum(rounded(x.weight_numel * te) + (rounded(x.d_out * te) if x.bias else 0)
+               for x in layout(card).block_linears if x.name in (*ffn_in, ffn_out))
 
 
 def block_tensors(card: ModelCard, plan: Plan) -> list[int]:
@@ -756,10 +793,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     moments = [dict(activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
                     temporaries_bytes=bwd_cache)]
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
+    # a trained block's FFN weight gradients, made before its attention's backward; full: the head's, before all
+    ffn_grads = block_ffn_gradients_bytes(card, plan) if trained_base else 0
+    head_grads = late - (card.n_layers - 1) * block_gradients_bytes(card, plan) if plan.method == "full" else 0
     # mixed precision: a block's autocast weight copies, saved for backward (recomputed when checkpointed), live
     # until that block's backward; a weight gradient comes in the autocast dtype and is then cast to fp32 (at
     # that moment the copy it was computed with is freed: the block's copies still count once)
     top_copies, low_copies = block_cache_bytes(card, plan, lowest=False), block_cache_bytes(card, plan, lowest=True)
+    ffn_copies = block_cache_bytes(card, plan, lowest=False, ffn_only=True)
     if ckpt:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
@@ -769,12 +810,27 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
                                 temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
+        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+            moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
+                                temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
+            moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1),
+                                gradients_bytes=late + ffn_grads,
+                                temporaries_bytes=act.first_attention_bytes + max(0, low_copies - ffn_copies)))
+            if act.frozen_below:
+                moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
+                                    temporaries_bytes=act.frozen_attention_bytes + top_copies - ffn_copies))
     else:
         blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=st.largest_gradient_bytes + low_copies))
+        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+            below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
+            moments.append(dict(activations_bytes=below + act.top_attention_bytes, gradients_bytes=ffn_grads + head_grads,
+                                temporaries_bytes=blocks_cache - ffn_copies))
+            moments.append(dict(activations_bytes=act.first_attention_bytes, gradients_bytes=late + ffn_grads,
+                                temporaries_bytes=max(0, low_copies - ffn_copies)))
     if plan.method == "top" and plan.mixed_precision:
         # the end of backward: every gradient, the last one (the lowest block's first Linear) still also in the
         # autocast dtype (and, accumulating, its fp32 cast before the in-place add)
