@@ -66,6 +66,16 @@ KINDS = {
                                                                          grad_accum=4)),
     "mixed precision end of backward": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1, seq_len=24,
                                                               dtype="fp32", autocast="fp16", optimizer="sgd")),
+    # AdamW without foreach: the previous tensor's denominator is still bound while gate's twin, up, is updated
+    "AdamW no-foreach, equal neighbours": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1, seq_len=16,
+                                                                 foreach=False)),
+    # QLoRA under autocast on a LayerNorm family: layer_norm runs in fp32, so the Linear4bits return fp32
+    "QLoRA autocast LayerNorm": ("bert-base", 3, dict(method="qlora", r=1, double_quant=False, kbit_prep=False,
+                                                      batch_size=8, seq_len=55, dtype="fp16", autocast="fp16",
+                                                      optimizer="sgd")),
+    # checkpointed: enable_input_require_grads makes the frozen blocks below the trained one run backward too
+    "checkpointed frozen blocks below": ("llama-2-7b", 3, dict(method="top", top_k=1, batch_size=4, seq_len=512,
+                                                                 grad_checkpointing=True, optimizer="sgd")),
 }
 
 

@@ -35,20 +35,22 @@ CUBLAS_WORKSPACE_BYTES = 8 * 2**20  # one cuBLAS workspace per stream (CUBLAS_WO
 RESERVED_PER_LIVE = {"forward": 1.090, "backward": 1.090, "optimizer": 1.112}
 
 
-def activation_element_bytes(plan: Plan) -> int:
+def activation_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the activations. QLoRA's k-bit preparation stores embeddings and norms in fp32, so
     the residual stream and every Linear4bit output (returned in its input's dtype) are fp32."""
     if plan.mixed_precision and plan.method != "qlora":
         # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype (a Linear4bit
         # casts its output back to its input's dtype: bitsandbytes nn.Linear4bit.forward)
         return DTYPES[plan.autocast]
+    if plan.method == "qlora" and card is not None and card.norm == "layernorm" and plan.autocast != "none":
+        return FP32  # autocast runs layer_norm in fp32: the Linear4bits read, and return, fp32
     return FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element
 
 
-def stream_element_bytes(plan: Plan) -> int:
+def stream_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the residual stream and the norms: fp32 under mixed precision (the embedding output is
     fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above."""
-    return FP32 if plan.mixed_precision else activation_element_bytes(plan)
+    return FP32 if plan.mixed_precision else activation_element_bytes(plan, card)
 
 
 def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
@@ -123,18 +125,19 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
     lay = layout(card)
     L = card.n_layers
     if plan.method in ("full", "top"):
-        per_block = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
-        per_block += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+        # in the model's parameter order (a Linear's weight then its bias; embeddings first, the head last):
+        # the order the optimizer walks them
+        per_block = [n for x in lay.block_linears for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)]]
+        per_block += [k for n in lay.block_norms for k in (n.size, n.size)[:1 + bool(n.bias)]]
         if plan.method == "top":
             return per_block * plan.top_k
-        rest = [e.numel for e in lay.embeddings] + [x.weight_numel for x in lay.other_linears]
-        rest += [x.d_out for x in lay.other_linears if x.bias]
-        rest += [n.size for n in lay.other_norms] + [n.size for n in lay.other_norms if n.bias]
+        rest = [n for x in lay.other_linears for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)]]
+        rest += [k for n in lay.other_norms for k in (n.size, n.size)[:1 + bool(n.bias)]]
         if not lay.head_tied:
             rest.append(lay.head_rows * lay.head_cols)
         if lay.head_bias:
             rest.append(lay.head_bias)
-        return per_block * L + rest
+        return [e.numel for e in lay.embeddings] + per_block * L + rest
     if plan.method == "adapter":
         m, d = plan.adapter_size, card.d_model
         per = [m * d, m, d * m, d] * (2 if plan.adapter_placement == "houlsby" else 1)
@@ -182,9 +185,13 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
     if not numels:
         return 0
     if plan.optimizer == "adamw":
+        if plan.foreach:
+            return sum(rounded(n * e) for n in numels)
         # one tensor at a time (`_single_tensor_adamw`): exp_avg_sq.sqrt() and its out-of-place division by
-        # bias_correction2_sqrt are both alive
-        return sum(rounded(n * e) for n in numels) if plan.foreach else 2 * rounded(max(numels) * e)
+        # bias_correction2_sqrt are both alive, and the previous tensor's `denom` is still referenced until the
+        # loop rebinds it
+        sizes = [rounded(n * e) for n in numels]
+        return max(2 * b + a for a, b in zip([0] + sizes, sizes))
     return 0  # SGD updates in place; bitsandbytes' steps (8- and 32-bit) are fused kernels
 
 
@@ -252,7 +259,7 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
     RMSNorm (Llama family) computes in fp32: the fp32 copy of x (4d) and rsqrt (4) are saved; γ·x̂ saves
     x̂ in the compute dtype only when γ trains. LayerNorm saves x (e·d), mean and rstd.
     """
-    e, d = stream_element_bytes(plan), card.d_model
+    e, d = stream_element_bytes(plan, card), card.d_model
     if card.norm == "rmsnorm":
         # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
         scaled = FP32 if card.model_type == "gemma2" else e
@@ -290,7 +297,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     logsumexp per head. `first`: the lowest block of a frozen base that needs a gradient, whose input needs
     none. `wrapped`: the linears LoRA wraps in this block (default: those it wraps in any block).
     """
-    c, e = card, activation_element_bytes(plan)
+    c, e = card, activation_element_bytes(plan, card)
     d, f, q, k = c.d_model, c.d_ff, c.d_q, c.d_kv
     lora = _lora_wrapped(c, plan) if wrapped is None else wrapped
     attn_in, attn_out, ffn_in, ffn_out = _groups(c)
@@ -301,7 +308,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # shares x with the others; any cast makes (and saves) a copy per module.
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     lb = trainable_element_bytes(plan) if lora else e
-    ne = FP32 if ac and c.norm == "layernorm" else stream_element_bytes(plan)  # autocast runs layer_norm in fp32
+    ne = FP32 if ac and c.norm == "layernorm" else stream_element_bytes(plan, card)  # autocast runs layer_norm in fp32
     ce = ac or e  # what SDPA / the attention matmuls save (autocast casts their inputs)
 
     def group_saved(names: list[str], x: int, d_in: int) -> tuple[float, bool]:
@@ -522,7 +529,7 @@ def _rope_by_cat(card: ModelCard) -> bool:
 
 def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     """Bytes per token saved outside the blocks: embeddings, final norm, output head (and MLM head)."""
-    c, e, d = card, activation_element_bytes(plan), card.d_model
+    c, e, d = card, activation_element_bytes(plan, card), card.d_model
     full = plan.method == "full"
     norms_train = full or plan.method == "adapter"
     total = 0.0
@@ -562,7 +569,7 @@ class Activations:
 
 
 def activations(card: ModelCard, plan: Plan) -> Activations:
-    c, e, t = card, activation_element_bytes(plan), plan.tokens
+    c, e, t = card, activation_element_bytes(plan, card), plan.tokens
     L, V, d = c.n_layers, c.vocab_size, c.d_model
     # checkpointed, transformers' gradient_checkpointing_enable calls enable_input_require_grads: the embedding
     # output needs a gradient, so every block (frozen ones below the trained ones too) keeps its input, is
@@ -593,7 +600,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = lg if c.hf.get("final_logit_softcapping") else 0
     if ckpt:
-        kept = len(blocks) * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
+        kept = len(blocks) * stream_element_bytes(plan, card) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
     final = outside_saved_per_token(c, plan)
@@ -715,7 +722,7 @@ def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
     (its output object holds it); counted among the saved tensors already when the head trains."""
     if card.encoder or plan.method == "full":
         return 0
-    return activation_element_bytes(plan) * card.d_embed * plan.tokens
+    return activation_element_bytes(plan, card) * card.d_embed * plan.tokens
 
 
 def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
@@ -724,7 +731,7 @@ def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
     base saves nothing of its input."""
     if not plan.grad_checkpointing or (card.n_layers == 1 and plan.method not in ("full", "top")):
         return 0
-    ae = activation_element_bytes(plan)
+    ae = activation_element_bytes(plan, card)
     if card.norm == "layernorm" or ae == FP32:
         return ae * card.d_model * plan.tokens
     return 0
@@ -749,7 +756,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     """
     st = cached_static_memory(card, plan)
     act = activations(card, plan)
-    ae, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
+    ae, t, f, d = activation_element_bytes(plan, card), plan.tokens, card.d_ff, card.d_model
     ckpt = plan.grad_checkpointing
     # the working set of one block beyond what it saves: its FFN intermediates (forward, when a checkpointed
     # block saves nothing) and the gradients flowing through it (backward)
@@ -831,18 +838,19 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                                 temporaries_bytes=blocks_cache - ffn_copies))
             moments.append(dict(activations_bytes=act.first_attention_bytes, gradients_bytes=late + ffn_grads,
                                 temporaries_bytes=max(0, low_copies - ffn_copies)))
-    if plan.method == "top" and plan.mixed_precision:
-        # the end of backward: every gradient, the last one (the lowest block's first Linear) still also in the
-        # autocast dtype (and, accumulating, its fp32 cast before the in-place add)
+    if plan.method == "top":
+        # the end of backward: every gradient; mixed precision, the last one (the lowest block's first Linear)
+        # still also in the autocast dtype (and, accumulating, its fp32 cast before the in-place add)
         n = layout(card).block_linears[0].weight_numel
+        mixed = plan.mixed_precision
         moments.append(dict(gradients_bytes=st.gradients_bytes,
-                            temporaries_bytes=rounded(ae * n) + (rounded(FP32 * n) if accum else 0)))
+                            temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed))
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
         # with the gradient of the embedding's output (embedding_dense_backward's input)
         moments.append(dict(gradients_bytes=st.gradients_bytes - vd,
-                            temporaries_bytes=emb + vd + stream_element_bytes(plan) * card.d_embed * t))
+                            temporaries_bytes=emb + vd + stream_element_bytes(plan, card) * card.d_embed * t))
     if accum:
         moments = [dict(m, gradients_bytes=grads_all) for m in moments]
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))
