@@ -7,6 +7,8 @@ benchmarks/results/check_random.json.
 
     python benchmarks/check_random.py                  # 1,000 configurations, seed 17 (~15 min on 2 cores)
     python benchmarks/check_random.py --n 100 --seed 3
+    python benchmarks/check_random.py --shard 0/3 & ... --shard 2/3; python benchmarks/check_random.py --merge 3
+        # the same 1,000 draws in 3 processes (draw i goes to shard i mod 3), then one summary
 """
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--shard", default="", help="K/N: trace only draws i with i mod N == K, into a shard file")
+    ap.add_argument("--merge", type=int, default=0, help="N: summarise the N shard files of a sharded run")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     t0 = time.perf_counter()
 
     done: list = []
@@ -56,25 +62,52 @@ def main() -> None:
         elif (i + 1) % 50 == 0:
             print(f"[{i + 1}/{args.n}] {time.perf_counter() - t0:.0f} s", flush=True)
 
-    results, failures = check(draws(args.n, args.seed), progress)
+    configs = draws(args.n, args.seed)
+    if args.shard:
+        k, n_shards = (int(x) for x in args.shard.split("/"))
+        configs = configs[k::n_shards]
+        args.out = shard_path(args.out, k)
+    results, failures = check(configs, progress)
     seconds = time.perf_counter() - t0
-    errs = sorted(abs(c.peak_error) for _, c in results)
     rows = sorted(({"command": command(card, c.plan), "peak_error": c.peak_error, "trace_phase": c.trace_phase,
                     "estimate_phase": c.estimate_phase, "trace_peak_bytes": c.trace_peak_bytes,
-                    "estimate_peak_bytes": c.estimate_peak_bytes, "trace_seconds": round(c.trace_seconds, 2)}
+                    "estimate_peak_bytes": c.estimate_peak_bytes, "trace_seconds": round(c.trace_seconds, 2),
+                    "method": c.plan.method, "grad_checkpointing": c.plan.grad_checkpointing}
                    for card, c in results), key=lambda r: -abs(r["peak_error"]))
+    report(rows, failures, args.seed, seconds, args.out)
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out.with_name(f"{out.stem}.shard{k}.json")
+
+
+def merge(args) -> None:
+    """One summary (and results file) from the shard files of a sharded run."""
+    rows, failures, seconds = [], [], 0.0
+    for k in range(args.merge):
+        data = json.loads(shard_path(args.out, k).read_text())
+        if data["summary"].get("partial"):
+            raise SystemExit(f"shard {k} is unfinished")
+        rows += data["results"]
+        failures += data["failures"]
+        seconds = max(seconds, data["summary"]["seconds"])
+    report(sorted(rows, key=lambda r: -abs(r["peak_error"])), failures, args.seed, seconds, args.out)
+
+
+def report(rows: list[dict], failures: list[str], seed: int, seconds: float, out: Path) -> None:
+    errs = sorted(abs(r["peak_error"]) for r in rows)
     kinds = defaultdict(list)
-    for _, c in results:
-        kinds[(c.plan.method, c.plan.grad_checkpointing, c.trace_phase)].append(abs(c.peak_error))
-    summary = {"n": len(errs), "seed": args.seed, "failed": len(failures), "seconds": round(seconds, 1),
+    for r in rows:
+        kinds[(r["method"], r["grad_checkpointing"], r["trace_phase"])].append(abs(r["peak_error"]))
+    summary = {"n": len(errs), "seed": seed, "failed": len(failures), "seconds": round(seconds, 1),
                "median_abs_error": statistics.median(errs), "p99_abs_error": quantile(errs, 0.99),
                "max_abs_error": errs[-1], "within_2pct": sum(e <= 0.02 for e in errs),
                "trace_seconds_median": statistics.median(r["trace_seconds"] for r in rows)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"summary": summary, "failures": failures, "results": rows}, indent=1))
-    tmp.replace(args.out)
-    print(f"\n{summary['n']} configurations (seed {args.seed}) in {seconds:.0f} s "
+    tmp.replace(out)
+    print(f"\n{summary['n']} configurations (seed {seed}) in {seconds:.0f} s "
           f"({summary['trace_seconds_median']:.2f} s median trace): median |error| "
           f"{100 * summary['median_abs_error']:.2f}%, p99 {100 * summary['p99_abs_error']:.2f}%, "
           f"max {100 * summary['max_abs_error']:.2f}%; {summary['within_2pct']} within 2%; {len(failures)} failed")

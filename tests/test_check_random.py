@@ -29,6 +29,66 @@ def test_issue_case_mistral_qlora_all_linear_checkpointed():
     assert all(abs(e) <= TOL for e in c.phase_errors.values()), c.phase_errors
 
 
+# One small configuration per kind of gap the random draw found. Each is modelled tensor by tensor, so it is
+# held to 0.5% of its trace (the gaps were 1.5% to 17%; diluted by weights and logits, some stayed under 2%).
+KIND_TOL = 0.005
+KINDS = {
+    # the frozen head's autocast copy: fp32 weights under autocast, top-k training (its input needs a gradient)
+    "top-k autocast head copy": ("roberta-large", 2, dict(method="top", batch_size=6, seq_len=17, dtype="fp32",
+                                                         optimizer="adamw8bit", attention="flash", autocast="fp16")),
+    "top-k autocast head copy, tied": ("gpt2-medium", 2, dict(method="top", top_k=1, batch_size=2, seq_len=64,
+                                                              dtype="fp32", attention="eager", autocast="fp16")),
+    # full fine-tuning, end of backward: the embedding's gradient with its output's gradient; the block's
+    # largest gradient (not the embedding's) while the lowest block runs its backward
+    "full: embedding backward, untied": ("phi-3-mini", 1, dict(method="full", batch_size=7, seq_len=193,
+                                                               dtype="fp16", optimizer="paged-adamw8bit",
+                                                               foreach=False, grad_checkpointing=True)),
+    # Phi-3: v is a view of the fused qkv output (all of it stays saved), q and k are new (RoPE by cat), and the
+    # attention output in q's layout is copied for o_proj
+    "phi-3 fused qkv": ("phi-3-mini", 2, dict(method="full", batch_size=2, seq_len=96, dtype="fp16",
+                                              optimizer="sgd")),
+    # the lowest block of a frozen LoRA base saves only what lies downstream of its first wrapped Linear
+    "lowest LoRA block, v only, eager": ("llama-3.2-1b", 1, dict(method="lora", targets="v_proj", batch_size=2,
+                                                                  seq_len=128, attention="eager")),
+    "lowest LoRA block, up only": ("llama-3.2-1b", 1, dict(method="lora", targets="up_proj", batch_size=2,
+                                                            seq_len=128)),
+    "lowest LoRA block, post-norm": ("bert-base", 1, dict(method="lora", targets="value", batch_size=2,
+                                                          seq_len=128, attention="eager")),
+    "lowest LoRA block, autocast copies": ("gpt2", 1, dict(method="lora", targets="c_fc", batch_size=2,
+                                                           seq_len=128, autocast="bf16", dtype="fp32")),
+    # AdamW without foreach: sqrt(exp_avg_sq) and its quotient, both the size of the largest tensor
+    "AdamW no-foreach": ("qwen2.5-0.5b", 1, dict(method="full", batch_size=1, seq_len=64, foreach=False)),
+    # mixed precision, trained blocks: a block's weight copies live until its backward (recomputed when
+    # checkpointed); the last weight gradient in the autocast dtype beside its fp32 cast
+    "mixed precision block copies, checkpointed": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1,
+                                                                         seq_len=24, dtype="fp32", autocast="fp16",
+                                                                         optimizer="sgd", grad_checkpointing=True,
+                                                                         grad_accum=4)),
+    "mixed precision end of backward": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1, seq_len=24,
+                                                              dtype="fp32", autocast="fp16", optimizer="sgd")),
+    # AdamW without foreach: the previous tensor's denominator is still bound while gate's twin, up, is updated
+    "AdamW no-foreach, equal neighbours": ("llama-2-7b", 1, dict(method="top", top_k=1, batch_size=1, seq_len=16,
+                                                                 foreach=False)),
+    # QLoRA under autocast on a LayerNorm family: layer_norm runs in fp32, so the Linear4bits return fp32
+    "QLoRA autocast LayerNorm": ("bert-base", 3, dict(method="qlora", r=1, double_quant=False, kbit_prep=False,
+                                                      batch_size=8, seq_len=55, dtype="fp16", autocast="fp16",
+                                                      optimizer="sgd")),
+    # checkpointed: enable_input_require_grads makes the frozen blocks below the trained one run backward too
+    "checkpointed frozen blocks below": ("llama-2-7b", 3, dict(method="top", top_k=1, batch_size=4, seq_len=512,
+                                                                 grad_checkpointing=True, optimizer="sgd")),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_within_2pct(kind):
+    from peftplan.trace.run import trace
+
+    name, k, fields = KINDS[kind]
+    card, plan = cut(load_card(name), k), Plan(**fields)
+    c = compare(estimate(card, plan), trace(card, plan))
+    assert abs(c.peak_error) <= KIND_TOL, (kind, c.peak_error, c.phase_errors)
+
+
 def _draw_40():
     seed = int(os.environ.get("PEFTPLAN_SEED", time.time_ns() % 1_000_000))
     print(f"\nrandom draw seed {seed} (replay: PEFTPLAN_SEED={seed} or peftplan check --random 40 --seed {seed})")

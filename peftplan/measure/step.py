@@ -309,6 +309,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
             loss = loss / plan.grad_accum
         phase("backward")
         (scaler.scale(loss) if scaler else loss).backward()
+        # the Trainer's training_step returns loss.detach(): the graph dies here, with what its nodes still hold
+        # (checkpointing's enable_input_require_grads makes the embedding output a leaf that gets a .grad)
+        loss = loss.detach()
     phase("optimizer")
     if scaler:
         scaler.unscale_(optimizer)  # accelerate unscales before clipping, and step() then skips it

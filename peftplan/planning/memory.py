@@ -39,18 +39,22 @@ CUBLAS_WORKSPACE_BYTES = 8 * 2**20  # one cuBLAS workspace per stream (CUBLAS_WO
 RESERVED_PER_LIVE = {"forward": 1.090, "backward": 1.090, "optimizer": 1.112}
 
 
-def activation_element_bytes(plan: Plan) -> int:
+def activation_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the activations. QLoRA's k-bit preparation stores embeddings and norms in fp32, so
     the residual stream and every Linear4bit output (returned in its input's dtype) are fp32."""
-    if plan.mixed_precision:  # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype
+    if plan.mixed_precision and plan.method != "qlora":
+        # fp32 weights under autocast: Linear, attention and MLP tensors in the autocast dtype (a Linear4bit
+        # casts its output back to its input's dtype: bitsandbytes nn.Linear4bit.forward)
         return DTYPES[plan.autocast]
+    if plan.method == "qlora" and card is not None and card.norm == "layernorm" and plan.autocast != "none":
+        return FP32  # autocast runs layer_norm in fp32: the Linear4bits read, and return, fp32
     return FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element
 
 
-def stream_element_bytes(plan: Plan) -> int:
+def stream_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the residual stream and the norms: fp32 under mixed precision (the embedding output is
     fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above."""
-    return FP32 if plan.mixed_precision else activation_element_bytes(plan)
+    return FP32 if plan.mixed_precision else activation_element_bytes(plan, card)
 
 
 def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
@@ -59,7 +63,7 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
     torch.autocast (CUDA lower-precision list: linear, matmul, addmm, ...) casts each weight to the autocast
     dtype; copies of trainable leaf weights are cached for the region, and autograd saves every copy whose
     Linear input needs a gradient, frozen weights' included. Counted: under mixed precision every Linear of the
-    blocks (full fine-tuning: and the head and other Linears); an fp32 head (mixed precision, k-bit preparation);
+    blocks that saves its copy, and the Linears outside them; an fp32 head (mixed precision, k-bit preparation);
     LoRA's A and B when they are not in the autocast dtype. Embeddings and norms are not autocast ops; 4-bit
     weights are dequantized by bitsandbytes, not cast. blocks=False: only the head's copy (after a checkpointed
     forward, whose blocks saved no copies and whose cache was freed when the autocast region ended).
@@ -69,12 +73,19 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
     lay, e = layout(card), DTYPES[plan.autocast]
     total = 0
     if blocks and plan.mixed_precision and plan.method != "qlora":
-        block = sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears)
-        total += block * (plan.top_k if plan.method == "top" else card.n_layers)
-        if plan.method == "full":
-            total += sum(x.weight_numel for x in lay.other_linears)
+        numel = {x.name: x.weight_numel + (x.d_out if x.bias else 0) for x in lay.block_linears}
+        block = sum(numel.values())
+        if plan.uses_lora:
+            # below the lowest wrapped block no input needs a gradient; in it, only some Linears' inputs do
+            low, wrapped = lowest_lora_block(card, plan)
+            g = _needs_grad(card, plan, False, True, wrapped)
+            total += block * (card.n_layers - low - 1) + sum(numel[n] for n in _grad_input_linears(card, g))
+        else:
+            total += block * (plan.top_k if plan.method == "top" else card.n_layers)
+    if plan.mixed_precision and plan.method != "qlora":  # outside the blocks (MLM dense, OPT's project_out)
+        total += sum(x.weight_numel for x in lay.other_linears)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
-    if head_bytes != e and plan.method != "top":
+    if head_bytes != e:
         total += lay.head_rows * lay.head_cols
     if blocks and plan.uses_lora and DTYPES[plan.adapter_dtype] != e:
         total += sum(trainable_tensors(card, plan))
@@ -110,7 +121,7 @@ class Static:
     gradients_bytes: int
     optimizer_states_bytes: int
     optimizer_temporaries_bytes: int  # live only inside optimizer.step()
-    largest_gradient_bytes: int  # the first gradient to arrive in backward (output head / top block)
+    largest_gradient_bytes: int  # the largest of one block's gradients (written during that block's backward)
 
 
 def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
@@ -118,20 +129,21 @@ def trainable_tensors(card: ModelCard, plan: Plan) -> list[int]:
     lay = layout(card)
     L = card.n_layers
     if plan.method in ("full", "top"):
-        per_block = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
-        per_block += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
+        # in the model's parameter order (a Linear's weight then its bias; embeddings first, the head last):
+        # the order the optimizer walks them
+        per_block = [n for x in lay.block_linears for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)]]
+        per_block += [k for n in lay.block_norms for k in (n.size, n.size)[:1 + bool(n.bias)]]
         per_block += [p.numel for p in lay.block_params]  # fused experts, routers, sinks (generated cards)
         if plan.method == "top":
             return per_block * plan.top_k
-        rest = [e.numel for e in lay.embeddings] + [x.weight_numel for x in lay.other_linears]
-        rest += [x.d_out for x in lay.other_linears if x.bias]
-        rest += [n.size for n in lay.other_norms] + [n.size for n in lay.other_norms if n.bias]
+        rest = [n for x in lay.other_linears for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)]]
+        rest += [k for n in lay.other_norms for k in (n.size, n.size)[:1 + bool(n.bias)]]
         rest += [p.numel for p in lay.other_params]
         if not lay.head_tied:
             rest.append(lay.head_rows * lay.head_cols)
         if lay.head_bias:
             rest.append(lay.head_bias)
-        return per_block * L + rest
+        return [e.numel for e in lay.embeddings] + per_block * L + rest
     if plan.method == "adapter":
         m, d = plan.adapter_size, card.d_model
         per = [m * d, m, d * m, d] * (2 if plan.adapter_placement == "houlsby" else 1)
@@ -179,7 +191,13 @@ def optimizer_temporaries(numels: list[int], plan: Plan) -> int:
     if not numels:
         return 0
     if plan.optimizer == "adamw":
-        return sum(rounded(n * e) for n in numels) if plan.foreach else rounded(max(numels) * e)
+        if plan.foreach:
+            return sum(rounded(n * e) for n in numels)
+        # one tensor at a time (`_single_tensor_adamw`): exp_avg_sq.sqrt() and its out-of-place division by
+        # bias_correction2_sqrt are both alive, and the previous tensor's `denom` is still referenced until the
+        # loop rebinds it
+        sizes = [rounded(n * e) for n in numels]
+        return max(2 * b + a for a, b in zip([0] + sizes, sizes))
     return 0  # SGD updates in place; bitsandbytes' steps (8- and 32-bit) are fused kernels
 
 
@@ -217,7 +235,7 @@ def static_memory(card: ModelCard, plan: Plan, p: ParamCounts) -> Static:
         gradients_bytes=trainable,
         optimizer_states_bytes=optimizer_state_bytes(numels, plan),
         optimizer_temporaries_bytes=optimizer_temporaries(numels, plan),
-        largest_gradient_bytes=rounded(max(numels) * te) if numels else 0,
+        largest_gradient_bytes=rounded(max(block_tensors(card, plan) or numels) * te) if numels else 0,
     )
 
 
@@ -248,7 +266,7 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
     RMSNorm (Llama family) computes in fp32: the fp32 copy of x (4d) and rsqrt (4) are saved; γ·x̂ saves
     x̂ in the compute dtype only when γ trains. LayerNorm saves x (e·d), mean and rstd.
     """
-    e, d = stream_element_bytes(plan), card.d_model
+    e, d = stream_element_bytes(plan, card), card.d_model
     if card.norm == "rmsnorm":
         # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
         scaled = FP32 if card.model_type == "gemma2" else e
@@ -257,16 +275,19 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
 
 
 def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
-                          wrapped: frozenset[str] | None = None) -> float:
+                          wrapped: frozenset[str] | None = None, part: str = "block") -> float:
+    """Bytes per token one block saves for backward (part="block"), or (part="attention", eager attention) what
+    is live per token while its attention runs the softmax's backward: what the block saved up to its attention
+    kernel, and the probabilities' gradient beside the softmax's input gradient (b·h·s² each)."""
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
-           trainable_block, first, wrapped, families.block_key(card, plan))
+           trainable_block, first, wrapped, part, families.block_key(card, plan))
     v = _BLOCK.get(key)
     if v is None:
         if len(_BLOCK) > 65536:
             _BLOCK.clear()
-        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first, wrapped)
+        v = _BLOCK[key] = _block_saved_per_token(card, plan, trainable_block, first, wrapped, part)
     return v
 
 
@@ -274,7 +295,7 @@ _BLOCK: dict[tuple, float] = {}
 
 
 def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
-                           wrapped: frozenset[str] | None = None) -> float:
+                           wrapped: frozenset[str] | None = None, part: str = "block") -> float:
     """Bytes per token one block saves for backward.
 
     A Linear saves its input when its weight trains or LoRA wraps it (lora_A reads the same input);
@@ -283,7 +304,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     logsumexp per head. `first`: the lowest block of a frozen base that needs a gradient, whose input needs
     none. `wrapped`: the linears LoRA wraps in this block (default: those it wraps in any block).
     """
-    c, e = card, activation_element_bytes(plan)
+    c, e = card, activation_element_bytes(plan, card)
     d, f, q, k = c.d_model, c.d_ff, c.d_q, c.d_kv
     lora = _lora_wrapped(c, plan) if wrapped is None else wrapped
     attn_in, attn_out, ffn_in, ffn_out = _groups(c)
@@ -294,7 +315,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # shares x with the others; any cast makes (and saves) a copy per module.
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     lb = trainable_element_bytes(plan) if lora else e
-    ne = FP32 if ac and c.norm == "layernorm" else stream_element_bytes(plan)  # autocast runs layer_norm in fp32
+    ne = FP32 if ac and c.norm == "layernorm" else stream_element_bytes(plan, card)  # autocast runs layer_norm in fp32
     ce = ac or e  # what SDPA / the attention matmuls save (autocast casts their inputs)
 
     def group_saved(names: list[str], x: int, d_in: int) -> tuple[float, bool]:
@@ -321,59 +342,206 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     gelu_new_ac = bool(ac) and c.activation == "gelu_new"
     x_of = {n: ne for n in (*attn_in, *ffn_in)} | {attn_out: ce, ffn_out: FP32 if gelu_new_ac else e}
     norm_trains = trainable_block or plan.method == "adapter"
+    g = _needs_grad(c, plan, trainable_block, first, lora)
     total = 0.0
-    # the two pre-norms (Gemma-2's sandwich norms add two more on the sublayer outputs)
-    n_norms = len(layout(c).block_norms)
-    total += n_norms * norm_saved(c, plan, norm_trains) - (norm_saved(c, plan, norm_trains) if first else 0)
-    total += families.block_correction(c, plan, stream_element_bytes(plan), ce, norm_saved(c, plan, norm_trains),
-                                       norm_trains, saves(attn_out))
+    late = 0.0  # what is saved after the attention kernel (freed before its backward)
+    # the norms whose input needs a gradient (Gemma-2's sandwich norms add two more on the sublayer outputs)
+    norms, split = _norm_inputs_grad(c, g), 0 if _post_norm(c) else 1  # post-norms come after the attention
+    total += sum(norms[:split]) * norm_saved(c, plan, norm_trains)
+    late += sum(norms[split:]) * norm_saved(c, plan, norm_trains)
+    total += families.block_correction(c, plan, stream_element_bytes(plan, c), ce, norm_saved(c, plan, norm_trains),
+                                       norm_trains, saves(attn_out))  # the newer families' terms (families.py)
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
-    for names in (attn_in, ffn_in):
-        copies, shared = group_saved(names, ne, d)
-        total += copies + ne * d * shared
-    total += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
-    total += sum(plan.r * (ac or lb) for n in lora)  # A·x, saved by B
-    # attention
-    if plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
+    copies, shared = group_saved(attn_in, ne, d)
+    total += copies + ne * d * shared
+    copies, shared = group_saved(ffn_in, ne, d)
+    late += copies + ne * d * shared
+    late += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
+    late += sum(plan.r * (ac or lb) for n in lora if n not in attn_in)  # A·x, saved by B
+    total += sum(plan.r * (ac or lb) for n in lora if n in attn_in)
+    # attention; o_proj's input is the kernel's output (SDPA) or a copy of it (eager, Phi-3)
+    o_in = ce * q * saves(attn_out)
+    before_attention = total
+    if not (g.q or g.k or g.v):  # lowest block of a frozen base, q/k/v not wrapped: only o_proj's input
+        late += o_in
+    elif plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
         total += ce * (2 * q + 2 * k) + FP32 * c.n_heads  # q, k, v, output; logsumexp
+        if _rope_by_cat(c):
+            # v is a view of the fused qkv output, whose whole storage (q + 2k wide) stays saved beside the new
+            # rotated q and k; the kernel's output follows the cat-made q's (b, h, s, d_h) layout, so
+            # `transpose(1, 2).contiguous()` copies it, and o_proj saves that copy
+            total += ce * (q + k)
+            late += o_in
     else:
-        s = plan.seq_len
-        heads = c.n_heads
-        # eager: q, k (repeated to h heads), v (repeated), the softmax output (fp32 in the Llama family and OPT,
-        # the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the dropout output (with its
-        # bool mask) or the softmax cast back to e (a no-op when they agree); and the output copy
-        sm = e if c.model_type in ("gpt2", "bert", "roberta") and not ac else FP32  # softmax: autocast's fp32 list
-        probs = sm + (1 + ce if c.attention_dropout > 0 else (ce if sm != ce else 0))
-        total += ce * (2 * q) + ce * q + probs * heads * s
-        total += ce * q * saves(attn_out)
+        total += _eager_saved(c, plan, g, e, ce)
+        late += o_in
+    if part == "attention":
+        if plan.attention != "eager" or not (g.q or g.k):
+            return 0.0
+        # q and k (saved by q·kᵀ) and the softmax output; v, the dropout's output and mask, and the cast the A·V
+        # matmul read are freed with its backward
+        sm = e if c.model_type in ("gpt2", "bert", "roberta") and not ac else FP32
+        return before_attention + ce * q * (g.q + g.k) + (sm + 2 * max(sm, ce)) * c.n_heads * plan.seq_len
     # MLP
-    down = saves(ffn_out)
     if c.moe:  # router + experts in place of the MLP (planning/moe.py)
-        total += moe.block_saved_per_token(c, plan, e, trainable_block)
-    elif c.gated_mlp:
-        total += 3 * e * f + e * f * down  # gate, act(gate), up; their product if down saves it
-    elif c.activation == "relu":
-        total += e * f  # ReLU keeps its output, which is also the down projection's input
+        late += moe.block_saved_per_token(c, plan, e, trainable_block)
     else:
-        # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is
-        # Python ops: x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op:
-        # it keeps a fp32 copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
-        if gelu_new_ac:
-            total += f * (3 * FP32 + ce) + FP32 * f * down
-        else:
-            total += e * f * ((4 if c.activation == "gelu_new" else 1) + down)
+        late += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
     if c.hidden_dropout > 0:
-        total += 2 * d  # a bool mask per sublayer output dropout
+        late += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
     if plan.method == "adapter":
         m = plan.adapter_size
         per = e * d + 2 * e * m  # adapter input, bottleneck pre-activation and activation
-        total += per * (2 if plan.adapter_placement == "houlsby" else 1)
-    return total
+        late += per * (2 if plan.adapter_placement == "houlsby" else 1)
+    return total + late
+
+
+@dataclass(frozen=True)
+class _Grad:
+    """Which tensors of a block need a gradient. In a trained block or above the lowest trained one, all; in
+    the lowest block of a frozen LoRA base (whose input needs none), only those downstream of a wrapped Linear."""
+    block_in: bool  # the block's input (not in the lowest block of a frozen base)
+    q: bool  # the query (its projection wrapped, or anything upstream)
+    k: bool
+    v: bool
+    attn: bool  # the attention sublayer's output (after o_proj)
+    gate: bool  # the FFN's inner activations: the gate projection's output (non-gated: the up projection's)
+    up: bool
+    out: bool  # the FFN sublayer's output (after the down projection)
+
+
+def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool, lora: frozenset[str]) -> _Grad:
+    if trainable_block or not first or not plan.uses_lora:
+        return _Grad(not first or trainable_block, *([True] * 7))
+    lin = {x.name: x for x in layout(card).block_linears}
+    attn_in, attn_out, ffn_in, ffn_out = _groups(card)
+
+    def part(role: str) -> bool:  # a wrapped attention input projection producing q, k or v
+        return any(n in lora and _qkv_part(lin[n], card, role) for n in attn_in)
+
+    q, k, v = part("q"), part("k"), part("v")
+    attn = q or k or v or attn_out in lora
+    # gate_proj, up_proj, Phi-3's fused gate_up_proj; a non-gated FFN's one input projection is both
+    gate = attn or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
+    up = attn or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
+    return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
+
+
+def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool = False) -> int:
+    """Mixed precision: the autocast-dtype weight copies one block's Linears save for backward (those whose
+    input needs a gradient: in the lowest block of a frozen LoRA base, only some). 0 otherwise."""
+    if not plan.mixed_precision or plan.method == "qlora":
+        return 0
+    lin = layout(card).block_linears
+    names = {x.name for x in lin}
+    if lowest and plan.grad_checkpointing:  # every block's input needs a gradient (enable_input_require_grads)
+        pass
+    elif lowest and plan.uses_lora:
+        _, wrapped = lowest_lora_block(card, plan)
+        names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
+    elif lowest and plan.method == "top" and _post_norm(card):
+        names -= set(_groups(card)[0])  # they read the block's input, which needs no gradient
+    if ffn_only:  # the FFN's (freed once its backward is done)
+        _, _, ffn_in, ffn_out = _groups(card)
+        names &= {*ffn_in, ffn_out}
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in lin if x.name in names)
+
+
+def top_quiet_copies_bytes(card: ModelCard, plan: Plan) -> int:
+    """Mixed precision, top-k, post-norm blocks: the lowest trained block's attention input Linears read its
+    input, which needs no gradient, so their weight copies (cached through forward: trainable leaves) are not
+    saved for backward. (A pre-norm block's trained norm comes first: its output needs a gradient.)"""
+    if plan.method != "top" or not plan.mixed_precision or not _post_norm(card):
+        return 0
+    attn_in = set(_groups(card)[0])
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
+                                       for x in layout(card).block_linears if x.name in attn_in)
+
+
+def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]:
+    """(index, wrapped Linears) of the lowest block LoRA wraps something in (the lowest that needs a gradient)."""
+    sets = lora_block_sets(card, plan.targets) if card.n_layers else ()
+    low = next((i for i, names in enumerate(sets) if names), 0)
+    return low, (sets[low] if sets else frozenset())
+
+
+def _grad_input_linears(card: ModelCard, g: _Grad) -> list[str]:
+    """The block Linears whose input needs a gradient (autograd then saves their weights' autocast copies)."""
+    attn_in, attn_out, ffn_in, ffn_out = _groups(card)
+    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if g.attn]
+            + [ffn_out] * (g.gate or g.up))
+
+
+def _qkv_part(lin, card: ModelCard, role: str) -> bool:
+    """Whether an attention input Linear produces q, k or v: fused ones (GPT-2's c_attn, Phi-3's qkv_proj)
+    all three; separate ones by name (q_proj / query, ...)."""
+    if lin.d_out == card.d_q + 2 * card.d_kv:
+        return True
+    return lin.name.rsplit(".", 1)[-1][0] == role  # q_proj / query, k_proj / key, v_proj / value
+
+
+def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
+    """For each block norm (layout order), whether its input needs a gradient. Pre-norm blocks read the block's
+    input, then the residual after attention (Gemma-2: also the attention output, and the FFN output);
+    post-norm blocks (BERT, RoBERTa, OPT-350m) normalise each sublayer's residual sum."""
+    if _post_norm(card):
+        return [g.attn, g.out]
+    if card.sandwich_norms:
+        return [g.block_in, g.attn, g.attn, g.out]
+    return [g.block_in, g.attn]
+
+
+def _post_norm(card: ModelCard) -> bool:
+    """Blocks that normalise after each residual add (BERT, RoBERTa, OPT-350m: `do_layer_norm_before=False`,
+    hence no final norm); the others normalise each sublayer's input."""
+    return card.encoder or (card.model_type == "opt" and not card.final_norm)
+
+
+def _eager_saved(card: ModelCard, plan: Plan, g: _Grad, e: int, ce: int) -> float:
+    """Bytes per token eager attention saves: q, k (repeated to h heads), v (repeated), the softmax output
+    (fp32 in the Llama family and OPT, the input dtype in GPT-2 and BERT), and what the A·V matmul reads: the
+    dropout output (with its bool mask) or the softmax cast back to the compute dtype (a no-op when they
+    agree). Each only when what it is saved for needs a gradient: q·kᵀ saves q for k's gradient and k for q's;
+    A·V saves A for v's and v for A's."""
+    q, heads, s = card.d_q, card.n_heads, plan.seq_len
+    scores = g.q or g.k
+    sm = e if card.model_type in ("gpt2", "bert", "roberta") and plan.autocast == "none" else FP32
+    total = ce * q * (g.k + g.q + scores)  # q, k, v (k and v repeated to h heads)
+    if card.attention_dropout > 0:
+        probs = sm * scores + scores + ce * g.v  # softmax output, mask, dropout output
+    elif sm != ce:
+        probs = sm * scores + ce * g.v  # softmax output, its cast
+    else:
+        probs = sm * (scores or g.v)  # one tensor
+    return total + probs * heads * s
+
+
+def _mlp_saved(card: ModelCard, g: _Grad, e: int, ce: int, f: int, down_saves: bool, gelu_new_ac: bool) -> float:
+    """Bytes per token the MLP saves between its input and output projections (the down projection's input
+    counted when it saves it). The activation saves its input when the gate's output needs a gradient; the
+    gated product saves each factor when the other needs one."""
+    if card.gated_mlp:  # gate, act(gate), up; their product if down saves it
+        return e * f * (g.gate + g.gate + g.up + down_saves)
+    if card.activation == "relu":
+        return e * f * (g.gate or down_saves)  # ReLU keeps its output, which is also the down projection's input
+    # GELU keeps its input (+ its output for a training down projection); GPT-2's "gelu_new" is Python ops:
+    # x, tanh(·), 0.5·x and 1 + tanh(·) are kept. Under autocast pow(x, 3) is a fp32-list op: it keeps a fp32
+    # copy of x, and tanh(·), 1 + tanh(·) and the output are fp32 (0.5·x stays in ce)
+    if gelu_new_ac:
+        return g.gate * f * (3 * FP32 + ce) + FP32 * f * down_saves
+    return e * f * ((4 if card.activation == "gelu_new" else 1) * g.gate + down_saves)
+
+
+def _rope_by_cat(card: ModelCard) -> bool:
+    """Phi-3 reads q, k and v from one fused qkv_proj output and rotates q and k with
+    `torch.cat([rotated, passed], dim=-1)` (transformers models/phi3 `apply_rotary_pos_emb`, partial rotary):
+    new contiguous q and k, while v stays a view of the fused output."""
+    return card.model_type == "phi3"
 
 
 def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     """Bytes per token saved outside the blocks: embeddings, final norm, output head (and MLM head)."""
-    c, e, d = card, activation_element_bytes(plan), card.d_model
+    c, e, d = card, activation_element_bytes(plan, card), card.d_model
     full = plan.method == "full"
     norms_train = full or plan.method == "adapter"
     total = 0.0
@@ -398,6 +566,13 @@ class Activations:
     saved_bytes: int  # saved for backward by all blocks and the final norm at the end of forward
     block_bytes: int  # one block's saved tensors (what a checkpointed block recomputes)
     first_block_bytes: int  # the lowest trained block's saved tensors (block 0's in a frozen base)
+    frozen_below: int  # checkpointed: frozen blocks below the lowest trained one, which run backward too
+    frozen_block_bytes: int  # one such block's saved tensors (recomputed in backward)
+    # eager attention: live while the top / lowest trained / lowest frozen block runs its softmax's backward
+    # (what it saved up to the attention kernel and two b·h·s² gradients); 0 otherwise
+    top_attention_bytes: int
+    first_attention_bytes: int
+    frozen_attention_bytes: int
     top_block_bytes: int  # the top block's (the first to run backward)
     outside_bytes: int  # saved outside the blocks (final norm, head input), freed before the blocks' backward
     checkpoint_bytes: int  # with checkpointing, one block's kept input (0 without)
@@ -406,23 +581,29 @@ class Activations:
 
 
 def activations(card: ModelCard, plan: Plan) -> Activations:
-    c, e, t = card, activation_element_bytes(plan), plan.tokens
+    c, e, t = card, activation_element_bytes(plan, card), plan.tokens
     L, V, d = c.n_layers, c.vocab_size, c.d_model
-    checkpointed = None
+    # checkpointed, transformers' gradient_checkpointing_enable calls enable_input_require_grads: the embedding
+    # output needs a gradient, so every block (frozen ones below the trained ones too) keeps its input, is
+    # recomputed and runs its backward; no block is the quiet lowest one
+    ckpt = plan.grad_checkpointing
+    frozen_below = 0  # blocks below the lowest trained one that still run backward (checkpointed)
+    # each block as block_saved_per_token's (trainable_block, first, wrapped), bottom to top
     if plan.method == "full":
-        blocks = [block_saved_per_token(c, plan, True)] * L
+        specs = [(True, False, None)] * L
     elif plan.method == "top":
-        # blocks below the trained ones need no input gradient and save nothing
-        blocks = [block_saved_per_token(c, plan, True)] * plan.top_k
+        # blocks below the trained ones need no input gradient and save nothing (unless checkpointed)
+        frozen_below = (L - plan.top_k) * ckpt
+        specs = [(False, False, None)] * frozen_below + [(True, False, None)] * plan.top_k
     elif plan.uses_lora and len(sets := lora_block_sets(c, plan.targets)) and len(set(sets)) > 1:
         # targets naming some blocks: blocks below the lowest wrapped one need no gradient and save nothing
-        # (checkpointed, every block still keeps its input: measured with the trace)
         low = next(i for i, names in enumerate(sets) if names)
-        blocks = [block_saved_per_token(c, plan, False, first=(i == low), wrapped=sets[i]) for i in range(low, L)]
-        checkpointed = L
+        frozen_below = low * ckpt
+        specs = [(False, i == low and not ckpt, sets[i]) for i in range(low - frozen_below, L)]
     else:
-        blocks = [block_saved_per_token(c, plan, False, first=True)] + \
-            [block_saved_per_token(c, plan, False)] * (L - 1)
+        specs = [(False, not ckpt, None)] + [(False, False, None)] * (L - 1)
+    blocks = [block_saved_per_token(c, plan, *spec) for spec in specs]
+    attn = [block_saved_per_token(c, plan, *spec, part="attention") for spec in specs]
     blocks = [x + moe.lora_merged_bytes(c, plan) / t for x in blocks]  # peft's merged expert stacks, per block
     blocks = dora.blocks_saved(c, plan, blocks)  # DoRA's saved tensors per block (planning/dora.py)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
@@ -432,17 +613,20 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = lg if families.logit_softcap(c) else 0
-    if checkpointed is None:
-        checkpointed = len(blocks)
-    if plan.grad_checkpointing:
-        kept = checkpointed * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
+    if ckpt:
+        kept = len(blocks) * stream_element_bytes(plan, card) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
     final = outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
-        first_block_bytes=int(blocks[0] * t) if blocks else 0,
+        first_block_bytes=int(blocks[frozen_below] * t) if blocks else 0,
+        frozen_below=frozen_below,
+        frozen_block_bytes=int(blocks[0] * t) if frozen_below else 0,
+        top_attention_bytes=int(attn[-1] * t) if attn else 0,
+        first_attention_bytes=int(attn[frozen_below] * t) if attn else 0,
+        frozen_attention_bytes=int(attn[0] * t) if frozen_below else 0,
         top_block_bytes=int(blocks[-1] * t) if blocks else 0,
         outside_bytes=int(final * t),
         checkpoint_bytes=int(e * d * t) if plan.grad_checkpointing and blocks else 0,
@@ -502,7 +686,21 @@ def first_gradients_bytes(card: ModelCard, plan: Plan) -> int:
 
 def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes of one block's gradients (rounded per tensor as the allocator rounds them)."""
-    te, lay = trainable_element_bytes(plan), layout(card)
+    te = trainable_element_bytes(plan)
+    return sum(rounded(n * te) for n in block_tensors(card, plan))
+
+
+def block_ffn_gradients_bytes(card: ModelCard, plan: Plan) -> int:
+    """Bytes of one trained block's FFN weight (and bias) gradients."""
+    te = trainable_element_bytes(plan)
+    _, _, ffn_in, ffn_out = _groups(card)
+    return sum(rounded(x.weight_numel * te) + (rounded(x.d_out * te) if x.bias else 0)
+               for x in layout(card).block_linears if x.name in (*ffn_in, ffn_out))
+
+
+def block_tensors(card: ModelCard, plan: Plan) -> list[int]:
+    """numel of each trainable tensor of one block (LoRA: of every block's wrapped Linears together)."""
+    lay = layout(card)
     if plan.method in ("full", "top"):
         per = [x.weight_numel for x in lay.block_linears] + [x.d_out for x in lay.block_linears if x.bias]
         per += [n.size for n in lay.block_norms] + [n.size for n in lay.block_norms if n.bias]
@@ -514,7 +712,7 @@ def block_gradients_bytes(card: ModelCard, plan: Plan) -> int:
     else:
         per = [n for lin, in_block, _ in lora_targets(card, plan.targets) if in_block
                for n in (plan.r * lin.d_in, lin.d_out * plan.r) + ((lin.d_out,) if plan.use_dora else ())]
-    return sum(rounded(n * te) for n in per)
+    return per
 
 
 @lru_cache(maxsize=1024)
@@ -542,7 +740,7 @@ def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
     (its output object holds it); counted among the saved tensors already when the head trains."""
     if card.encoder or plan.method == "full":
         return 0
-    return activation_element_bytes(plan) * card.d_embed * plan.tokens
+    return activation_element_bytes(plan, card) * card.d_embed * plan.tokens
 
 
 def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
@@ -551,7 +749,7 @@ def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
     base saves nothing of its input."""
     if not plan.grad_checkpointing or (card.n_layers == 1 and plan.method not in ("full", "top")):
         return 0
-    ae = activation_element_bytes(plan)
+    ae = activation_element_bytes(plan, card)
     if card.norm == "layernorm" or ae == FP32:
         return ae * card.d_model * plan.tokens
     return 0
@@ -576,7 +774,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     """
     st = cached_static_memory(card, plan)
     act = activations(card, plan)
-    ae, t, f, d = activation_element_bytes(plan), plan.tokens, card.d_ff, card.d_model
+    ae, t, f, d = activation_element_bytes(plan, card), plan.tokens, card.d_ff, card.d_model
     ckpt = plan.grad_checkpointing
     # the working set of one block beyond what it saves: its FFN intermediates (forward, when a checkpointed
     # block saves nothing) and the gradients flowing through it (backward)
@@ -585,23 +783,28 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # the top block's backward begins with its FFN's: a trained down projection's input gradient and the
     # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
     trained_base = plan.method in ("full", "top")
-    ffn_bwd_top = ffn_bwd if trained_base else ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    ffn_bwd_frozen = ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
     if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
+        ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
     # outweigh the FFN's gradients when tokens are few
     deq = dequantized_weight_bytes(card, plan)
     if deq:
-        ffn_bwd, ffn_bwd_top = (max(x, deq + ae * card.d_model * t) for x in (ffn_bwd, ffn_bwd_top))
+        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq + ae * card.d_model * t)
+                                                for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
     # die at once); in backward, checkpointed blocks saved no copies: the region's cache died with it
     fwd_cache = bwd_cache = autocast_cache_bytes(card, plan)
-    if ckpt and plan.method != "full":
+    if ckpt and plan.method not in ("full", "top"):
         fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
     if ckpt:
         bwd_cache = autocast_cache_bytes(card, plan, blocks=False)
+    elif plan.method == "top" and plan.mixed_precision:
+        bwd_cache -= top_quiet_copies_bytes(card, plan)
     # gradient accumulation: from the second micro-step on, every gradient lives through forward and backward
     # (new ones are added in place, AccumulateGrad, one at a time); the peak is such a micro-step
     accum = plan.grad_accum > 1
@@ -618,19 +821,57 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     moments = [dict(activations_bytes=act.saved_bytes, logits_bytes=act.logits_backward_bytes,
                     temporaries_bytes=bwd_cache)]
     late = st.gradients_bytes - first_gradients_bytes(card, plan)
+    # a trained block's FFN weight gradients, made before its attention's backward; full: the head's, before all
+    ffn_grads = block_ffn_gradients_bytes(card, plan) if trained_base else 0
+    head_grads = late - (card.n_layers - 1) * block_gradients_bytes(card, plan) if plan.method == "full" else 0
+    # mixed precision: a block's autocast weight copies, saved for backward (recomputed when checkpointed), live
+    # until that block's backward; a weight gradient comes in the autocast dtype and is then cast to fp32 (at
+    # that moment the copy it was computed with is freed: the block's copies still count once)
+    top_copies, low_copies = block_cache_bytes(card, plan, lowest=False), block_cache_bytes(card, plan, lowest=True)
+    ffn_copies = block_cache_bytes(card, plan, lowest=False, ffn_only=True)
     if ckpt:
-        moments.append(dict(activations_bytes=inputs,
-                            temporaries_bytes=act.top_block_bytes - shared_input_bytes(card, plan) + ffn_bwd_top))
-        moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes))
+        moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
+                            - shared_input_bytes(card, plan) + ffn_bwd_top))
+        moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
+                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
+                            + low_copies))
+        if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
+            moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
+                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
+        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+            moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
+                                temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
+            moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1),
+                                gradients_bytes=late + ffn_grads,
+                                temporaries_bytes=act.first_attention_bytes + max(0, low_copies - ffn_copies)))
+            if act.frozen_below:
+                moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
+                                    temporaries_bytes=act.frozen_attention_bytes + top_copies - ffn_copies))
     else:
-        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes, temporaries_bytes=ffn_bwd_top))
+        blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
+        moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
+                            temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
-                            temporaries_bytes=st.largest_gradient_bytes))
+                            temporaries_bytes=st.largest_gradient_bytes + low_copies))
+        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+            below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
+            moments.append(dict(activations_bytes=below + act.top_attention_bytes, gradients_bytes=ffn_grads + head_grads,
+                                temporaries_bytes=blocks_cache - ffn_copies))
+            moments.append(dict(activations_bytes=act.first_attention_bytes, gradients_bytes=late + ffn_grads,
+                                temporaries_bytes=max(0, low_copies - ffn_copies)))
+    if plan.method == "top":
+        # the end of backward: every gradient; mixed precision, the last one (the lowest block's first Linear)
+        # still also in the autocast dtype (and, accumulating, its fp32 cast before the in-place add)
+        n = layout(card).block_linears[0].weight_numel
+        mixed = plan.mixed_precision
+        moments.append(dict(gradients_bytes=st.gradients_bytes,
+                            temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed))
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
-        moments.append(dict(gradients_bytes=st.gradients_bytes - vd, temporaries_bytes=emb + vd))
+        # with the gradient of the embedding's output (embedding_dense_backward's input)
+        moments.append(dict(gradients_bytes=st.gradients_bytes - vd,
+                            temporaries_bytes=emb + vd + stream_element_bytes(plan, card) * card.d_embed * t))
     if accum:
         moments = [dict(m, gradients_bytes=grads_all) for m in moments]
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))

@@ -134,6 +134,16 @@ FIXED = {
     "allgather_bucket_size": "one GPU", "stage3_prefetch_bucket_size": "one GPU",
     "stage3_max_live_parameters": "one GPU",
 }
+# Fields that only matter to some plans: a draw resets the others to Plan's defaults, so the replay command
+# carries only options that change the step (no --r for full fine-tuning, no --adapter-size for LoRA)
+RELEVANT: dict[str, Callable[[Plan], bool]] = {
+    "r": lambda p: p.uses_lora, "alpha": lambda p: p.uses_lora, "dropout": lambda p: p.uses_lora,
+    "targets": lambda p: p.uses_lora, "adapter_dtype": lambda p: p.uses_lora,
+    "double_quant": lambda p: p.method == "qlora", "kbit_prep": lambda p: p.method == "qlora",
+    "adapter_size": lambda p: p.method == "adapter", "adapter_placement": lambda p: p.method == "adapter",
+    "top_k": lambda p: p.method == "top",
+    "use_reentrant": lambda p: p.grad_checkpointing,
+}
 # trace's option names where they differ from Plan's field names
 FLAGS = {"use_dora": "dora"}
 DRAW_TRIES = 100  # fields are drawn independently; a combination Plan refuses (e.g. bf16 autocast over fp16
@@ -154,6 +164,9 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
                                 "peftplan.trace.random_check.DOMAINS")
         try:
             plan = Plan(**values)
+            default = Plan()
+            plan = dataclasses.replace(plan, **{f: getattr(default, f) for f, keep in RELEVANT.items()
+                                                if f in values and not keep(plan)})
         except PlanError:
             continue
         if traceable(plan):
