@@ -97,7 +97,7 @@ def _draw_40():
     return seed, [(abs(c.peak_error), f"{100 * c.peak_error:+.2f}% {command(card, c.plan)}") for card, c in results]
 
 
-@pytest.mark.slow  # the issue's target; not met yet (benchmarks/check_random.py: max 9.5% over 1,000 draws)
+@pytest.mark.slow  # the issue's target; not met yet (benchmarks/check_random.py: README, "Off the grid")
 def test_random_draw_within_2pct():
     """A fresh seed every run (printed; set PEFTPLAN_SEED to replay): 40 random configurations within 2%."""
     seed, rows = _draw_40()
@@ -105,14 +105,18 @@ def test_random_draw_within_2pct():
     assert not bad, f"seed {seed}:\n" + "\n".join(bad)
 
 
+GUARD_TOL = 0.10  # the open kinds reach ~8.5% over 1,000 draws (README); the fixed ones were up to 19%
+
+
 def test_random_draw_runs_everywhere():
-    """The default run's guard while kinds above 2% are open (issue 17; autocast and QLoRA-dropout draws reach
-    −18% on the merged model): a fresh seed, 40 draws, each one estimated and traced without a failure; the
-    errors beyond 2% are printed with their replay commands."""
+    """The default run's guard while kinds above 2% are open (issue 17): a fresh seed, 40 draws, each one
+    estimated and traced without a failure and within 10%; the errors beyond 2% are printed with their replay
+    commands."""
     seed, rows = _draw_40()
     beyond = sorted((line for err, line in rows if err > TOL), key=len)
     print(f"seed {seed}: {len(beyond)} of {len(rows)} beyond 2%" + "".join(f"\n  {b}" for b in beyond))
     assert len(rows) == 40
+    assert all(err <= GUARD_TOL for err, _ in rows), f"seed {seed}:\n" + "\n".join(beyond)
 
 
 def test_every_plan_field_is_drawn():

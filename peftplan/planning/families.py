@@ -86,15 +86,21 @@ def _rms_saved(width: int, groups: int, plan: Plan, e: int, scale_fp32: bool, we
     return FP32 * width + FP32 * groups + ((FP32 if scale_fp32 else e) * width if weight_trains else 0)
 
 
-def qk_norm_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float, weight_trains: bool) -> float:
+def qk_norm_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float, weight_trains: bool,
+                       qk_grad: tuple[bool, bool] = (True, True)) -> float:
     """Bytes per token to add to a block's count for its q/k norms: what they save minus `generic_norm`, the
-    bytes per token the generic count gave each of them (a d-wide norm of the residual stream)."""
+    bytes per token the generic count gave each of them (memory.py counts only the block's d-wide norms: 0).
+    qk_grad: whether the query's / key's norm input needs a gradient (not in the lowest block of a frozen base
+    whose q/k projections are not wrapped)."""
     norms = qk_norms(card)
     if not norms:
         return 0.0
     total = 0.0
     for n in norms:
-        width = card.d_q if n.name.rsplit(".", 1)[-1].startswith("q") else card.d_kv
+        is_q = n.name.rsplit(".", 1)[-1].startswith("q")
+        if not qk_grad[0 if is_q else 1]:
+            continue
+        width = card.d_q if is_q else card.d_kv
         total += _rms_saved(width, max(1, width // n.size), plan, e, fp32_scaled_norms(card), weight_trains)
     return total - len(norms) * generic_norm
 
@@ -239,11 +245,12 @@ def block_key(card: ModelCard, plan: Plan) -> tuple:
 
 
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
-                     weight_trains: bool, out_proj_saves_input: bool) -> float:
+                     weight_trains: bool, out_proj_saves_input: bool,
+                     qk_grad: tuple[bool, bool] = (True, True)) -> float:
     """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
     e: the residual stream's bytes per element; ce: what attention saves per element; out_proj_saves_input:
     whether the attention output projection keeps its input alive (memory's `saves(attn_out)`)."""
-    return (qk_norm_correction(card, plan, e, generic_norm, weight_trains)
+    return (qk_norm_correction(card, plan, e, generic_norm, weight_trains, qk_grad)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)

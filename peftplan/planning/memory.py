@@ -296,7 +296,7 @@ _BLOCK: dict[tuple, float] = {}
 
 def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool = False,
                            wrapped: frozenset[str] | None = None, part: str = "block") -> float:
-    """Bytes per token one block saves for backward.
+    """Bytes per token one block saves for backward (part="attention": see block_saved_per_token).
 
     A Linear saves its input when its weight trains or LoRA wraps it (lora_A reads the same input);
     inputs shared by several Linears are saved once. SDPA saves q, k, v, its output (which is also the
@@ -349,8 +349,9 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     norms, split = _norm_inputs_grad(c, g), 0 if _post_norm(c) else 1  # post-norms come after the attention
     total += sum(norms[:split]) * norm_saved(c, plan, norm_trains)
     late += sum(norms[split:]) * norm_saved(c, plan, norm_trains)
-    total += families.block_correction(c, plan, stream_element_bytes(plan, c), ce, norm_saved(c, plan, norm_trains),
-                                       norm_trains, saves(attn_out))  # the newer families' terms (families.py)
+    # the newer families' terms (families.py); the q/k norms are not among the d-wide norms counted above
+    total += families.block_correction(c, plan, stream_element_bytes(plan, c), ce, 0.0, norm_trains, saves(attn_out),
+                                       (g.q, g.k))
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     copies, shared = group_saved(attn_in, ne, d)
     total += copies + ne * d * shared
@@ -486,7 +487,8 @@ def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
     post-norm blocks (BERT, RoBERTa, OPT-350m) normalise each sublayer's residual sum."""
     if _post_norm(card):
         return [g.attn, g.out]
-    if card.sandwich_norms:
+    wide = len(layout(card).block_norms) - len(families.qk_norms(card))  # Gemma-3's four, as Gemma-2's
+    if card.sandwich_norms or wide == 4:
         return [g.block_in, g.attn, g.attn, g.out]
     return [g.block_in, g.attn]
 
@@ -767,8 +769,12 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                 recomputed) and the gradients flowing through its FFN, before any weight gradient exists;
                 lowest trained block: almost every gradient (not yet that block's own, nor the embeddings'),
                 that block's saved (or recomputed) tensors and its backward working set, and the largest
-                gradient being written; full fine-tuning: the embedding's gradient computed last.
-      optimizer every gradient plus the optimizer's temporaries.
+                gradient being written; full fine-tuning: the embedding's gradient computed last; top-k: every
+                gradient at the end; checkpointed with frozen blocks below the trained ones: their backward with
+                every gradient made; eager attention: the top and lowest blocks' softmax backward (after the
+                FFN's saved tensors are freed). Under mixed precision each block moment also holds that block's
+                autocast weight copies.
+      optimizer every gradient plus the optimizer's (or clipping's) temporaries.
     Sources: torch.utils.checkpoint (non-reentrant: recompute on first unpack of a block's saved tensor),
     autograd's engine (gradients accumulate as each parameter's backward runs).
     """
@@ -855,8 +861,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                             temporaries_bytes=st.largest_gradient_bytes + low_copies))
         if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
-            moments.append(dict(activations_bytes=below + act.top_attention_bytes, gradients_bytes=ffn_grads + head_grads,
-                                temporaries_bytes=blocks_cache - ffn_copies))
+            moments.append(dict(activations_bytes=below + act.top_attention_bytes,
+                                gradients_bytes=ffn_grads + head_grads, temporaries_bytes=blocks_cache - ffn_copies))
             moments.append(dict(activations_bytes=act.first_attention_bytes, gradients_bytes=late + ffn_grads,
                                 temporaries_bytes=max(0, low_copies - ffn_copies)))
     if plan.method == "top":
