@@ -130,6 +130,8 @@ def _text_config(card: ModelCard) -> dict:
 def sliding_window(card: ModelCard) -> int:
     """The sliding window W in tokens (0: none), from the generated card's config.json."""
     cfg = _text_config(card)
+    if card.model_type == "modernbert":  # ModernBertConfig.sliding_window: local_attention // 2 (a half-window)
+        return int(cfg.get("local_attention", 128)) // 2
     if cfg.get("use_sliding_window") is False:
         return 0
     return int(cfg.get("sliding_window") or 0)
@@ -142,6 +144,9 @@ def sliding_layers(card: ModelCard) -> int:
         return 0
     cfg = _text_config(card)
     types = cfg.get("layer_types")
+    if card.model_type == "modernbert" and not isinstance(types, list):
+        every = int(cfg.get("global_attn_every_n_layers", 3))  # as ModernBertConfig.__post_init__
+        return sum(bool(i % every) for i in range(card.n_layers))
     if isinstance(types, list):
         return sum(t == "sliding_attention" for t in types[:card.n_layers])
     pattern = cfg.get("sliding_window_pattern")
@@ -151,7 +156,12 @@ def sliding_layers(card: ModelCard) -> int:
 
 
 def sliding_mask_applies(card: ModelCard, plan: Plan) -> bool:
-    return plan.attention == "sdpa" and 0 < sliding_window(card) < plan.seq_len and sliding_layers(card) > 0
+    w = sliding_window(card)
+    if card.model_type == "modernbert":
+        # create_bidirectional_sliding_window_mask skips the mask only while s < W
+        # (masking_utils._ignore_bidirectional_mask_sdpa)
+        return plan.attention == "sdpa" and 0 < w <= plan.seq_len and sliding_layers(card) > 0
+    return plan.attention == "sdpa" and 0 < w < plan.seq_len and sliding_layers(card) > 0
 
 
 def sliding_block_bytes(card: ModelCard, plan: Plan, ce: int) -> float:
@@ -247,7 +257,8 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
-            + falcon_eager_correction(card, plan, ce))
+            + falcon_eager_correction(card, plan, ce)
+            + encoder_block_correction(card, plan, e, generic_norm))
 
 
 def logit_softcap(card: ModelCard) -> float:
@@ -258,9 +269,84 @@ def logit_softcap(card: ModelCard) -> float:
     return float(cap or 0.0)
 
 
+# ---------------------------------------------------------------- encoder-only families
+
+# nn.LayerNorm(bias=False) (ModernBERT's norms, `norm_bias: false`): cardgen records a norm without a bias as
+# "rmsnorm"; the class is a LayerNorm, which saves x (e per element), mean and rstd (fp32 on CUDA).
+BIASLESS_LAYERNORM_FAMILIES = ("modernbert",)
+# A GLU whose two halves come from one Linear's output split in forward (ModernBertMLP: `input, gate =
+# Wi(x).chunk(2, dim=-1)`; `Wo(act(input) * gate)`): no gate Linear names it, so cardgen records no gated MLP.
+CHUNKED_GLU_FAMILIES = ("modernbert",)
+
+
+def layernorm_saved(card: ModelCard, e: int) -> int:
+    """Bytes per token a d-wide LayerNorm saves: its input x, mean and rstd (fp32)."""
+    return e * card.d_model + 2 * FP32
+
+
+def extra_norm_blocks(card: ModelCard) -> int:
+    """How many of the first n_layers blocks have block norms that block 0 lacks (ModernBertEncoderLayer: layer
+    0's attn_norm is nn.Identity, the others a LayerNorm): the tree's per-block norms outside block 0's list."""
+    lay = layout(card)
+    prefix = lay.block_prefix + "."
+    idx = {int(n.name[len(prefix):].split(".", 1)[0]) for n in lay.other_norms
+           if n.name.startswith(prefix) and n.name[len(prefix):].split(".", 1)[0].isdigit()}
+    return sum(1 for i in idx if 0 < i < card.n_layers)
+
+
+def chunked_glu(card: ModelCard) -> bool:
+    ffn_in = [x for x in layout(card).block_linears if x.role == "ffn_in"]
+    return (card.family in CHUNKED_GLU_FAMILIES and not card.gated_mlp and len(ffn_in) == 1
+            and ffn_in[0].d_out == 2 * card.d_ff)
+
+
+def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float) -> float:
+    """Bytes per token (averaged over the blocks) ModernBERT's block saves beyond the generic count:
+    - each block norm is a LayerNorm, not the RMSNorm the generic count assumed from its missing bias;
+    - blocks after the first have an attention LayerNorm too (input, mean, rstd);
+    - the GLU keeps the whole 2·d_ff-wide Wi output (GELU's input and the gate are views of it) and the GELU
+      output (saved by the product), where the generic ungated count keeps GELU's d_ff-wide input: 2·d_ff·e more.
+    (ModernBERT's fused Wqkv, its rotary copy of the attention output and the sliding-window masks are the
+    fused_qkv, rotary_cat and sliding-window terms above.)"""
+    total = 0.0
+    if card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm":
+        wide = len(layout(card).block_norms) - len(qk_norms(card))
+        total += wide * (layernorm_saved(card, e) - generic_norm)
+        total += layernorm_saved(card, e) * extra_norm_blocks(card) / card.n_layers
+    if chunked_glu(card):
+        total += 2 * card.d_ff * e
+    return total
+
+
+def outside_correction(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token ModernBERT saves outside the blocks beyond memory.outside_saved_per_token's encoder count:
+    its embedding and head norms are LayerNorms (not the RMSNorm assumed from their missing bias), and the
+    final_norm after the last block (which the BERT-style count has not) saves its input, mean and rstd."""
+    if not (card.encoder and card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm"):
+        return 0.0
+    from peftplan.planning import memory  # memory imports this module: imported here, at call time
+
+    e = memory.stream_element_bytes(plan)
+    trains = plan.method in ("full", "adapter")
+    generic = memory.norm_saved(card, plan, trains)
+    ln = layernorm_saved(card, e)
+    total = (ln - generic) * (2 if trains else 1) + ln  # embedding norm (when something below it trains), head norm
+    if plan.uses_lora and plan.method != "full" and head_dense_wrapped(card, plan):
+        total += e * card.d_model  # the head's dense Linear wrapped by LoRA saves its input
+    return total
+
+
+def head_dense_wrapped(card: ModelCard, plan: Plan) -> bool:
+    """Whether LoRA wraps a Linear outside the blocks (ModernBERT's head.dense under all-linear), as
+    params.lora_targets matches peft."""
+    from peftplan.planning.params import lora_targets
+
+    return any(not in_block for _, in_block, _ in lora_targets(card, plan.targets))
+
+
 # Families whose activation memory is not modelled per tensor yet (held to the trace: README "What is exact for
 # generated cards"): the estimate still counts parameters exactly, and says its memory is an approximation.
-NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention", "modernbert": "ModernBERT's local/global attention"}
+NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention"}
 
 
 def warnings(card: ModelCard) -> list[str]:
@@ -276,3 +362,14 @@ def warnings(card: ModelCard) -> list[str]:
         return []
     return [f"{card.name}'s activation memory is approximate: {', '.join(missing)} not modelled yet (parameters, "
             f"weights, gradients and optimizer states are exact)"]
+
+
+# Masked-LM classes whose loss is transformers' `ForMaskedLMLoss` (self.loss_function), which calls
+# `logits.float()` before cross_entropy (transformers/loss/loss_utils.py); BERT/RoBERTa/DeBERTa-v2 call
+# `CrossEntropyLoss` on the logits in their own dtype. A trait of the class, named by family.
+MLM_LOSS_UPCAST_FAMILIES = ("modernbert",)
+
+
+def mlm_loss_upcasts(card: ModelCard) -> bool:
+    """Whether the masked-LM loss runs on an fp32 copy of the logits (ModernBertForMaskedLM.forward)."""
+    return card.encoder and card.family in MLM_LOSS_UPCAST_FAMILIES

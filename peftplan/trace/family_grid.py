@@ -71,7 +71,18 @@ DENSE = (
                shapes=((2, 256),))
 )
 
-CONFIGS: list[Config] = list(DENSE)
+ENCODERS = (
+    # ModernBERT (masked LM): LayerNorms without bias, chunked GLU, fused Wqkv with an fp32 rotary copy, local
+    # layers past their window (s >= 64: a bidirectional sliding mask), no attention norm in block 0, an MLM loss
+    # on fp32 logits; s = 32 keeps every layer mask-free
+    _product(["modernbert-base"], shapes=((2, 256),))
+    + _product(["modernbert-base"], n_layers=3, methods=("full", "lora", "adapter"), shapes=((1, 1024), (4, 32)))
+    + [Config("modernbert-base", 4, dict(method="lora", r=r, targets="Wqkv,Wo", batch_size=2, seq_len=512))
+       for r in (8, 64)]
+    + _product(["modernbert-base"], n_layers=0, methods=("lora", "full"), gcs=(False,), shapes=((2, 512),))
+)
+
+CONFIGS: list[Config] = list(DENSE) + list(ENCODERS)
 
 
 def resolve(config: Config) -> tuple[ModelCard, Plan]:
