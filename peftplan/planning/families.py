@@ -243,6 +243,8 @@ def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
 
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
+    if deberta_correction(card, plan, 2):
+        return plan.seq_len, plan.batch_size
     if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
         return plan.seq_len, plan.batch_size > 1
     return ()
@@ -258,7 +260,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
             + falcon_eager_correction(card, plan, ce)
-            + encoder_block_correction(card, plan, e, generic_norm))
+            + encoder_block_correction(card, plan, e, generic_norm) + deberta_correction(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:
@@ -344,17 +346,76 @@ def head_dense_wrapped(card: ModelCard, plan: Plan) -> bool:
     return any(not in_block for _, in_block, _ in lora_targets(card, plan.targets))
 
 
+def deberta_span(card: ModelCard) -> int:
+    """P = 2·att_span relative positions DeBERTa-v2's attention scores against (DisentangledSelfAttention:
+    att_span = position_buckets when > 0, else max_relative_positions, else max_position_embeddings)."""
+    cfg = card.config
+    span = int(cfg.get("position_buckets", -1) or -1)
+    if span <= 0:
+        span = int(cfg.get("max_relative_positions", -1) or -1)
+    if span <= 0:
+        span = int(cfg.get("max_position_embeddings", 512))
+    return 2 * span
+
+
+def deberta_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token DeBERTa-v2's eager disentangled attention (transformers' DisentangledSelfAttention with
+    share_att_key, pos_att_type c2p|p2c) saves beyond memory.py's generic eager count, the block's trainable
+    inputs requiring gradients (full fine-tuning, LoRA on its attention):
+    - c2p = q·pos_kᵀ and p2c = k·pos_qᵀ, (b·h, s, P) each, kept by the gathers that follow: 2·ce·h·P;
+    - pos_k and pos_q, the shared query/key projections of the P relative embeddings repeated over the batch,
+      (b·h, P, d_h) each, kept by those matmuls: 2·ce·d·P/s;
+    - the two gather indices, one (s, s) int64 storage each, expanded over b·h: 2·8·s/b;
+    - k once more, transposed ((b·h, d_h, s) for q·kᵀ beside (b·h, s, d_h) for p2c): ce·q;
+    - the inputs of the query/key projections of the P relative embeddings (deberta_rel_proj), per step;
+    - the bool b×1×s×s attention mask of the masked softmax: s;
+    - softmax in the scores' dtype (ce, where the generic count has fp32 and a cast) and, with
+      attention_probs_dropout_prob > 0, its bool mask and dropped output: ce·h·s + (1 + ce)·h·s;
+    - with hidden_dropout_prob > 0, a bool mask per sublayer output: 2·d (the card's dropout fields are 0).
+    """
+    if card.model_type != "deberta-v2" or plan.attention != "eager":
+        return 0.0
+    cfg, h, d, s, b = card.config, card.n_heads, card.d_model, plan.seq_len, plan.batch_size
+    P = deberta_span(card)
+    p_drop = float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0)
+    real = ce * card.d_q + 2 * ce * h * P + 2 * ce * d * P / s + 2 * 8 * s / b + s + deberta_rel_proj(card, plan, ce) / (b * s)
+    real += ce * h * s + ((1 + ce) * h * s if p_drop > 0 else 0)
+    sm = FP32  # memory.py: softmax in fp32 (not the gpt2/bert list) and, without dropout, its cast to ce
+    generic = (sm + (1 + ce if card.attention_dropout > 0 else (ce if sm != ce else 0))) * h * s
+    hidden = 2 * d if float(cfg.get("hidden_dropout_prob", 0.0) or 0.0) > 0 and not card.hidden_dropout else 0
+    return real - generic + hidden
+
+
+def deberta_rel_proj(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per step the query_proj/key_proj applied to the P relative embeddings keep (not per token: the
+    (P, d) embeddings are the same for every sequence): full fine-tuning saves their one shared input, ce·P·d;
+    LoRA on a projection saves the cast of that input to the adapter dtype and A·x, (d + r) per row each."""
+    from peftplan.planning.memory import DTYPES
+    from peftplan.planning.params import lora_targets
+
+    P, d = deberta_span(card), card.d_model
+    if plan.method == "full":
+        return ce * P * d
+    if not plan.uses_lora:
+        return 0.0
+    wrapped = {lin.name.rsplit(".", 1)[-1] for lin, in_block, _ in lora_targets(card, plan.targets) if in_block}
+    a = DTYPES[plan.adapter_dtype]
+    return sum(a * (d + plan.r) * P for n in ("query_proj", "key_proj") if n in wrapped)
+
+
 # Families whose activation memory is not modelled per tensor yet (held to the trace: README "What is exact for
 # generated cards"): the estimate still counts parameters exactly, and says its memory is an approximation.
-NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention"}
+NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's SDPA path (its class has only eager attention, which is modelled)"}
 
 
-def warnings(card: ModelCard) -> list[str]:
-    """What the memory model does not cover for this card, one line each (empty when it is held to the trace)."""
+def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
+    """What the memory model does not cover for this card (and plan), one line each (empty when it is held to
+    the trace). DeBERTa-v2 is modelled with eager attention, the only one its class has."""
+    plan_eager = plan is not None and plan.attention == "eager"
     missing = []
     if card.cross_attention:
         missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
-    if card.model_type in NOT_MODELLED:
+    if card.model_type in NOT_MODELLED and not (card.model_type == "deberta-v2" and plan_eager):
         missing.append(NOT_MODELLED[card.model_type])
     if card.generated and any(lin.role == "attn_latent" for lin in layout(card).block_linears):
         missing.append("multi-head latent attention (MLA)")

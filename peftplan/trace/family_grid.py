@@ -80,6 +80,15 @@ ENCODERS = (
     + [Config("modernbert-base", 4, dict(method="lora", r=r, targets="Wqkv,Wo", batch_size=2, seq_len=512))
        for r in (8, 64)]
     + _product(["modernbert-base"], n_layers=0, methods=("lora", "full"), gcs=(False,), shapes=((2, 512),))
+    # DeBERTa-v3 (eager only: DebertaV2ForMaskedLM has no SDPA path): disentangled c2p/p2c scores against
+    # P = 512 relative positions, the relative embeddings' projections, attention and hidden dropout
+    + _product(["deberta-v3-base"], attention="eager")
+    + _product(["deberta-v3-base"], n_layers=3, methods=("full", "lora", "adapter"), gcs=(False,),
+               shapes=((1, 512), (4, 128)), attention="eager")
+    + [Config("deberta-v3-base", 2, dict(method="lora", r=r, batch_size=2, seq_len=256, attention="eager"))
+       for r in (8, 64)]
+    + _product(["deberta-v3-base"], n_layers=0, methods=("lora", "full"), gcs=(False,), shapes=((4, 512),),
+               attention="eager")
 )
 
 CONFIGS: list[Config] = list(DENSE) + list(ENCODERS)
