@@ -44,6 +44,12 @@ k = h_kv·d_h key/value width, e bytes per element.
                          Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
 
+    encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert): nn.LayerNorm
+                         without bias (recorded "rmsnorm" from the missing bias), a GLU split from one Wi output,
+                         no attention norm in block 0, the final norm; its MLM loss upcasts the logits
+                         (mlm_loss_upcasts); local layers' bidirectional window W = local_attention // 2.
+    deberta_correction   DeBERTa-v2's eager disentangled attention (transformers' DisentangledSelfAttention).
+
 Three class traits no config field states are named by family until cardgen records them (the shipped generated
 cards would need re-importing): FP32_SCALE_FAMILIES, ROTARY_CAT_FAMILIES, SDPA_NO_GQA_FAMILIES.
 

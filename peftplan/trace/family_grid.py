@@ -14,6 +14,9 @@ The families and what each exercises (peftplan/planning/families.py):
     Falcon                      multi-query attention through SDPA's math path (its eager path too), parallel
                                 block, one norm
     Mistral-Nemo/Small, SmolLM2, TinyLlama, Llama-3.3   the Llama block through generated cards
+    ModernBERT                  masked LM: fp32-logit loss, bias-free LayerNorms, chunked GLU, no attention norm
+                                in block 0, bidirectional sliding-window masks (s >= 64)
+    DeBERTa-v3                  masked LM, eager disentangled attention (c2p/p2c against P relative positions)
 """
 from __future__ import annotations
 
