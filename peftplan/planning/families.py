@@ -332,7 +332,9 @@ def outside_correction(card: ModelCard, plan: Plan) -> float:
     final_norm after the last block (which the BERT-style count has not) saves its input, mean and rstd."""
     if not (card.encoder and card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm"):
         return 0.0
-    from peftplan.planning import memory  # memory imports this module: imported here, at call time
+    from peftplan.planning import (
+        memory,  # memory imports this module: imported here, at call time
+    )
 
     e = memory.stream_element_bytes(plan)
     trains = plan.method in ("full", "adapter")
@@ -384,7 +386,8 @@ def deberta_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     cfg, h, d, s, b = card.config, card.n_heads, card.d_model, plan.seq_len, plan.batch_size
     P = deberta_span(card)
     p_drop = float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0)
-    real = ce * card.d_q + 2 * ce * h * P + 2 * ce * d * P / s + 2 * 8 * s / b + s + deberta_rel_proj(card, plan, ce) / (b * s)
+    real = ce * card.d_q + 2 * ce * h * P + 2 * ce * d * P / s + 2 * 8 * s / b + s
+    real += deberta_rel_proj(card, plan, ce) / (b * s)
     real += ce * h * s + ((1 + ce) * h * s if p_drop > 0 else 0)
     sm = FP32  # memory.py: softmax in fp32 (not the gpt2/bert list) and, without dropout, its cast to ce
     generic = (sm + (1 + ce if card.attention_dropout > 0 else (ce if sm != ce else 0))) * h * s

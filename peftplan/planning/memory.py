@@ -438,7 +438,8 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         kept = checkpointed * stream_element_bytes(plan) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
-    final = outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan) + families.outside_correction(c, plan)
+    final = (outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
+             + families.outside_correction(c, plan))
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
