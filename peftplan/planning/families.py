@@ -44,6 +44,12 @@ k = h_kv·d_h key/value width, e bytes per element.
                          Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
 
+    encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert): nn.LayerNorm
+                         without bias (recorded "rmsnorm" from the missing bias), a GLU split from one Wi output,
+                         no attention norm in block 0, the final norm; its MLM loss upcasts the logits
+                         (mlm_loss_upcasts); local layers' bidirectional window W = local_attention // 2.
+    deberta_correction   DeBERTa-v2's eager disentangled attention (transformers' DisentangledSelfAttention).
+
 Three class traits no config field states are named by family until cardgen records them (the shipped generated
 cards would need re-importing): FP32_SCALE_FAMILIES, ROTARY_CAT_FAMILIES, SDPA_NO_GQA_FAMILIES.
 
@@ -136,6 +142,8 @@ def _text_config(card: ModelCard) -> dict:
 def sliding_window(card: ModelCard) -> int:
     """The sliding window W in tokens (0: none), from the generated card's config.json."""
     cfg = _text_config(card)
+    if card.model_type == "modernbert":  # ModernBertConfig.sliding_window: local_attention // 2 (a half-window)
+        return int(cfg.get("local_attention", 128)) // 2
     if cfg.get("use_sliding_window") is False:
         return 0
     return int(cfg.get("sliding_window") or 0)
@@ -148,6 +156,9 @@ def sliding_layers(card: ModelCard) -> int:
         return 0
     cfg = _text_config(card)
     types = cfg.get("layer_types")
+    if card.model_type == "modernbert" and not isinstance(types, list):
+        every = int(cfg.get("global_attn_every_n_layers", 3))  # as ModernBertConfig.__post_init__
+        return sum(bool(i % every) for i in range(card.n_layers))
     if isinstance(types, list):
         return sum(t == "sliding_attention" for t in types[:card.n_layers])
     pattern = cfg.get("sliding_window_pattern")
@@ -157,7 +168,12 @@ def sliding_layers(card: ModelCard) -> int:
 
 
 def sliding_mask_applies(card: ModelCard, plan: Plan) -> bool:
-    return plan.attention == "sdpa" and 0 < sliding_window(card) < plan.seq_len and sliding_layers(card) > 0
+    w = sliding_window(card)
+    if card.model_type == "modernbert":
+        # create_bidirectional_sliding_window_mask skips the mask only while s < W
+        # (masking_utils._ignore_bidirectional_mask_sdpa)
+        return plan.attention == "sdpa" and 0 < w <= plan.seq_len and sliding_layers(card) > 0
+    return plan.attention == "sdpa" and 0 < w < plan.seq_len and sliding_layers(card) > 0
 
 
 def sliding_block_bytes(card: ModelCard, plan: Plan, ce: int) -> float:
@@ -239,6 +255,8 @@ def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
 
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
+    if deberta_correction(card, plan, 2):
+        return plan.seq_len, plan.batch_size
     if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
         return plan.seq_len, plan.batch_size > 1
     return ()
@@ -254,7 +272,8 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
-            + falcon_eager_correction(card, plan, ce))
+            + falcon_eager_correction(card, plan, ce)
+            + encoder_block_correction(card, plan, e, generic_norm) + deberta_correction(card, plan, ce))
 
 
 def logit_softcap(card: ModelCard) -> float:
@@ -265,17 +284,154 @@ def logit_softcap(card: ModelCard) -> float:
     return float(cap or 0.0)
 
 
+# ---------------------------------------------------------------- encoder-only families
+
+# nn.LayerNorm(bias=False) (ModernBERT's norms, `norm_bias: false`): cardgen records a norm without a bias as
+# "rmsnorm"; the class is a LayerNorm, which saves x (e per element), mean and rstd (fp32 on CUDA).
+BIASLESS_LAYERNORM_FAMILIES = ("modernbert",)
+# A GLU whose two halves come from one Linear's output split in forward (ModernBertMLP: `input, gate =
+# Wi(x).chunk(2, dim=-1)`; `Wo(act(input) * gate)`): no gate Linear names it, so cardgen records no gated MLP.
+CHUNKED_GLU_FAMILIES = ("modernbert",)
+
+
+def layernorm_saved(card: ModelCard, e: int) -> int:
+    """Bytes per token a d-wide LayerNorm saves: its input x, mean and rstd (fp32)."""
+    return e * card.d_model + 2 * FP32
+
+
+def extra_norm_blocks(card: ModelCard) -> int:
+    """How many of the first n_layers blocks have block norms that block 0 lacks (ModernBertEncoderLayer: layer
+    0's attn_norm is nn.Identity, the others a LayerNorm): the tree's per-block norms outside block 0's list."""
+    lay = layout(card)
+    prefix = lay.block_prefix + "."
+    idx = {int(n.name[len(prefix):].split(".", 1)[0]) for n in lay.other_norms
+           if n.name.startswith(prefix) and n.name[len(prefix):].split(".", 1)[0].isdigit()}
+    return sum(1 for i in idx if 0 < i < card.n_layers)
+
+
+def chunked_glu(card: ModelCard) -> bool:
+    ffn_in = [x for x in layout(card).block_linears if x.role == "ffn_in"]
+    return (card.family in CHUNKED_GLU_FAMILIES and not card.gated_mlp and len(ffn_in) == 1
+            and ffn_in[0].d_out == 2 * card.d_ff)
+
+
+def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float) -> float:
+    """Bytes per token (averaged over the blocks) ModernBERT's block saves beyond the generic count:
+    - each block norm is a LayerNorm, not the RMSNorm the generic count assumed from its missing bias;
+    - blocks after the first have an attention LayerNorm too (input, mean, rstd);
+    - the GLU keeps the whole 2·d_ff-wide Wi output (GELU's input and the gate are views of it) and the GELU
+      output (saved by the product), where the generic ungated count keeps GELU's d_ff-wide input: 2·d_ff·e more.
+    (ModernBERT's fused Wqkv, its rotary copy of the attention output and the sliding-window masks are the
+    fused_qkv, rotary_cat and sliding-window terms above.)"""
+    total = 0.0
+    if card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm":
+        wide = len(layout(card).block_norms) - len(qk_norms(card))
+        total += wide * (layernorm_saved(card, e) - generic_norm)
+        total += layernorm_saved(card, e) * extra_norm_blocks(card) / card.n_layers
+    if chunked_glu(card):
+        total += 2 * card.d_ff * e
+    return total
+
+
+def outside_correction(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token ModernBERT saves outside the blocks beyond memory.outside_saved_per_token's encoder count:
+    its embedding and head norms are LayerNorms (not the RMSNorm assumed from their missing bias), and the
+    final_norm after the last block (which the BERT-style count has not) saves its input, mean and rstd."""
+    if not (card.encoder and card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm"):
+        return 0.0
+    from peftplan.planning import (
+        memory,  # memory imports this module: imported here, at call time
+    )
+
+    e = memory.stream_element_bytes(plan)
+    trains = plan.method in ("full", "adapter")
+    generic = memory.norm_saved(card, plan, trains)
+    ln = layernorm_saved(card, e)
+    total = (ln - generic) * (2 if trains else 1) + ln  # embedding norm (when something below it trains), head norm
+    if plan.uses_lora and plan.method != "full" and head_dense_wrapped(card, plan):
+        total += e * card.d_model  # the head's dense Linear wrapped by LoRA saves its input
+    return total
+
+
+def head_dense_wrapped(card: ModelCard, plan: Plan) -> bool:
+    """Whether LoRA wraps a Linear outside the blocks (ModernBERT's head.dense under all-linear), as
+    params.lora_targets matches peft."""
+    from peftplan.planning.params import lora_targets
+
+    return any(not in_block for _, in_block, _ in lora_targets(card, plan.targets))
+
+
+def deberta_span(card: ModelCard) -> int:
+    """P = 2·att_span relative positions DeBERTa-v2's attention scores against (DisentangledSelfAttention:
+    att_span = position_buckets when > 0, else max_relative_positions, else max_position_embeddings)."""
+    cfg = card.config
+    span = int(cfg.get("position_buckets", -1) or -1)
+    if span <= 0:
+        span = int(cfg.get("max_relative_positions", -1) or -1)
+    if span <= 0:
+        span = int(cfg.get("max_position_embeddings", 512))
+    return 2 * span
+
+
+def deberta_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token DeBERTa-v2's eager disentangled attention (transformers' DisentangledSelfAttention with
+    share_att_key, pos_att_type c2p|p2c) saves beyond memory.py's generic eager count, the block's trainable
+    inputs requiring gradients (full fine-tuning, LoRA on its attention):
+    - c2p = q·pos_kᵀ and p2c = k·pos_qᵀ, (b·h, s, P) each, kept by the gathers that follow: 2·ce·h·P;
+    - pos_k and pos_q, the shared query/key projections of the P relative embeddings repeated over the batch,
+      (b·h, P, d_h) each, kept by those matmuls: 2·ce·d·P/s;
+    - the two gather indices, one (s, s) int64 storage each, expanded over b·h: 2·8·s/b;
+    - k once more, transposed ((b·h, d_h, s) for q·kᵀ beside (b·h, s, d_h) for p2c): ce·q;
+    - the inputs of the query/key projections of the P relative embeddings (deberta_rel_proj), per step;
+    - the bool b×1×s×s attention mask of the masked softmax: s;
+    - softmax in the scores' dtype (ce, where the generic count has fp32 and a cast) and, with
+      attention_probs_dropout_prob > 0, its bool mask and dropped output: ce·h·s + (1 + ce)·h·s;
+    - with hidden_dropout_prob > 0, a bool mask per sublayer output: 2·d (the card's dropout fields are 0).
+    """
+    if card.model_type != "deberta-v2" or plan.attention != "eager":
+        return 0.0
+    cfg, h, d, s, b = card.config, card.n_heads, card.d_model, plan.seq_len, plan.batch_size
+    P = deberta_span(card)
+    p_drop = float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0)
+    real = ce * card.d_q + 2 * ce * h * P + 2 * ce * d * P / s + 2 * 8 * s / b + s
+    real += deberta_rel_proj(card, plan, ce) / (b * s)
+    real += ce * h * s + ((1 + ce) * h * s if p_drop > 0 else 0)
+    sm = FP32  # memory.py: softmax in fp32 (not the gpt2/bert list) and, without dropout, its cast to ce
+    generic = (sm + (1 + ce if card.attention_dropout > 0 else (ce if sm != ce else 0))) * h * s
+    hidden = 2 * d if float(cfg.get("hidden_dropout_prob", 0.0) or 0.0) > 0 and not card.hidden_dropout else 0
+    return real - generic + hidden
+
+
+def deberta_rel_proj(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per step the query_proj/key_proj applied to the P relative embeddings keep (not per token: the
+    (P, d) embeddings are the same for every sequence): full fine-tuning saves their one shared input, ce·P·d;
+    LoRA on a projection saves the cast of that input to the adapter dtype and A·x, (d + r) per row each."""
+    from peftplan.planning.memory import DTYPES
+    from peftplan.planning.params import lora_targets
+
+    P, d = deberta_span(card), card.d_model
+    if plan.method == "full":
+        return ce * P * d
+    if not plan.uses_lora:
+        return 0.0
+    wrapped = {lin.name.rsplit(".", 1)[-1] for lin, in_block, _ in lora_targets(card, plan.targets) if in_block}
+    a = DTYPES[plan.adapter_dtype]
+    return sum(a * (d + plan.r) * P for n in ("query_proj", "key_proj") if n in wrapped)
+
+
 # Families whose activation memory is not modelled per tensor yet (held to the trace: README "What is exact for
 # generated cards"): the estimate still counts parameters exactly, and says its memory is an approximation.
-NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention", "modernbert": "ModernBERT's local/global attention"}
+NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's SDPA path (its class has only eager attention, which is modelled)"}
 
 
-def warnings(card: ModelCard) -> list[str]:
-    """What the memory model does not cover for this card, one line each (empty when it is held to the trace)."""
+def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
+    """What the memory model does not cover for this card (and plan), one line each (empty when it is held to
+    the trace). DeBERTa-v2 is modelled with eager attention, the only one its class has."""
+    plan_eager = plan is not None and plan.attention == "eager"
     missing = []
     if card.cross_attention:
         missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
-    if card.model_type in NOT_MODELLED:
+    if card.model_type in NOT_MODELLED and not (card.model_type == "deberta-v2" and plan_eager):
         missing.append(NOT_MODELLED[card.model_type])
     if card.generated and any(lin.role == "attn_latent" for lin in layout(card).block_linears):
         missing.append("multi-head latent attention (MLA)")
@@ -283,3 +439,14 @@ def warnings(card: ModelCard) -> list[str]:
         return []
     return [f"{card.name}'s activation memory is approximate: {', '.join(missing)} not modelled yet (parameters, "
             f"weights, gradients and optimizer states are exact)"]
+
+
+# Masked-LM classes whose loss is transformers' `ForMaskedLMLoss` (self.loss_function), which calls
+# `logits.float()` before cross_entropy (transformers/loss/loss_utils.py); BERT/RoBERTa/DeBERTa-v2 call
+# `CrossEntropyLoss` on the logits in their own dtype. A trait of the class, named by family.
+MLM_LOSS_UPCAST_FAMILIES = ("modernbert",)
+
+
+def mlm_loss_upcasts(card: ModelCard) -> bool:
+    """Whether the masked-LM loss runs on an fp32 copy of the logits (ModernBertForMaskedLM.forward)."""
+    return card.encoder and card.family in MLM_LOSS_UPCAST_FAMILIES

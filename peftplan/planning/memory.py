@@ -611,7 +611,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
     ac = plan.autocast != "none"
-    x = e if c.encoder and not ac else FP32
+    x = e if c.encoder and not ac and not families.mlm_loss_upcasts(c) else FP32
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = lg if families.logit_softcap(c) else 0
@@ -619,7 +619,8 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
         kept = len(blocks) * stream_element_bytes(plan, card) * d  # each checkpointed block keeps only its input
     else:
         kept = sum(blocks)
-    final = outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
+    final = (outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
+             + families.outside_correction(c, plan))
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),

@@ -14,6 +14,9 @@ The families and what each exercises (peftplan/planning/families.py):
     Falcon                      multi-query attention through SDPA's math path (its eager path too), parallel
                                 block, one norm
     Mistral-Nemo/Small, SmolLM2, TinyLlama, Llama-3.3   the Llama block through generated cards
+    ModernBERT                  masked LM: fp32-logit loss, bias-free LayerNorms, chunked GLU, no attention norm
+                                in block 0, bidirectional sliding-window masks (s >= 64)
+    DeBERTa-v3                  masked LM, eager disentangled attention (c2p/p2c against P relative positions)
 """
 from __future__ import annotations
 
@@ -71,7 +74,27 @@ DENSE = (
                shapes=((2, 256),))
 )
 
-CONFIGS: list[Config] = list(DENSE)
+ENCODERS = (
+    # ModernBERT (masked LM): LayerNorms without bias, chunked GLU, fused Wqkv with an fp32 rotary copy, local
+    # layers past their window (s >= 64: a bidirectional sliding mask), no attention norm in block 0, an MLM loss
+    # on fp32 logits; s = 32 keeps every layer mask-free
+    _product(["modernbert-base"], shapes=((2, 256),))
+    + _product(["modernbert-base"], n_layers=3, methods=("full", "lora", "adapter"), shapes=((1, 1024), (4, 32)))
+    + [Config("modernbert-base", 4, dict(method="lora", r=r, targets="Wqkv,Wo", batch_size=2, seq_len=512))
+       for r in (8, 64)]
+    + _product(["modernbert-base"], n_layers=0, methods=("lora", "full"), gcs=(False,), shapes=((2, 512),))
+    # DeBERTa-v3 (eager only: DebertaV2ForMaskedLM has no SDPA path): disentangled c2p/p2c scores against
+    # P = 512 relative positions, the relative embeddings' projections, attention and hidden dropout
+    + _product(["deberta-v3-base"], attention="eager")
+    + _product(["deberta-v3-base"], n_layers=3, methods=("full", "lora", "adapter"), gcs=(False,),
+               shapes=((1, 512), (4, 128)), attention="eager")
+    + [Config("deberta-v3-base", 2, dict(method="lora", r=r, batch_size=2, seq_len=256, attention="eager"))
+       for r in (8, 64)]
+    + _product(["deberta-v3-base"], n_layers=0, methods=("lora", "full"), gcs=(False,), shapes=((4, 512),),
+               attention="eager")
+)
+
+CONFIGS: list[Config] = list(DENSE) + list(ENCODERS)
 
 
 def resolve(config: Config) -> tuple[ModelCard, Plan]:
