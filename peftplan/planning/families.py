@@ -231,6 +231,43 @@ def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return ce * (q + 2 * kv) + ce * h * s - generic
 
 
+def mla_dims(card: ModelCard) -> tuple[int, int, int, int] | None:
+    """Multi-head latent attention's head dims from the card's config.json (DeepSeek-V2/V3): (qk_nope, qk_rope,
+    v, kv_lora_rank) per head; None for a card without an attn_latent Linear (the module tree's fact)."""
+    if not any(lin.role == "attn_latent" for lin in layout(card).block_linears):
+        return None
+    cfg = _text_config(card)
+    return (int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"]),
+            int(cfg["kv_lora_rank"]))
+
+
+def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float, weight_trains: bool,
+                   latent_wrapped: bool) -> float:
+    """Bytes per token multi-head latent attention saves minus the generic count (SDPA of q, k, v and output at
+    d_q / d_kv wide, every block norm d-wide, no latent Linear).
+
+    transformers 5.24 models/deepseek_v2 (DeepseekV2Attention.forward, expand_kv): q = cat(q_nope, rotated q_pe)
+    and k = a new (b, h, s, nope + rope) tensor are h·(nope + rope) wide each; v is a view of kv_b_proj's
+    h·(nope + v) wide output, so SDPA keeps that whole output; its output is h·v wide. A value head dim unlike
+    the query's makes CUDA run the memory-efficient kernel (flash refuses it), which saves q, k, v, the output and
+    a fp32 logsumexp per head (the trace runs that kernel, peftplan/trace/run.py). The rotary on the split rope
+    dims multiplies by the no-grad cos/sin table only: nothing per block. The latent norms (kv_a_layernorm over
+    kv_lora_rank, q_a_layernorm over q_lora_rank) save a fp32 copy and one rsqrt (x̂ when γ trains) where the
+    generic count gave a d-wide norm; kv_b_proj keeps its input (the normed latent) when it trains or LoRA wraps
+    it. Eager attention is not modelled (memory.estimate warns)."""
+    dims = mla_dims(card)
+    if dims is None or plan.attention not in ("sdpa", "flash"):
+        return 0.0
+    nope, rope, v, rank = dims
+    h = card.n_heads
+    mla = ce * h * (2 * (nope + rope) + (nope + v) + v)
+    generic = ce * (2 * card.d_q + 2 * card.d_kv)
+    latent_norms = [n for n in layout(card).block_norms if n.size != card.d_model]
+    norms = sum(_rms_saved(n.size, 1, plan, e, False, weight_trains) - generic_norm for n in latent_norms)
+    latent_in = e * rank * (weight_trains or latent_wrapped) * (1 + (1 if plan.dropout and not weight_trains else 0))
+    return mla - generic + norms + latent_in
+
+
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
     if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
@@ -247,7 +284,17 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
-            + falcon_eager_correction(card, plan, ce))
+            + falcon_eager_correction(card, plan, ce)
+            + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _latent_wrapped(card, plan)))
+
+
+def _latent_wrapped(card: ModelCard, plan: Plan) -> bool:
+    """LoRA wraps the block's latent up-projection (kv_b_proj / q_b_proj, role attn_latent)."""
+    if not plan.uses_lora:
+        return False
+    from peftplan.planning.params import lora_targets
+
+    return any(lin.role == "attn_latent" and in_block for lin, in_block, _ in lora_targets(card, plan.targets))
 
 
 def logit_softcap(card: ModelCard) -> float:

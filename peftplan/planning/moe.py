@@ -111,7 +111,78 @@ def block_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> 
     gate_up = trains or any(p.name.endswith("gate_up_proj") for p in wrapped)
     down = trains or any(p.name.endswith("down_proj") for p in wrapped)
     return (router_saved_per_token(card, e, router) + experts_saved_per_token(card, e, gate_up, down)
-            + aux_loss_bytes_per_token(card, e))
+            + aux_loss_bytes_per_token(card, e) + shared_experts_saved_per_token(card, plan, e, trains))
+
+
+# ---------------------------------------------------------------- shared experts, dense first blocks (DeepSeek-V2)
+
+
+def _other_linears(card: ModelCard, roles: tuple[str, ...]) -> tuple:
+    return tuple(x for x in layout(card).other_linears if x.role in roles)
+
+
+def _wrapped_other(card: ModelCard, plan: Plan) -> frozenset[str]:
+    """Names of the Linears outside the repeated block (shared experts, dense first MLPs) LoRA wraps."""
+    if not plan.uses_lora:
+        return frozenset()
+    return frozenset(lin.name for lin, in_block, _ in _targets(card, plan) if not in_block)
+
+
+def _gated_mlp_saved(card: ModelCard, plan: Plan, e: int, f: int, trains: bool, gate_up_wrapped: bool,
+                     down_wrapped: bool) -> float:
+    """A gated MLP act(x·W_gᵀ) ⊙ x·W_uᵀ → W_d of width f: gate, act(gate) and up (3f); the product when down_proj
+    trains or LoRA wraps it (f); its input x (d) when gate/up train or are wrapped (read by both); LoRA's A·x (r)
+    per wrapped Linear, saved by B (memory._block_saved_per_token's rules, no dropout, no autocast)."""
+    d = card.d_model
+    total = 3 * e * f + e * f * (trains or down_wrapped) + e * d * (trains or gate_up_wrapped)
+    if plan.dropout and not trains:  # each wrapped Linear's dropout output and mask, in place of a shared x
+        total += (e + 1) * (2 * d * gate_up_wrapped + f * down_wrapped) - e * d * gate_up_wrapped \
+            - e * f * down_wrapped
+    return total + e * plan.r * (2 * gate_up_wrapped + down_wrapped)
+
+
+def shared_experts_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> float:
+    """Bytes per token the shared experts save (DeepSeek-V2's `shared_experts`, a gated MLP every token passes
+    through, width n_shared·expert_d_ff, role shared_ffn_in/out in the module tree): 0 without them."""
+    gate = _other_linears(card, ("shared_ffn_in",))
+    if not gate:
+        return 0.0
+    wrapped = _wrapped_other(card, plan)
+    down = _other_linears(card, ("shared_ffn_out",))
+    return _gated_mlp_saved(card, plan, e, gate[0].d_out, trains, any(x.name in wrapped for x in gate),
+                            any(x.name in wrapped for x in down))
+
+
+def dense_blocks(card: ModelCard) -> tuple[int, ...]:
+    """Indices of the blocks whose MLP is a dense gated MLP, not the experts (DeepSeek-V2's
+    first_k_dense_replace first blocks): those with role ffn_in Linears outside the repeated block."""
+    idx = set()
+    for x in _other_linears(card, ("ffn_in",)):
+        parts = x.name.split(".")
+        idx |= {int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()}
+    return tuple(sorted(i for i in idx if i < card.n_layers))
+
+
+def dense_block_adjust(card: ModelCard, plan: Plan, blocks: list, e: int) -> list:
+    """Per-block saved bytes per token with each dense first block's MLP in place of the MoE terms the list
+    counted for it (router, experts, shared experts, peft's merged expert stacks); `blocks` are the top
+    len(blocks) of the card's n_layers blocks, bottom first."""
+    dense = dense_blocks(card) if card.moe else ()
+    if not dense:
+        return blocks
+    trains = plan.method in ("full", "top")
+    wrapped = _wrapped_other(card, plan)
+    out, low = list(blocks), card.n_layers - len(blocks)
+    for i in dense:
+        if i < low:
+            continue
+        lin = [x for x in _other_linears(card, ("ffn_in", "ffn_out")) if f".layers.{i}." in f".{x.name}"]
+        gate = [x for x in lin if x.role == "ffn_in"]
+        mlp = _gated_mlp_saved(card, plan, e, gate[0].d_out, trains, any(x.name in wrapped for x in gate),
+                               any(x.name in wrapped for x in lin if x.role == "ffn_out"))
+        moe_terms = block_saved_per_token(card, plan, e, trains) + lora_merged_bytes(card, plan) / plan.tokens
+        out[i - low] += mlp - moe_terms
+    return out
 
 
 # ---------------------------------------------------------------- peft's LoRA on fused parameters (ParamWrapper)
