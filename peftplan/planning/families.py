@@ -242,7 +242,7 @@ def mla_dims(card: ModelCard) -> tuple[int, int, int, int] | None:
 
 
 def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float, weight_trains: bool,
-                   latent_wrapped: bool) -> float:
+                   wrapped_roles: frozenset[str]) -> float:
     """Bytes per token multi-head latent attention saves minus the generic count (SDPA of q, k, v and output at
     d_q / d_kv wide, every block norm d-wide, no latent Linear).
 
@@ -254,7 +254,9 @@ def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: f
     dims multiplies by the no-grad cos/sin table only: nothing per block. The latent norms (kv_a_layernorm over
     kv_lora_rank, q_a_layernorm over q_lora_rank) save a fp32 copy and one rsqrt (x̂ when γ trains) where the
     generic count gave a d-wide norm; kv_b_proj keeps its input (the normed latent) when it trains or LoRA wraps
-    it. Eager attention is not modelled (memory.estimate warns)."""
+    it. The output projection reads h·v, not the generic d_q: a LoRA-wrapped o_proj whose adapter dtype differs
+    from the activations' saves its cast copy of that width (memory._block_saved_per_token's group rule). Eager
+    attention is not modelled (memory.estimate warns)."""
     dims = mla_dims(card)
     if dims is None or plan.attention not in ("sdpa", "flash"):
         return 0.0
@@ -264,8 +266,15 @@ def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: f
     generic = ce * (2 * card.d_q + 2 * card.d_kv)
     latent_norms = [n for n in layout(card).block_norms if n.size != card.d_model]
     norms = sum(_rms_saved(n.size, 1, plan, e, False, weight_trains) - generic_norm for n in latent_norms)
-    latent_in = e * rank * (weight_trains or latent_wrapped) * (1 + (1 if plan.dropout and not weight_trains else 0))
-    return mla - generic + norms + latent_in
+    latent_wrapped = "attn_latent" in wrapped_roles and plan.method != "full"
+    from peftplan.planning.memory import trainable_element_bytes  # memory imports this module
+
+    lb = trainable_element_bytes(plan)
+    latent_in = e * rank * (plan.method == "full") + (lb + bool(plan.dropout)) * rank * latent_wrapped
+    out_copy = 0
+    if "attn_out" in wrapped_roles and plan.method != "full" and plan.autocast == "none":
+        out_copy = (lb + 1 if plan.dropout else lb if lb != ce else 0) * (h * v - card.d_q)
+    return mla - generic + norms + latent_in + out_copy
 
 
 def block_key(card: ModelCard, plan: Plan) -> tuple:
@@ -285,16 +294,16 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
             + falcon_eager_correction(card, plan, ce)
-            + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _latent_wrapped(card, plan)))
+            + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _wrapped_roles(card, plan)))
 
 
-def _latent_wrapped(card: ModelCard, plan: Plan) -> bool:
-    """LoRA wraps the block's latent up-projection (kv_b_proj / q_b_proj, role attn_latent)."""
-    if not plan.uses_lora:
-        return False
+def _wrapped_roles(card: ModelCard, plan: Plan) -> frozenset[str]:
+    """Roles of the block Linears LoRA wraps (attn_latent: kv_b_proj / q_b_proj; attn_out: o_proj)."""
+    if not plan.uses_lora or mla_dims(card) is None:
+        return frozenset()
     from peftplan.planning.params import lora_targets
 
-    return any(lin.role == "attn_latent" and in_block for lin, in_block, _ in lora_targets(card, plan.targets))
+    return frozenset(lin.role for lin, in_block, _ in lora_targets(card, plan.targets) if in_block)
 
 
 def logit_softcap(card: ModelCard) -> float:

@@ -26,13 +26,18 @@ expert's tokens, `tokens_per_expert`), shown in the breakdown for both rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.plan import Plan
 
 FP32, INT64 = 4, 8
+# Routers whose logits are F.linear(x.type(fp32), W.type(fp32)) (DeepseekV2TopkRouter): a trained router saves the
+# fp32 copy of its input. A class trait no config field states, named by model type as cardgen's
+# _ROUTER_FP32_WEIGHTS is.
+ROUTER_FP32_INPUT = frozenset({"deepseek_v2", "deepseek_v3"})
 
 
 def tokens_per_expert(tokens: int, k: int, n_experts: int, routing: str) -> tuple[int, ...]:
@@ -72,7 +77,32 @@ def routing(card: ModelCard, plan: Plan) -> Routing | None:
 
 def fused_experts(card: ModelCard) -> bool:
     """The routed experts are fused 3-D parameters (transformers 5: mlp.experts.gate_up_proj / down_proj)."""
-    return any(p.expert and len(p.shape) == 3 for p in layout(card).block_params)
+    return any(p.expert and len(p.shape) == 3 for p in moe_block_params(card))
+
+
+def _moe_prefix(card: ModelCard) -> str:
+    """'' when the repeated block holds the experts; else the lowest MoE layer's name prefix
+    ('model.layers.1.' in DeepSeek-V2, whose first_k_dense_replace first blocks are dense)."""
+    lay = layout(card)
+    if any(p.expert for p in lay.block_params):
+        return ""
+    first = next((p.name for p in lay.other_params if p.expert), "")
+    m = re.match(r"(.*\.layers\.\d+\.)", first)
+    return m.group(1) if m else ""
+
+
+def _relative(name: str) -> str:
+    return re.sub(r"^.*\.layers\.\d+\.", "", name)
+
+
+def moe_block_params(card: ModelCard) -> tuple:
+    """One MoE block's Params (router, experts; layout.Param), named within the block: the repeated block's, or,
+    when blocks differ (dense first blocks), the lowest MoE layer's."""
+    prefix = _moe_prefix(card)
+    if not prefix:
+        return layout(card).block_params
+    return tuple(replace(p, name=p.name[len(prefix):]) for p in layout(card).other_params
+                 if p.name.startswith(prefix))
 
 
 def weights_bytes(card: ModelCard, e: int) -> int:
@@ -84,9 +114,11 @@ def weights_bytes(card: ModelCard, e: int) -> int:
 def router_saved_per_token(card: ModelCard, e: int, router_trains: bool) -> int:
     """Bytes per token the router saves: its input x when W_r trains, the fp32 softmax (E), the top-k indices
     (int64 k); renormalising in place (`router_top_value /= sum`) saves the t×1 fp32 sum and a copy of the k
-    fp32 values autograd keeps for the divisor's gradient."""
+    fp32 values autograd keeps for the divisor's gradient. A router that computes its logits in fp32
+    (ROUTER_FP32_INPUT) saves the fp32 copy of x instead."""
     E, k, d = card.n_experts, card.experts_per_token, card.d_model
-    total = e * d * router_trains + FP32 * E + INT64 * k
+    x = FP32 if card.model_type in ROUTER_FP32_INPUT else e
+    total = x * d * router_trains + FP32 * E + INT64 * k
     if card.router_norm_topk:
         total += FP32 * k + FP32
     return total
@@ -196,7 +228,9 @@ def lora_wrapped(card: ModelCard, plan: Plan) -> tuple:
     from peftplan.planning.params import lora_targets
 
     names = {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if lin.role == "param_lora" and in_block}
-    return tuple(p for p in layout(card).block_params if p.name in names)
+    names |= {_relative(n) for lin, in_block, _ in lora_targets(card, plan.targets)
+              if lin.role == "param_lora" and not in_block and (n := lin.name).startswith(_moe_prefix(card))}
+    return tuple(p for p in moe_block_params(card) if p.name in names)
 
 
 def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
@@ -243,13 +277,13 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
     if trained:
-        down_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+        down_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                  if p.expert and p.name.endswith("down_proj"))
         # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
         # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
         # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
         # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
-        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                     if p.expert and p.name.endswith("gate_up_proj"))
         bwd = max(down_grad - S * (e * (f + d) + wide * d),
                   down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
