@@ -26,7 +26,7 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     moe.refuse(card, plan)
     p = dora.with_magnitudes(card, plan, count(card, plan))
     mem = phases(card, plan)
-    warnings = moe.warnings(card, plan) + families.warnings(card)
+    warnings = moe.warnings(card, plan) + families.warnings(card, plan)
     strategy, cpu = "none", 0
     if plan.gpus > 1 or plan.strategy != "none" or plan.offload != "none":
         from peftplan.planning.distributed import check, shard_phases

@@ -237,8 +237,10 @@ def mla_dims(card: ModelCard) -> tuple[int, int, int, int] | None:
     if not any(lin.role == "attn_latent" for lin in layout(card).block_linears):
         return None
     cfg = _text_config(card)
-    return (int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"]),
-            int(cfg["kv_lora_rank"]))
+    keys = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+    if not all(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in keys):
+        return None  # not the DeepSeek-V2 config layout: the estimate warns (warnings)
+    return tuple(int(cfg[k]) for k in keys)
 
 
 def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float, weight_trains: bool,
@@ -319,15 +321,17 @@ def logit_softcap(card: ModelCard) -> float:
 NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's disentangled attention", "modernbert": "ModernBERT's local/global attention"}
 
 
-def warnings(card: ModelCard) -> list[str]:
-    """What the memory model does not cover for this card, one line each (empty when it is held to the trace)."""
+def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
+    """What the memory model does not cover for this card, one line each (empty when it is held to the trace);
+    multi-head latent attention is modelled for SDPA / flash attention, not eager (`plan.attention`)."""
     missing = []
     if card.cross_attention:
         missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
     if card.model_type in NOT_MODELLED:
         missing.append(NOT_MODELLED[card.model_type])
-    if card.generated and any(lin.role == "attn_latent" for lin in layout(card).block_linears):
-        missing.append("multi-head latent attention (MLA)")
+    latent = any(lin.role == "attn_latent" for lin in layout(card).block_linears)
+    if latent and (plan is None or plan.attention not in ("sdpa", "flash") or mla_dims(card) is None):
+        missing.append("multi-head latent attention (MLA) with eager attention")
     if not missing:
         return []
     return [f"{card.name}'s activation memory is approximate: {', '.join(missing)} not modelled yet (parameters, "

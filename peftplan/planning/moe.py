@@ -153,11 +153,18 @@ def _other_linears(card: ModelCard, roles: tuple[str, ...]) -> tuple:
     return tuple(x for x in layout(card).other_linears if x.role in roles)
 
 
+def _shared_linears(card: ModelCard, roles: tuple[str, ...]) -> tuple:
+    """The shared experts' Linears of one MoE block: the repeated block's, or the lowest MoE layer's."""
+    inside = tuple(x for x in layout(card).block_linears if x.role in roles)
+    prefix = _moe_prefix(card)
+    return inside or tuple(x for x in _other_linears(card, roles) if prefix and x.name.startswith(prefix))
+
+
 def _wrapped_other(card: ModelCard, plan: Plan) -> frozenset[str]:
-    """Names of the Linears outside the repeated block (shared experts, dense first MLPs) LoRA wraps."""
+    """Names of the Linears LoRA wraps (full names outside the repeated block, block-relative inside)."""
     if not plan.uses_lora:
         return frozenset()
-    return frozenset(lin.name for lin, in_block, _ in _targets(card, plan) if not in_block)
+    return frozenset(lin.name for lin, in_block, _ in _targets(card, plan))
 
 
 def _gated_mlp_saved(card: ModelCard, plan: Plan, e: int, f: int, trains: bool, gate_up_wrapped: bool,
@@ -176,11 +183,11 @@ def _gated_mlp_saved(card: ModelCard, plan: Plan, e: int, f: int, trains: bool, 
 def shared_experts_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> float:
     """Bytes per token the shared experts save (DeepSeek-V2's `shared_experts`, a gated MLP every token passes
     through, width n_shared·expert_d_ff, role shared_ffn_in/out in the module tree): 0 without them."""
-    gate = _other_linears(card, ("shared_ffn_in",))
+    gate = _shared_linears(card, ("shared_ffn_in",))
     if not gate:
         return 0.0
     wrapped = _wrapped_other(card, plan)
-    down = _other_linears(card, ("shared_ffn_out",))
+    down = _shared_linears(card, ("shared_ffn_out",))
     return _gated_mlp_saved(card, plan, e, gate[0].d_out, trains, any(x.name in wrapped for x in gate),
                             any(x.name in wrapped for x in down))
 
@@ -336,19 +343,19 @@ def warnings(card: ModelCard, plan: Plan) -> list[str]:
     gaps = unmodelled(card)
     if gaps:
         out.append(f"{card.name}'s MoE memory is approximate: {', '.join(gaps)} not modelled yet (the MoE terms are "
-                   "held to the trace on Mixtral and Qwen3-MoE blocks)")
+                   "held to the trace on Mixtral, Qwen3-MoE and DeepSeek-V2 blocks)")
     return out
 
 
 def unmodelled(card: ModelCard) -> list[str]:
-    """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE)."""
-    lay = layout(card)
+    """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE,
+    DeepSeek-V2: its shared experts and dense first blocks are modelled)."""
     gaps = []
-    if card.n_shared_experts:
-        gaps.append("shared experts")
-    if any(p.expert for p in lay.other_params) or not fused_experts(card):
-        gaps.append("blocks that differ (dense first layers) or experts as Linears")
-    if any(p.expert and p.name.endswith("_bias") for p in lay.block_params):
+    if card.n_shared_experts and not _shared_linears(card, ("shared_ffn_in",)):
+        gaps.append("shared experts that are not gated-MLP Linears")
+    if not fused_experts(card):
+        gaps.append("experts as Linears")
+    if any(p.expert and p.name.endswith("_bias") for p in moe_block_params(card)):
         gaps.append("experts with biases and their own gated activation")
     return gaps
 
