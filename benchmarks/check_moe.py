@@ -1,15 +1,16 @@
 """Benchmark: the estimate against the fake-tensor trace on mixture-of-experts cards (issue 11, part 3).
 
-Mixtral-8x7B and Qwen3-30B-A3B generated cards, every width and the vocabulary kept, cut to 2 and 8 blocks (the
-trace's peaks are affine in the number of blocks; Qwen3's 151,936-entry vocabulary needs more blocks before the
-experts outweigh the logits) × routing (balanced, worst: the trace forces each, peftplan/trace/moe.py) × LoRA on
+Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V2-Lite generated cards, every width and the vocabulary kept, cut to 2, 8
+and 3 blocks (the trace's peaks are affine in the number of blocks; Qwen3's 151,936-entry vocabulary needs more
+blocks before the experts outweigh the logits; DeepSeek-V2-Lite keeps its dense first block, multi-head latent
+attention and shared experts; on it q_proj,v_proj wraps q_proj alone, and q,k,v,o wraps q_proj and o_proj) × routing (balanced, worst: the trace forces each, peftplan/trace/moe.py) × LoRA on
 attention (q,v; q,k,v,o), LoRA all-linear (peft reaches the router and the fused experts), QLoRA (--no-kbit-prep:
 the fused experts stay bf16), full fine-tuning × checkpointing on/off at b=4, s=1024; plus r = 64 at s = 2048 and
 QLoRA all-linear. Prints each configuration's error and the summary; writes benchmarks/results/check_moe.json.
 `--full-size` instead traces the whole Mixtral-8x7B and Qwen3-30B-A3B (the README's figures).
 
-    python benchmarks/check_moe.py              # 46 configurations
-    python benchmarks/check_moe.py --quick      # 4
+    python benchmarks/check_moe.py              # 69 configurations
+    python benchmarks/check_moe.py --quick      # 6
     python benchmarks/check_moe.py --full-size  # 5 full-size traces
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ from peftplan.trace.random_check import cut  # noqa: E402
 from peftplan.trace.run import trace  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "check_moe.json"
-CARDS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8}  # card: blocks kept
+# card: blocks kept (DeepSeek-V2-Lite: its dense first block and two MoE blocks)
+CARDS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8, "deepseek-v2-lite": 3}
 ROUTINGS = ("balanced", "worst")
 ATTN, QKVO = dict(method="lora", targets="q_proj,v_proj"), dict(method="lora", targets="q_proj,k_proj,v_proj,o_proj")
 METHODS = (ATTN, QKVO, dict(method="lora", targets="all-linear"),

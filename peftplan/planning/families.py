@@ -279,6 +279,21 @@ def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: f
     return mla - generic + norms + latent_in + out_copy
 
 
+def sink_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token eager attention with attention sinks (gpt-oss: a learnt logit per head, Param role "sink")
+    saves minus the generic eager count (q, k and v at h heads, a fp32 softmax output and its cast back to ce).
+
+    transformers 5.24 models/gpt_oss eager_attention_forward: the sink column is concatenated to the b·h·s·s
+    logits, their row max subtracted (max over the last dim saves its int64 indices, b·h·s), and the softmax runs
+    in the logits' own dtype: its b·h·s·(s + 1) output is saved once (the A·V matmul reads a view of it), so
+    ce·h·(s + 1) + 8·h per token in place of (4 + ce)·h·s. No autocast, no attention dropout (gpt-oss has none)."""
+    if (plan.attention != "eager" or plan.autocast != "none" or card.attention_dropout > 0
+            or not any(p.role == "sink" for p in layout(card).block_params)):
+        return 0.0
+    h, s = card.n_heads, plan.seq_len
+    return ce * h * (s + 1) + 8 * h - (FP32 + (ce if ce != FP32 else 0)) * h * s
+
+
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
     if sdpa_math(card, plan) or sliding_mask_applies(card, plan) or falcon_eager_correction(card, plan, 2):
@@ -295,7 +310,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
-            + falcon_eager_correction(card, plan, ce)
+            + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
             + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _wrapped_roles(card, plan)))
 
 

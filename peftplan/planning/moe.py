@@ -38,6 +38,13 @@ FP32, INT64 = 4, 8
 # fp32 copy of its input. A class trait no config field states, named by model type as cardgen's
 # _ROUTER_FP32_WEIGHTS is.
 ROUTER_FP32_INPUT = frozenset({"deepseek_v2", "deepseek_v3"})
+# Routers that take the top-k of the logits and softmax the k values in the activation dtype (GptOssTopKRouter):
+# they save the k softmax outputs (e each), not a fp32 softmax over all E experts.
+ROUTER_TOPK_THEN_SOFTMAX = frozenset({"gpt_oss"})
+# Experts whose gate is gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate and up are strided views of
+# the gate_up output (which clamp saves), then clamp(gate), sigmoid(α·gate), up + 1 and their product glu are
+# saved (4f) where act(gate) is (f).
+CLAMPED_SWIGLU = frozenset({"gpt_oss"})
 
 
 def tokens_per_expert(tokens: int, k: int, n_experts: int, routing: str) -> tuple[int, ...]:
@@ -118,7 +125,8 @@ def router_saved_per_token(card: ModelCard, e: int, router_trains: bool) -> int:
     (ROUTER_FP32_INPUT) saves the fp32 copy of x instead."""
     E, k, d = card.n_experts, card.experts_per_token, card.d_model
     x = FP32 if card.model_type in ROUTER_FP32_INPUT else e
-    total = x * d * router_trains + FP32 * E + INT64 * k
+    probs = e * k if card.model_type in ROUTER_TOPK_THEN_SOFTMAX else FP32 * E
+    total = x * d * router_trains + probs + INT64 * k
     if card.router_norm_topk:
         total += FP32 * k + FP32
     return total
@@ -129,7 +137,8 @@ def experts_saved_per_token(card: ModelCard, e: int, gate_up_trains: bool, down_
     tensors (perm // k, perm, inverse perm), gate_up output (2f), act(gate) (f), down output (d), the routing
     weight; the gathered input (d) when gate_up trains, act·up (f) when down_proj trains."""
     k, d, f = card.experts_per_token, card.d_model, card.expert_d_ff
-    per_pair = 3 * INT64 + e * (2 * f + f + d) + weights_bytes(card, e)
+    gate = 4 * f if card.model_type in CLAMPED_SWIGLU else f
+    per_pair = 3 * INT64 + e * (2 * f + gate + d) + weights_bytes(card, e)
     per_pair += e * d * gate_up_trains + e * f * down_trains
     return k * per_pair
 
