@@ -352,19 +352,21 @@ def warnings(card: ModelCard, plan: Plan) -> list[str]:
     gaps = unmodelled(card)
     if gaps:
         out.append(f"{card.name}'s MoE memory is approximate: {', '.join(gaps)} not modelled yet (the MoE terms are "
-                   "held to the trace on Mixtral, Qwen3-MoE and DeepSeek-V2 blocks)")
+                   "held to the trace on Mixtral, Qwen3-MoE, DeepSeek-V2 and gpt-oss blocks)")
     return out
 
 
 def unmodelled(card: ModelCard) -> list[str]:
     """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE,
-    DeepSeek-V2: its shared experts and dense first blocks are modelled)."""
+    DeepSeek-V2, whose shared experts and dense first blocks are modelled, gpt-oss, whose biased clamped-SwiGLU
+    experts are)."""
     gaps = []
     if card.n_shared_experts and not _shared_linears(card, ("shared_ffn_in",)):
         gaps.append("shared experts that are not gated-MLP Linears")
     if not fused_experts(card):
         gaps.append("experts as Linears")
-    if any(p.expert and p.name.endswith("_bias") for p in moe_block_params(card)):
+    if any(p.expert and p.name.endswith("_bias") for p in moe_block_params(card)) \
+            and card.model_type not in CLAMPED_SWIGLU:
         gaps.append("experts with biases and their own gated activation")
     return gaps
 
