@@ -43,6 +43,11 @@ k = h_kv·d_h key/value width, e bytes per element.
                          the compute dtype and saves, in every sliding layer: ce·s per token per such layer.
                          Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
+    mla_correction       multi-head latent attention (DeepSeek-V2, role attn_latent): q and k are h·(nope + rope)
+                         wide, v a view of kv_b_proj's h·(nope + v) output, SDPA's output h·v, under CUDA's
+                         memory-efficient kernel; the latent norms are kv_lora_rank (q_lora_rank) wide.
+    sink_eager_correction  eager attention with sinks (gpt-oss): a bf16 softmax over s + 1 columns and the row
+                         max's int64 indices, in place of the fp32 softmax and its cast.
 
 Three class traits no config field states are named by family until cardgen records them (the shipped generated
 cards would need re-importing): FP32_SCALE_FAMILIES, ROTARY_CAT_FAMILIES, SDPA_NO_GQA_FAMILIES.
