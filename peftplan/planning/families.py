@@ -274,7 +274,9 @@ def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: f
     latent_norms = [n for n in layout(card).block_norms if n.size != card.d_model]
     norms = sum(_rms_saved(n.size, 1, plan, e, False, weight_trains) - generic_norm for n in latent_norms)
     latent_wrapped = "attn_latent" in wrapped_roles and plan.method != "full"
-    from peftplan.planning.memory import trainable_element_bytes  # memory imports this module
+    from peftplan.planning.memory import (
+        trainable_element_bytes,  # memory imports this module
+    )
 
     lb = trainable_element_bytes(plan)
     latent_in = e * rank * (plan.method == "full") + (lb + bool(plan.dropout)) * rank * latent_wrapped
