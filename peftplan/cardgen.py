@@ -457,10 +457,11 @@ def _moe_facts(text, tree: dict) -> dict:
 
 
 # Router behaviour that is code, not config (transformers 5.24): MixtralTopKRouter divides its top-k values by
-# their sum unconditionally (others follow config.norm_topk_prob) and returns them in its softmax's fp32 (Qwen3-MoE,
-# gpt-oss, DeepSeek-V2 cast them back to the activation dtype).
+# their sum unconditionally (others follow config.norm_topk_prob) and returns them in its softmax's fp32, as
+# DeepseekV2TopkRouter does (top-k of its fp32 scores times routed_scaling_factor); Qwen3-MoE and gpt-oss cast them
+# back to the activation dtype.
 _ROUTER_ALWAYS_NORMALISES = frozenset({"mixtral", "minimax"})
-_ROUTER_FP32_WEIGHTS = frozenset({"mixtral", "minimax"})
+_ROUTER_FP32_WEIGHTS = frozenset({"mixtral", "minimax", "deepseek_v2"})
 
 
 # ---------------------------------------------------------------- the card

@@ -179,3 +179,28 @@ def test_ours_refuses_lora_on_fused_experts():
 
     with pytest.raises(PlanError, match="impl peft"):
         trace(cut(registry()["mixtral-8x7b"], 1), Plan(targets="all-linear", seq_len=16), impl="ours")
+
+
+def _forward_activations(card, plan) -> tuple[int, int]:
+    from peftplan.trace.run import trace
+
+    est = next(p for p in estimate(card, plan).phases if p.phase == "forward").activations_bytes
+    got = next(p for p in trace(card, plan, steps=2).phases if p.phase == "forward").by_category_bytes
+    return est, got.get("activations", 0)
+
+
+@pytest.mark.parametrize("name,blocks,plan", [
+    # DeepSeek-V2-Lite: multi-head latent attention (CUDA's memory-efficient SDPA, as the trace runs it), shared
+    # experts, fp32 router; LoRA on q_proj, kv_b_proj (the latent up-projection) and o_proj (h·v wide)
+    ("deepseek-v2-lite", 2, Plan(targets="q_proj,kv_b_proj,o_proj", batch_size=1, seq_len=256)),
+    # gpt-oss: eager attention with sinks, clamped-SwiGLU experts with biases, top-k-then-softmax router
+    ("gpt-oss-20b", 1, Plan(targets="q_proj,v_proj", batch_size=1, seq_len=256, attention="eager")),
+])
+def test_moe_block_activations_match_the_trace(name, blocks, plan):
+    """One more MoE block adds what the trace's saved activations add, within 1% (cuts of k and k + 1 blocks:
+    the peak at these sizes is the logits', so the per-block term is compared directly); and the whole forward
+    activations of the k + 1 cut (DeepSeek-V2's dense first block included) within 2%."""
+    e0, t0 = _forward_activations(cut(registry()[name], blocks), plan)
+    e1, t1 = _forward_activations(cut(registry()[name], blocks + 1), plan)
+    assert abs((e1 - e0) / (t1 - t0) - 1) <= 0.01, (e1 - e0, t1 - t0)
+    assert abs(e1 / t1 - 1) <= 0.02, (e1, t1)

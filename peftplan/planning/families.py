@@ -43,6 +43,11 @@ k = h_kv·d_h key/value width, e bytes per element.
                          the compute dtype and saves, in every sliding layer: ce·s per token per such layer.
                          Full-attention layers keep `is_causal` and no mask.
     logit_softcap        the final logits soft-capped, cap·tanh(z / cap) (Gemma-2): tanh's output is saved.
+    mla_correction       multi-head latent attention (DeepSeek-V2, role attn_latent): q and k are h·(nope + rope)
+                         wide, v a view of kv_b_proj's h·(nope + v) output, SDPA's output h·v, under CUDA's
+                         memory-efficient kernel; the latent norms are kv_lora_rank (q_lora_rank) wide.
+    sink_eager_correction  eager attention with sinks (gpt-oss): a bf16 softmax over s + 1 columns and the row
+                         max's int64 indices, in place of the fp32 softmax and its cast.
 
     encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert): nn.LayerNorm
                          without bias (recorded "rmsnorm" from the missing bias), a GLU split from one Wi output,
@@ -253,6 +258,71 @@ def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return ce * (q + 2 * kv) + ce * h * s - generic
 
 
+def mla_dims(card: ModelCard) -> tuple[int, int, int, int] | None:
+    """Multi-head latent attention's head dims from the card's config.json (DeepSeek-V2/V3): (qk_nope, qk_rope,
+    v, kv_lora_rank) per head; None for a card without an attn_latent Linear (the module tree's fact)."""
+    if not any(lin.role == "attn_latent" for lin in layout(card).block_linears):
+        return None
+    cfg = _text_config(card)
+    keys = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+    if not all(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in keys):
+        return None  # not the DeepSeek-V2 config layout: the estimate warns (warnings)
+    return tuple(int(cfg[k]) for k in keys)
+
+
+def mla_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float, weight_trains: bool,
+                   wrapped_roles: frozenset[str]) -> float:
+    """Bytes per token multi-head latent attention saves minus the generic count (SDPA of q, k, v and output at
+    d_q / d_kv wide, every block norm d-wide, no latent Linear).
+
+    transformers 5.24 models/deepseek_v2 (DeepseekV2Attention.forward, expand_kv): q = cat(q_nope, rotated q_pe)
+    and k = a new (b, h, s, nope + rope) tensor are h·(nope + rope) wide each; v is a view of kv_b_proj's
+    h·(nope + v) wide output, so SDPA keeps that whole output; its output is h·v wide. A value head dim unlike
+    the query's makes CUDA run the memory-efficient kernel (flash refuses it), which saves q, k, v, the output and
+    a fp32 logsumexp per head (the trace runs that kernel, peftplan/trace/run.py). The rotary on the split rope
+    dims multiplies by the no-grad cos/sin table only: nothing per block. The latent norms (kv_a_layernorm over
+    kv_lora_rank, q_a_layernorm over q_lora_rank) save a fp32 copy and one rsqrt (x̂ when γ trains) where the
+    generic count gave a d-wide norm; kv_b_proj keeps its input (the normed latent) when it trains or LoRA wraps
+    it. The output projection reads h·v, not the generic d_q: a LoRA-wrapped o_proj whose adapter dtype differs
+    from the activations' saves its cast copy of that width (memory._block_saved_per_token's group rule). Eager
+    attention is not modelled (memory.estimate warns)."""
+    dims = mla_dims(card)
+    if dims is None or plan.attention not in ("sdpa", "flash"):
+        return 0.0
+    nope, rope, v, rank = dims
+    h = card.n_heads
+    mla = ce * h * (2 * (nope + rope) + (nope + v) + v)
+    generic = ce * (2 * card.d_q + 2 * card.d_kv)
+    latent_norms = [n for n in layout(card).block_norms if n.size != card.d_model]
+    norms = sum(_rms_saved(n.size, 1, plan, e, False, weight_trains) - generic_norm for n in latent_norms)
+    latent_wrapped = "attn_latent" in wrapped_roles and plan.method != "full"
+    from peftplan.planning.memory import (
+        trainable_element_bytes,  # memory imports this module
+    )
+
+    lb = trainable_element_bytes(plan)
+    latent_in = e * rank * (plan.method == "full") + (lb + bool(plan.dropout)) * rank * latent_wrapped
+    out_copy = 0
+    if "attn_out" in wrapped_roles and plan.method != "full" and plan.autocast == "none":
+        out_copy = (lb + 1 if plan.dropout else lb if lb != ce else 0) * (h * v - card.d_q)
+    return mla - generic + norms + latent_in + out_copy
+
+
+def sink_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token eager attention with attention sinks (gpt-oss: a learnt logit per head, Param role "sink")
+    saves minus the generic eager count (q, k and v at h heads, a fp32 softmax output and its cast back to ce).
+
+    transformers 5.24 models/gpt_oss eager_attention_forward: the sink column is concatenated to the b·h·s·s
+    logits, their row max subtracted (max over the last dim saves its int64 indices, b·h·s), and the softmax runs
+    in the logits' own dtype: its b·h·s·(s + 1) output is saved once (the A·V matmul reads a view of it), so
+    ce·h·(s + 1) + 8·h per token in place of (4 + ce)·h·s. No autocast, no attention dropout (gpt-oss has none)."""
+    if (plan.attention != "eager" or plan.autocast != "none" or card.attention_dropout > 0
+            or not any(p.role == "sink" for p in layout(card).block_params)):
+        return 0.0
+    h, s = card.n_heads, plan.seq_len
+    return ce * h * (s + 1) + 8 * h - (FP32 + (ce if ce != FP32 else 0)) * h * s
+
+
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
     if deberta_correction(card, plan, 2):
@@ -272,8 +342,18 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
-            + falcon_eager_correction(card, plan, ce)
+            + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
+            + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _wrapped_roles(card, plan))
             + encoder_block_correction(card, plan, e, generic_norm) + deberta_correction(card, plan, ce))
+
+
+def _wrapped_roles(card: ModelCard, plan: Plan) -> frozenset[str]:
+    """Roles of the block Linears LoRA wraps (attn_latent: kv_b_proj / q_b_proj; attn_out: o_proj)."""
+    if not plan.uses_lora or mla_dims(card) is None:
+        return frozenset()
+    from peftplan.planning.params import lora_targets
+
+    return frozenset(lin.role for lin, in_block, _ in lora_targets(card, plan.targets) if in_block)
 
 
 def logit_softcap(card: ModelCard) -> float:
@@ -426,15 +506,17 @@ NOT_MODELLED = {"deberta-v2": "DeBERTa-v2's SDPA path (its class has only eager 
 
 def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
     """What the memory model does not cover for this card (and plan), one line each (empty when it is held to
-    the trace). DeBERTa-v2 is modelled with eager attention, the only one its class has."""
+    the trace). DeBERTa-v2 is modelled with eager attention, the only one its class has; multi-head latent
+    attention for SDPA / flash attention, not eager (`plan.attention`)."""
     plan_eager = plan is not None and plan.attention == "eager"
     missing = []
     if card.cross_attention:
         missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
     if card.model_type in NOT_MODELLED and not (card.model_type == "deberta-v2" and plan_eager):
         missing.append(NOT_MODELLED[card.model_type])
-    if card.generated and any(lin.role == "attn_latent" for lin in layout(card).block_linears):
-        missing.append("multi-head latent attention (MLA)")
+    latent = any(lin.role == "attn_latent" for lin in layout(card).block_linears)
+    if latent and (plan is None or plan.attention not in ("sdpa", "flash") or mla_dims(card) is None):
+        missing.append("multi-head latent attention (MLA) with eager attention")
     if not missing:
         return []
     return [f"{card.name}'s activation memory is approximate: {', '.join(missing)} not modelled yet (parameters, "

@@ -607,6 +607,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     blocks = [block_saved_per_token(c, plan, *spec) for spec in specs]
     attn = [block_saved_per_token(c, plan, *spec, part="attention") for spec in specs]
     blocks = [x + moe.lora_merged_bytes(c, plan) / t for x in blocks]  # peft's merged expert stacks, per block
+    blocks = moe.dense_block_adjust(c, plan, blocks, e)  # dense first blocks of a MoE (planning/moe.py)
     blocks = dora.blocks_saved(c, plan, blocks)  # DoRA's saved tensors per block (planning/dora.py)
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype

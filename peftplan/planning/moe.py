@@ -26,13 +26,25 @@ expert's tokens, `tokens_per_expert`), shown in the breakdown for both rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.plan import Plan
 
 FP32, INT64 = 4, 8
+# Routers whose logits are F.linear(x.type(fp32), W.type(fp32)) (DeepseekV2TopkRouter): a trained router saves the
+# fp32 copy of its input. A class trait no config field states, named by model type as cardgen's
+# _ROUTER_FP32_WEIGHTS is.
+ROUTER_FP32_INPUT = frozenset({"deepseek_v2", "deepseek_v3"})
+# Routers that take the top-k of the logits and softmax the k values in the activation dtype (GptOssTopKRouter):
+# they save the k softmax outputs (e each), not a fp32 softmax over all E experts.
+ROUTER_TOPK_THEN_SOFTMAX = frozenset({"gpt_oss"})
+# Experts whose gate is gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate): gate and up are strided views of
+# the gate_up output (which clamp saves), then clamp(gate), sigmoid(α·gate), up + 1 and their product glu are
+# saved (4f) where act(gate) is (f).
+CLAMPED_SWIGLU = frozenset({"gpt_oss"})
 
 
 def tokens_per_expert(tokens: int, k: int, n_experts: int, routing: str) -> tuple[int, ...]:
@@ -72,7 +84,32 @@ def routing(card: ModelCard, plan: Plan) -> Routing | None:
 
 def fused_experts(card: ModelCard) -> bool:
     """The routed experts are fused 3-D parameters (transformers 5: mlp.experts.gate_up_proj / down_proj)."""
-    return any(p.expert and len(p.shape) == 3 for p in layout(card).block_params)
+    return any(p.expert and len(p.shape) == 3 for p in moe_block_params(card))
+
+
+def _moe_prefix(card: ModelCard) -> str:
+    """'' when the repeated block holds the experts; else the lowest MoE layer's name prefix
+    ('model.layers.1.' in DeepSeek-V2, whose first_k_dense_replace first blocks are dense)."""
+    lay = layout(card)
+    if any(p.expert for p in lay.block_params):
+        return ""
+    first = next((p.name for p in lay.other_params if p.expert), "")
+    m = re.match(r"(.*\.layers\.\d+\.)", first)
+    return m.group(1) if m else ""
+
+
+def _relative(name: str) -> str:
+    return re.sub(r"^.*\.layers\.\d+\.", "", name)
+
+
+def moe_block_params(card: ModelCard) -> tuple:
+    """One MoE block's Params (router, experts; layout.Param), named within the block: the repeated block's, or,
+    when blocks differ (dense first blocks), the lowest MoE layer's."""
+    prefix = _moe_prefix(card)
+    if not prefix:
+        return layout(card).block_params
+    return tuple(replace(p, name=p.name[len(prefix):]) for p in layout(card).other_params
+                 if p.name.startswith(prefix))
 
 
 def weights_bytes(card: ModelCard, e: int) -> int:
@@ -84,9 +121,12 @@ def weights_bytes(card: ModelCard, e: int) -> int:
 def router_saved_per_token(card: ModelCard, e: int, router_trains: bool) -> int:
     """Bytes per token the router saves: its input x when W_r trains, the fp32 softmax (E), the top-k indices
     (int64 k); renormalising in place (`router_top_value /= sum`) saves the t×1 fp32 sum and a copy of the k
-    fp32 values autograd keeps for the divisor's gradient."""
+    fp32 values autograd keeps for the divisor's gradient. A router that computes its logits in fp32
+    (ROUTER_FP32_INPUT) saves the fp32 copy of x instead."""
     E, k, d = card.n_experts, card.experts_per_token, card.d_model
-    total = e * d * router_trains + FP32 * E + INT64 * k
+    x = FP32 if card.model_type in ROUTER_FP32_INPUT else e
+    probs = e * k if card.model_type in ROUTER_TOPK_THEN_SOFTMAX else FP32 * E
+    total = x * d * router_trains + probs + INT64 * k
     if card.router_norm_topk:
         total += FP32 * k + FP32
     return total
@@ -97,7 +137,8 @@ def experts_saved_per_token(card: ModelCard, e: int, gate_up_trains: bool, down_
     tensors (perm // k, perm, inverse perm), gate_up output (2f), act(gate) (f), down output (d), the routing
     weight; the gathered input (d) when gate_up trains, act·up (f) when down_proj trains."""
     k, d, f = card.experts_per_token, card.d_model, card.expert_d_ff
-    per_pair = 3 * INT64 + e * (2 * f + f + d) + weights_bytes(card, e)
+    gate = 4 * f if card.model_type in CLAMPED_SWIGLU else f
+    per_pair = 3 * INT64 + e * (2 * f + gate + d) + weights_bytes(card, e)
     per_pair += e * d * gate_up_trains + e * f * down_trains
     return k * per_pair
 
@@ -111,7 +152,85 @@ def block_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> 
     gate_up = trains or any(p.name.endswith("gate_up_proj") for p in wrapped)
     down = trains or any(p.name.endswith("down_proj") for p in wrapped)
     return (router_saved_per_token(card, e, router) + experts_saved_per_token(card, e, gate_up, down)
-            + aux_loss_bytes_per_token(card, e))
+            + aux_loss_bytes_per_token(card, e) + shared_experts_saved_per_token(card, plan, e, trains))
+
+
+# ---------------------------------------------------------------- shared experts, dense first blocks (DeepSeek-V2)
+
+
+def _other_linears(card: ModelCard, roles: tuple[str, ...]) -> tuple:
+    return tuple(x for x in layout(card).other_linears if x.role in roles)
+
+
+def _shared_linears(card: ModelCard, roles: tuple[str, ...]) -> tuple:
+    """The shared experts' Linears of one MoE block: the repeated block's, or the lowest MoE layer's."""
+    inside = tuple(x for x in layout(card).block_linears if x.role in roles)
+    prefix = _moe_prefix(card)
+    return inside or tuple(x for x in _other_linears(card, roles) if prefix and x.name.startswith(prefix))
+
+
+def _wrapped_other(card: ModelCard, plan: Plan) -> frozenset[str]:
+    """Names of the Linears LoRA wraps (full names outside the repeated block, block-relative inside)."""
+    if not plan.uses_lora:
+        return frozenset()
+    return frozenset(lin.name for lin, in_block, _ in _targets(card, plan))
+
+
+def _gated_mlp_saved(card: ModelCard, plan: Plan, e: int, f: int, trains: bool, gate_up_wrapped: bool,
+                     down_wrapped: bool) -> float:
+    """A gated MLP act(x·W_gᵀ) ⊙ x·W_uᵀ → W_d of width f: gate, act(gate) and up (3f); the product when down_proj
+    trains or LoRA wraps it (f); its input x (d) when gate/up train or are wrapped (read by both); LoRA's A·x (r)
+    per wrapped Linear, saved by B (memory._block_saved_per_token's rules, no dropout, no autocast)."""
+    d = card.d_model
+    total = 3 * e * f + e * f * (trains or down_wrapped) + e * d * (trains or gate_up_wrapped)
+    if plan.dropout and not trains:  # each wrapped Linear's dropout output and mask, in place of a shared x
+        total += (e + 1) * (2 * d * gate_up_wrapped + f * down_wrapped) - e * d * gate_up_wrapped \
+            - e * f * down_wrapped
+    return total + e * plan.r * (2 * gate_up_wrapped + down_wrapped)
+
+
+def shared_experts_saved_per_token(card: ModelCard, plan: Plan, e: int, trains: bool) -> float:
+    """Bytes per token the shared experts save (DeepSeek-V2's `shared_experts`, a gated MLP every token passes
+    through, width n_shared·expert_d_ff, role shared_ffn_in/out in the module tree): 0 without them."""
+    gate = _shared_linears(card, ("shared_ffn_in",))
+    if not gate:
+        return 0.0
+    wrapped = _wrapped_other(card, plan)
+    down = _shared_linears(card, ("shared_ffn_out",))
+    return _gated_mlp_saved(card, plan, e, gate[0].d_out, trains, any(x.name in wrapped for x in gate),
+                            any(x.name in wrapped for x in down))
+
+
+def dense_blocks(card: ModelCard) -> tuple[int, ...]:
+    """Indices of the blocks whose MLP is a dense gated MLP, not the experts (DeepSeek-V2's
+    first_k_dense_replace first blocks): those with role ffn_in Linears outside the repeated block."""
+    idx = set()
+    for x in _other_linears(card, ("ffn_in",)):
+        parts = x.name.split(".")
+        idx |= {int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()}
+    return tuple(sorted(i for i in idx if i < card.n_layers))
+
+
+def dense_block_adjust(card: ModelCard, plan: Plan, blocks: list, e: int) -> list:
+    """Per-block saved bytes per token with each dense first block's MLP in place of the MoE terms the list
+    counted for it (router, experts, shared experts, peft's merged expert stacks); `blocks` are the top
+    len(blocks) of the card's n_layers blocks, bottom first."""
+    dense = dense_blocks(card) if card.moe else ()
+    if not dense:
+        return blocks
+    trains = plan.method in ("full", "top")
+    wrapped = _wrapped_other(card, plan)
+    out, low = list(blocks), card.n_layers - len(blocks)
+    for i in dense:
+        if i < low:
+            continue
+        lin = [x for x in _other_linears(card, ("ffn_in", "ffn_out")) if f".layers.{i}." in f".{x.name}"]
+        gate = [x for x in lin if x.role == "ffn_in"]
+        mlp = _gated_mlp_saved(card, plan, e, gate[0].d_out, trains, any(x.name in wrapped for x in gate),
+                               any(x.name in wrapped for x in lin if x.role == "ffn_out"))
+        moe_terms = block_saved_per_token(card, plan, e, trains) + lora_merged_bytes(card, plan) / plan.tokens
+        out[i - low] += mlp - moe_terms
+    return out
 
 
 # ---------------------------------------------------------------- peft's LoRA on fused parameters (ParamWrapper)
@@ -125,7 +244,9 @@ def lora_wrapped(card: ModelCard, plan: Plan) -> tuple:
     from peftplan.planning.params import lora_targets
 
     names = {lin.name for lin, in_block, _ in lora_targets(card, plan.targets) if lin.role == "param_lora" and in_block}
-    return tuple(p for p in layout(card).block_params if p.name in names)
+    names |= {_relative(n) for lin, in_block, _ in lora_targets(card, plan.targets)
+              if lin.role == "param_lora" and not in_block and (n := lin.name).startswith(_moe_prefix(card))}
+    return tuple(p for p in moe_block_params(card) if p.name in names)
 
 
 def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
@@ -172,13 +293,13 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
     if trained:
-        down_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+        down_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                  if p.expert and p.name.endswith("down_proj"))
         # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
         # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
         # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
         # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
-        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in layout(card).block_params
+        gate_up_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                     if p.expert and p.name.endswith("gate_up_proj"))
         bwd = max(down_grad - S * (e * (f + d) + wide * d),
                   down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
@@ -231,19 +352,21 @@ def warnings(card: ModelCard, plan: Plan) -> list[str]:
     gaps = unmodelled(card)
     if gaps:
         out.append(f"{card.name}'s MoE memory is approximate: {', '.join(gaps)} not modelled yet (the MoE terms are "
-                   "held to the trace on Mixtral and Qwen3-MoE blocks)")
+                   "held to the trace on Mixtral, Qwen3-MoE, DeepSeek-V2 and gpt-oss blocks)")
     return out
 
 
 def unmodelled(card: ModelCard) -> list[str]:
-    """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE)."""
-    lay = layout(card)
+    """The card's MoE features the memory terms do not cover yet, from its facts (empty for Mixtral, Qwen3-MoE,
+    DeepSeek-V2, whose shared experts and dense first blocks are modelled, gpt-oss, whose biased clamped-SwiGLU
+    experts are)."""
     gaps = []
-    if card.n_shared_experts:
-        gaps.append("shared experts")
-    if any(p.expert for p in lay.other_params) or not fused_experts(card):
-        gaps.append("blocks that differ (dense first layers) or experts as Linears")
-    if any(p.expert and p.name.endswith("_bias") for p in lay.block_params):
+    if card.n_shared_experts and not _shared_linears(card, ("shared_ffn_in",)):
+        gaps.append("shared experts that are not gated-MLP Linears")
+    if not fused_experts(card):
+        gaps.append("experts as Linears")
+    if any(p.expert and p.name.endswith("_bias") for p in moe_block_params(card)) \
+            and card.model_type not in CLAMPED_SWIGLU:
         gaps.append("experts with biases and their own gated activation")
     return gaps
 

@@ -74,6 +74,25 @@ def _decimate(timeline: list, keep: int) -> tuple:
     return tuple(out)
 
 
+def _cuda_picks_efficient(query, key, value, attn_mask, kwargs) -> bool:
+    """Whether CUDA's SDPA would run the memory-efficient kernel where the CPU falls back to its math path: a
+    value head dim unlike the query's (multi-head latent attention, DeepSeek-V2: d_qk = 192, d_v = 128), which
+    flash attention refuses and the memory-efficient kernel takes (torch sdp_utils), with no mask and no GQA.
+    Only on fake tensors (the trace): the kernel's CUDA op has a fake implementation on any device."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (is_fake(query) and attn_mask is None and not kwargs.get("enable_gqa")
+            and query.shape[-1] != value.shape[-1] and query.shape[-1] == key.shape[-1])
+
+
+def _efficient_sdpa(query, key, value, is_causal=False, scale=None, **_):
+    """CUDA's memory-efficient attention op: saves q, k, v, its output and a fp32 logsumexp per (b, h, s)."""
+    import torch
+
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+                                                                   bool(is_causal), scale=scale)[0]
+
+
 @contextmanager
 def cuda_like():
     """Make the CPU fake-tensor step keep what a CUDA step keeps.
@@ -106,6 +125,8 @@ def cuda_like():
     def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, **kwargs):
         # CUDA flash / memory-efficient attention keep only the RNG seed and offset for dropout; the CPU
         # kernel falls back to the math path and materialises b·h·s² probabilities. Same memory as CUDA:
+        if _cuda_picks_efficient(query, key, value, attn_mask, kwargs):
+            return _efficient_sdpa(query, key, value, **kwargs)
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, **kwargs)
 
     mu._ignore_causal_mask_sdpa = ignore_causal_mask
