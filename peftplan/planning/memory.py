@@ -487,7 +487,9 @@ def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
     post-norm blocks (BERT, RoBERTa, OPT-350m) normalise each sublayer's residual sum."""
     if _post_norm(card):
         return [g.attn, g.out]
-    wide = len(layout(card).block_norms) - len(families.qk_norms(card))  # Gemma-3's four, as Gemma-2's
+    # d-wide norms of the residual stream (not q/k norms, not MLA's latent norms): Gemma-3's four, as Gemma-2's
+    qk = {n.name for n in families.qk_norms(card)}
+    wide = sum(n.size == card.d_model and n.name not in qk for n in layout(card).block_norms)
     if card.sandwich_norms or wide == 4:
         return [g.block_in, g.attn, g.attn, g.out]
     return [g.block_in, g.attn]
