@@ -334,17 +334,19 @@ def block_key(card: ModelCard, plan: Plan) -> tuple:
 
 def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm: float,
                      weight_trains: bool, out_proj_saves_input: bool,
-                     qk_grad: tuple[bool, bool] = (True, True)) -> float:
+                     qk_grad: tuple[bool, bool] = (True, True), counted_norms: float = 2.0) -> float:
     """Every family term of one block, bytes per token (the one call `memory._block_saved_per_token` makes).
     e: the residual stream's bytes per element; ce: what attention saves per element; out_proj_saves_input:
     whether the attention output projection keeps its input alive (memory's `saves(attn_out)`)."""
-    return (qk_norm_correction(card, plan, e, generic_norm, weight_trains, qk_grad)
+    # memory.py counts only the block's d-wide residual norms (`counted_norms` of them, `generic_norm` bytes per
+    # token each): the q/k and MLA latent norms come on top, whole (their generic share is 0)
+    return (qk_norm_correction(card, plan, e, 0.0, weight_trains, qk_grad)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
-            + mla_correction(card, plan, e, ce, generic_norm, weight_trains, _wrapped_roles(card, plan))
-            + encoder_block_correction(card, plan, e, generic_norm) + deberta_correction(card, plan, ce))
+            + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
+            + encoder_block_correction(card, plan, e, generic_norm, counted_norms) + deberta_correction(card, plan, ce))
 
 
 def _wrapped_roles(card: ModelCard, plan: Plan) -> frozenset[str]:
@@ -395,7 +397,8 @@ def chunked_glu(card: ModelCard) -> bool:
             and ffn_in[0].d_out == 2 * card.d_ff)
 
 
-def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float) -> float:
+def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float,
+                             counted_norms: float = 2.0) -> float:
     """Bytes per token (averaged over the blocks) ModernBERT's block saves beyond the generic count:
     - each block norm is a LayerNorm, not the RMSNorm the generic count assumed from its missing bias;
     - blocks after the first have an attention LayerNorm too (input, mean, rstd);
@@ -405,8 +408,10 @@ def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: 
     fused_qkv, rotary_cat and sliding-window terms above.)"""
     total = 0.0
     if card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm":
+        # memory.py counted `counted_norms` generic norms per block; the block has `wide` LayerNorms (block 0 of
+        # ModernBERT lacks the attention norm: the others' are extra_norm_blocks)
         wide = len(layout(card).block_norms) - len(qk_norms(card))
-        total += wide * (layernorm_saved(card, e) - generic_norm)
+        total += wide * layernorm_saved(card, e) - counted_norms * generic_norm
         total += layernorm_saved(card, e) * extra_norm_blocks(card) / card.n_layers
     if chunked_glu(card):
         total += 2 * card.d_ff * e

@@ -350,8 +350,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     total += sum(norms[:split]) * norm_saved(c, plan, norm_trains)
     late += sum(norms[split:]) * norm_saved(c, plan, norm_trains)
     # the newer families' terms (families.py); the q/k norms are not among the d-wide norms counted above
-    total += families.block_correction(c, plan, stream_element_bytes(plan, c), ce, 0.0, norm_trains, saves(attn_out),
-                                       (g.q, g.k))
+    total += families.block_correction(c, plan, stream_element_bytes(plan, c), ce, norm_saved(c, plan, norm_trains),
+                                       norm_trains, saves(attn_out), (g.q, g.k), sum(norms))
     # normed inputs read by trained/wrapped Linears (the attention output and the MLP product are counted below)
     copies, shared = group_saved(attn_in, ne, d)
     total += copies + ne * d * shared
