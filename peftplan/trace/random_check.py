@@ -189,6 +189,10 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
             plan = dataclasses.replace(plan, **{f: getattr(default, f) for f, keep in RELEVANT.items()
                                                 if f in values and not keep(plan)})
             moe.refuse(card, plan)  # what the estimate refuses on this card (QLoRA's k-bit prep on fused experts)
+            if plan.method == "adapter":  # the trace refuses adapters where no FFN output Linear exists (Qwen3-MoE)
+                from peftplan.inject import adapter_sites  # torch: imported only when drawing
+
+                adapter_sites(card)
         except PlanError:
             continue
         if traceable(plan):
