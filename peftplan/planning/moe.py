@@ -292,7 +292,9 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     bwd = S * (3 * e * f - e * d - w) + t * e * d
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
-    if trained:
+    # accumulating (grad_accum > 1), each new weight gradient is added into the existing .grad and freed at once
+    # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured)
+    if trained and plan.grad_accum == 1:
         down_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                  if p.expert and p.name.endswith("down_proj"))
         # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted

@@ -28,25 +28,37 @@ from typing import Callable
 from peftplan.errors import PlanError
 from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
 from peftplan.planning.cards import MODEL_TYPES, ModelCard, registry
+from peftplan.planning import moe
 from peftplan.planning.layout import layout
 from peftplan.planning.params import lora_targets
 
 MAX_BLOCKS = 4  # k is drawn in 1..MAX_BLOCKS for cards with more blocks
 WHOLE_CARD_SHARE = 0.1  # this share of draws keeps every block of a card with at most 12 of them
 MAX_SEQ = 1024
+MOE_MAX_BLOCKS, MOE_MAX_BATCH, MOE_MAX_SEQ = 2, 2, 256  # an MoE block traces every expert: keep a draw ~seconds
 
 Domain = Callable[[random.Random, ModelCard], object]
 
 
 def families() -> dict[str, list[ModelCard]]:
-    """Shipped cards grouped by transformers model_type, each group sorted by name — the families whose memory
-    model and trace injection exist (`cards.MODEL_TYPES`); the generated cards of other families (Qwen3, Gemma-3,
-    MoE, T5, ...) count exactly but are not yet modelled per tensor (issue 11's memory part)."""
+    """Shipped cards grouped by transformers model_type, each group sorted by name: every card whose estimate
+    carries no "approximate" warning (`approximate`). Left out, and why: T5 (flan-t5-*: the encoder stack,
+    cross-attention and relative position bias are not modelled), DeBERTa-v2 (disentangled attention),
+    ModernBERT (local/global attention), DeepSeek-V2 (multi-head latent attention, shared experts, dense first
+    layers) and gpt-oss (experts with biases and their own gated activation)."""
     out: dict[str, list[ModelCard]] = {}
     for card in sorted(registry().values(), key=lambda c: c.name):
-        if card.model_type in MODEL_TYPES and not getattr(card, "generated", False):
+        if not approximate(card):
             out.setdefault(card.model_type, []).append(card)
     return out
+
+
+def approximate(card: ModelCard) -> bool:
+    """Whether the card's estimate warns that its activation or MoE memory is approximate
+    (`families.warnings`, `moe.unmodelled`)."""
+    from peftplan.planning import families as fam, moe
+
+    return bool(fam.warnings(card)) or bool(card.moe and moe.unmodelled(card))
 
 
 def traceable(plan: Plan) -> bool:
@@ -87,9 +99,16 @@ def _targets(rng: random.Random, card: ModelCard) -> str | None:
     return "re:.*\\.(" + "|".join(re.escape(n) for n in picked) + ")"
 
 
+def _fused_moe(card: ModelCard) -> bool:
+    """An MoE card whose experts are 3-D parameters run by a grouped GEMM (Mixtral, Qwen3-MoE in transformers 5)."""
+    from peftplan.planning.moe import fused_experts
+
+    return bool(card.moe) and fused_experts(card)
+
+
 def _seq(rng: random.Random, card: ModelCard) -> int:
     """Log-uniform in 8..1024 (odd lengths included), within the card's positions."""
-    top = min(MAX_SEQ, card.max_positions)
+    top = min(MAX_SEQ if not card.moe else MOE_MAX_SEQ, card.max_positions)
     return min(top, int(round(2 ** rng.uniform(3, 10))))
 
 
@@ -97,26 +116,28 @@ DOMAINS: dict[str, Domain] = {
     "method": lambda rng, card: rng.choice(METHODS),
     "r": lambda rng, card: rng.choice((1, 2, 4, 8, 16, 32, 64, 128, 256)),
     "alpha": lambda rng, card: rng.choice((8.0, 16.0, 32.0)),
-    "dropout": lambda rng, card: rng.choice((0.0, 0.0, 0.05, 0.1)),
+    # peft's ParamWrapper on fused experts refuses lora_dropout != 0 (peft/tuners/lora/layer.py)
+    "dropout": lambda rng, card: 0.0 if _fused_moe(card) else rng.choice((0.0, 0.0, 0.05, 0.1)),
     "targets": _targets,
     "adapter_size": lambda rng, card: rng.choice((8, 16, 32, 64, 128, 256)),
     "adapter_placement": lambda rng, card: rng.choice(PLACEMENTS),
     "top_k": lambda rng, card: rng.randint(1, card.n_layers),
-    "batch_size": lambda rng, card: rng.randint(1, 8),
+    "batch_size": lambda rng, card: rng.randint(1, MOE_MAX_BATCH if card.moe else 8),
     "seq_len": _seq,
-    "dtype": lambda rng, card: rng.choice(tuple(DTYPES)),
+    # the grouped-GEMM experts take bf16 operands only ("Expected inputs of BF16 type", seen in the trace)
+    "dtype": lambda rng, card: "bf16" if _fused_moe(card) else rng.choice(tuple(DTYPES)),
     "optimizer": lambda rng, card: rng.choice(OPTIMIZERS),
     # transformers 5 has no SDPA path for Gemma-2
     "attention": lambda rng, card: "eager" if card.model_type == "gemma2" else rng.choice(ATTENTIONS),
     # the stack users run (peft's fp32 adapters, the Trainer's autocast, accumulation, clipping)
     "adapter_dtype": lambda rng, card: rng.choice(("fp32", "fp32", "bf16", "fp16")),
-    "autocast": lambda rng, card: rng.choice(AUTOCASTS),
+    "autocast": lambda rng, card: "none" if _fused_moe(card) else rng.choice(AUTOCASTS),
     "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
     "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
     "moe_routing": lambda rng, card: rng.choice(("balanced", "worst")),  # changes nothing on a dense card
     # DoRA (peft's use_dora) on a quarter of the draws; Plan refuses it for the methods other than LoRA/QLoRA,
     # and such a draw is drawn again
-    "use_dora": lambda rng, card: rng.random() < 0.25,
+    "use_dora": lambda rng, card: not _fused_moe(card) and rng.random() < 0.25,  # ParamWrapper refuses DoRA
     # one GPU: the FSDP2 trace on a fake process group has its own check (benchmarks/check_distributed.py)
     "gpus": lambda rng, card: 1,
     "nodes": lambda rng, card: 1,
@@ -167,6 +188,11 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
             default = Plan()
             plan = dataclasses.replace(plan, **{f: getattr(default, f) for f, keep in RELEVANT.items()
                                                 if f in values and not keep(plan)})
+            moe.refuse(card, plan)  # what the estimate refuses on this card (QLoRA's k-bit prep on fused experts)
+            if plan.method == "adapter":  # the trace refuses adapters where no FFN output Linear exists (Qwen3-MoE)
+                from peftplan.inject import adapter_sites  # torch: imported only when drawing
+
+                adapter_sites(card)
         except PlanError:
             continue
         if traceable(plan):
@@ -181,7 +207,7 @@ def draw(rng: random.Random) -> tuple[ModelCard, Plan]:
     if card.n_layers <= 12 and rng.random() < WHOLE_CARD_SHARE:
         k = card.n_layers
     else:
-        k = rng.randint(1, min(MAX_BLOCKS, card.n_layers))
+        k = rng.randint(1, min(MOE_MAX_BLOCKS if card.moe else MAX_BLOCKS, card.n_layers))
     card = cut(card, k)
     return card, draw_plan(rng, card)
 
