@@ -21,10 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peftplan.errors import PlanError
-from peftplan.planning import estimate
-from peftplan.trace.check import compare, one_line, summarize
+from peftplan.trace.check import one_line, run_grid, summarize
 from peftplan.trace.family_grid import CONFIGS, resolve
-from peftplan.trace.run import trace
 
 
 def random_draws(n: int, seed: int) -> None:
@@ -62,25 +60,19 @@ def main() -> None:
         return random_draws(args.random, args.seed)
     only = [x for x in args.only.split(",") if x]
     configs = [c for c in CONFIGS if not only or any(o in c.card for o in only)]
-    results, failures, rows = [], [], []
-    by_family: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
-    for i, config in enumerate(configs, 1):
-        label = config.label()
+    labelled, unresolved = [], []
+    for config in configs:
         try:
-            card, plan = resolve(config)
-            c = compare(estimate(card, plan), trace(card, plan))
+            labelled.append((config.label(), *resolve(config)))
         except PlanError as e:
-            failures.append(f"{label}: {one_line(e)}")
-            print(f"[{i}/{len(configs)}] FAIL {label}: {one_line(e)}", flush=True)
-            continue
-        results.append(c)
-        by_family[card.family].append(abs(c.peak_error))
-        rows.append({"config": label, "family": card.family, "peak_error": c.peak_error,
-                     "trace_peak_bytes": c.trace_peak_bytes, "estimate_peak_bytes": c.estimate_peak_bytes,
-                     "phase": c.trace_phase, "trace_seconds": round(c.trace_seconds, 2)})
-        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label}: "
-              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_seconds:.1f} s)", flush=True)
+            unresolved.append(f"{config.label()}: {one_line(e)}")
+            print(f"FAIL {config.label()}: {one_line(e)}", flush=True)
+    run = run_grid(labelled, extra=lambda card, c: {"family": card.family})
+    results, failures, rows = run.results, unresolved + run.failures, run.rows
+    by_family: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_family[row["family"]].append(abs(row["peak_error"]))
     s = summarize(results, failures)
     families = {f: {"n": len(v), "median_abs_error": statistics.median(v), "max_abs_error": max(v)}
                 for f, v in sorted(by_family.items())}

@@ -16,10 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peftplan.planning.cards import registry
-from peftplan.errors import PlanError
-from peftplan.planning import estimate
-from peftplan.trace.check import compare, grid, summarize
-from peftplan.trace.run import trace
+from peftplan.trace.check import grid, run_grid, summarize
 
 OUT = Path(__file__).resolve().parent / "results" / "check_grid.json"
 
@@ -53,23 +50,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     configs = configurations(args.quick)
-    results, failures, rows = [], [], []
     t0 = time.perf_counter()
-    for i, (card, plan) in enumerate(configs, 1):
-        label = (f"{card.name} {plan.method} r={plan.r} b={plan.batch_size} s={plan.seq_len} "
-                 f"gc={'on' if plan.grad_checkpointing else 'off'} {plan.attention} {plan.optimizer}")
-        try:
-            c = compare(estimate(card, plan), trace(card, plan))
-        except PlanError as e:
-            failures.append(f"{label}: {e}")
-            print(f"[{i}/{len(configs)}] FAIL {label}: {e}", flush=True)
-            continue
-        results.append(c)
-        rows.append({"config": label, "peak_error": c.peak_error, "trace_peak_bytes": c.trace_peak_bytes,
-                     "estimate_peak_bytes": c.estimate_peak_bytes, "phase": c.trace_phase,
-                     "trace_seconds": round(c.trace_seconds, 2)})
-        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label}: "
-              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_seconds:.1f} s)", flush=True)
+    labelled = [(f"{card.name} {plan.method} r={plan.r} b={plan.batch_size} s={plan.seq_len} "
+                 f"gc={'on' if plan.grad_checkpointing else 'off'} {plan.attention} {plan.optimizer}", card, plan)
+                for card, plan in configs]
+    run = run_grid(labelled)
+    results, failures, rows = run.results, run.failures, run.rows
     s = summarize(results, failures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))

@@ -26,13 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftplan.errors import PlanError  # noqa: E402
 from peftplan.plan import Plan  # noqa: E402
-from peftplan.planning import estimate  # noqa: E402
 from peftplan.planning.cards import registry  # noqa: E402
-from peftplan.trace.check import compare, summarize  # noqa: E402
+from peftplan.trace.check import run_grid, summarize  # noqa: E402
 from peftplan.trace.random_check import cut  # noqa: E402
-from peftplan.trace.run import trace  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "check_moe.json"
 # card: blocks kept (DeepSeek-V2-Lite: its dense first block and two MoE blocks)
@@ -88,24 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     configs = full_size() if args.full_size else configurations(args.quick)
     args.out = args.out or (OUT.with_name("check_moe_full_size.json") if args.full_size else OUT)
-    results, failures, rows = [], [], []
     t0 = time.perf_counter()
-    for i, (card, plan) in enumerate(configs, 1):
-        name = label(card, plan)
-        try:
-            c = compare(estimate(card, plan), trace(card, plan))
-        except PlanError as e:
-            failures.append(f"{name}: {e}")
-            print(f"[{i}/{len(configs)}] FAIL {name}: {e}", flush=True)
-            continue
-        results.append(c)
-        rows.append({"config": name, "peak_error": c.peak_error, "trace_peak_bytes": c.trace_peak_bytes,
-                     "phase_errors": c.phase_errors,
-                     "estimate_peak_bytes": c.estimate_peak_bytes, "phase": c.trace_phase,
-                     "trace_seconds": round(c.trace_seconds, 2)})
-        print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {name}: "
-              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_peak_bytes / 2**30:.2f} GiB traced, "
-              f"{c.trace_seconds:.1f} s)", flush=True)
+    run = run_grid([(label(card, plan), card, plan) for card, plan in configs])
+    results, failures, rows = run.results, run.failures, run.rows
     s = summarize(results, failures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))

@@ -198,3 +198,19 @@ def test_moe_gaps_are_named_from_card_facts():
     other = replace(card, model_type="some_moe", name="some-moe")
     assert layout(other).block_params and any(isinstance(p, Param) for p in layout(other).block_params)
     assert moe.unmodelled(other) == ["experts with biases and their own gated activation"]
+
+
+def test_run_grid_keeps_going_past_a_failure():
+    """The benchmarks' shared runner: a configuration the trace refuses is a FAIL row with its one-line reason;
+    the next is still measured (trace/check.py run_grid)."""
+    from peftplan.trace.check import run_grid
+    from peftplan.trace.random_check import cut
+
+    card = cut(registry()["smollm2-135m"], 1)
+    bad = Plan(method="lora", batch_size=1, seq_len=16, grad_checkpointing=True, use_reentrant=True, autocast="bf16")
+    good = Plan(method="lora", batch_size=1, seq_len=16)
+    lines = []
+    run = run_grid([("bad", card, bad), ("good", card, good)], echo=lambda s, **_: lines.append(s))
+    assert len(run.failures) == 1 and run.failures[0].startswith("bad: ") and "\n" not in run.failures[0]
+    assert [r["config"] for r in run.rows] == ["good"] and abs(run.results[0].peak_error) < 0.02
+    assert lines[0].startswith("[1/2] FAIL bad") and lines[1].startswith("[2/2] ok  good")

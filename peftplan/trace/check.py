@@ -95,3 +95,38 @@ def grid(cards: list[ModelCard], methods=("full", "adapter", "lora", "qlora"), r
             out.append((card, Plan(method=method, r=r, batch_size=b, seq_len=s, grad_checkpointing=gc,
                                    attention=attn, optimizer=opt)))
     return out
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """What `run_grid` measured: the comparisons, the FAIL rows ("label: reason") and one JSON row each."""
+    results: list[Comparison]
+    failures: list[str]
+    rows: list[dict]
+
+
+def run_grid(configs: list[tuple[str, ModelCard, Plan]], extra=None, echo=print) -> GridRun:
+    """Estimate and trace each labelled (card, plan), printing one line each (`[i/n] ok|OUT|FAIL label: error`):
+    a configuration that cannot be estimated or traced is a FAIL row with its reason and the others go on
+    (the benchmarks/check_*.py scripts). `extra(card, comparison) -> dict` adds fields to a row."""
+    from peftplan.errors import PlanError
+    from peftplan.planning import estimate
+    from peftplan.trace.run import trace
+
+    results, failures, rows = [], [], []
+    for i, (label, card, plan) in enumerate(configs, 1):
+        try:
+            c = compare(estimate(card, plan), trace(card, plan))
+        except PlanError as e:
+            failures.append(f"{label}: {one_line(e)}")
+            echo(f"[{i}/{len(configs)}] FAIL {label}: {one_line(e)}", flush=True)
+            continue
+        results.append(c)
+        rows.append({"config": label, "peak_error": c.peak_error, "phase_errors": c.phase_errors,
+                     "trace_peak_bytes": c.trace_peak_bytes, "estimate_peak_bytes": c.estimate_peak_bytes,
+                     "phase": c.trace_phase, "trace_seconds": round(c.trace_seconds, 2),
+                     **(extra(card, c) if extra else {})})
+        echo(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label}: "
+             f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_peak_bytes / 2**30:.2f} GiB traced, "
+             f"{c.trace_seconds:.1f} s)", flush=True)
+    return GridRun(results, failures, rows)
