@@ -214,3 +214,19 @@ def test_run_grid_keeps_going_past_a_failure():
     assert len(run.failures) == 1 and run.failures[0].startswith("bad: ") and "\n" not in run.failures[0]
     assert [r["config"] for r in run.rows] == ["good"] and abs(run.results[0].peak_error) < 0.02
     assert lines[0].startswith("[1/2] FAIL bad") and lines[1].startswith("[2/2] ok  good")
+
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gpt-oss-20b", "deberta-v3-base"])
+def test_eager_only_classes_warn_and_are_drawn_eager(name):
+    """Classes without an SDPA path in transformers 5 (their trace refuses sdpa/flash): the estimate says to pass
+    --attention eager, and the random draw only gives them eager."""
+    import random
+
+    from peftplan.trace.random_check import DOMAINS
+
+    card = registry()[name]
+    plan = Plan(method="lora", targets="all-linear", batch_size=1, seq_len=64)
+    assert any("eager attention only" in w for w in estimate(card, plan).warnings)
+    assert not any("eager attention only" in w for w in estimate(card, plan.with_(attention="eager")).warnings)
+    rng = random.Random(0)
+    assert {DOMAINS["attention"](rng, card) for _ in range(20)} == {"eager"}

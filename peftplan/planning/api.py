@@ -48,9 +48,9 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
                         "--text-only plans the text model alone")
     elif card.text_only:
         warnings.append(f"planning the text model alone ({card.model_class})")
-    if card.model_type == "gemma2" and plan.attention == "sdpa":
-        warnings.append("transformers runs Gemma-2 with eager attention only (its SDPA path is refused): "
-                        "pass --attention eager")
+    if families.eager_only(card) and plan.attention != "eager":
+        warnings.append(f"transformers runs {card.model_class or card.model_type} with eager attention only (its "
+                        f"{plan.attention} path is refused): pass --attention eager")
     if plan.method == "qlora" and plan.kbit_prep and not plan.grad_checkpointing:
         warnings.append("peft's prepare_model_for_kbit_training turns gradient checkpointing on by default "
                         "(use_gradient_checkpointing=True); this plan has it off (--grad-checkpointing to match)")

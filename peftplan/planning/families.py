@@ -537,3 +537,12 @@ MLM_LOSS_UPCAST_FAMILIES = ("modernbert",)
 def mlm_loss_upcasts(card: ModelCard) -> bool:
     """Whether the masked-LM loss runs on an fp32 copy of the logits (ModernBertForMaskedLM.forward)."""
     return card.encoder and card.family in MLM_LOSS_UPCAST_FAMILIES
+
+
+# Classes with no SDPA / flash path in transformers 5.24 (`_supports_sdpa` false or refused): a trait of the class,
+# named by family. The estimate warns for another attention; the random draw gives them eager.
+EAGER_ONLY_FAMILIES = ("gemma2", "gpt_oss", "deberta-v2")
+
+
+def eager_only(card: ModelCard) -> bool:
+    return card.family in EAGER_ONLY_FAMILIES or card.model_type in EAGER_ONLY_FAMILIES

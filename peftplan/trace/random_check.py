@@ -28,7 +28,7 @@ from typing import Callable
 from peftplan.errors import PlanError
 from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
 from peftplan.planning.cards import MODEL_TYPES, ModelCard, registry
-from peftplan.planning import moe
+from peftplan.planning import families as family_terms, moe
 from peftplan.planning.layout import layout
 from peftplan.planning.params import lora_targets
 
@@ -127,8 +127,8 @@ DOMAINS: dict[str, Domain] = {
     # the grouped-GEMM experts take bf16 operands only ("Expected inputs of BF16 type", seen in the trace)
     "dtype": lambda rng, card: "bf16" if _fused_moe(card) else rng.choice(tuple(DTYPES)),
     "optimizer": lambda rng, card: rng.choice(OPTIMIZERS),
-    # transformers 5 has no SDPA path for Gemma-2
-    "attention": lambda rng, card: "eager" if card.model_type == "gemma2" else rng.choice(ATTENTIONS),
+    # transformers 5 has no SDPA path for Gemma-2, gpt-oss (families.EAGER_ONLY_FAMILIES)
+    "attention": lambda rng, card: "eager" if family_terms.eager_only(card) else rng.choice(ATTENTIONS),
     # the stack users run (peft's fp32 adapters, the Trainer's autocast, accumulation, clipping)
     "adapter_dtype": lambda rng, card: rng.choice(("fp32", "fp32", "bf16", "fp16")),
     "autocast": lambda rng, card: "none" if _fused_moe(card) else rng.choice(AUTOCASTS),
