@@ -30,7 +30,7 @@ from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PL
 from peftplan.planning.cards import MODEL_TYPES, ModelCard, registry
 from peftplan.planning import families as family_terms, moe
 from peftplan.planning.layout import layout
-from peftplan.planning.params import lora_targets
+from peftplan.planning.params import count, lora_targets
 
 MAX_BLOCKS = 4  # k is drawn in 1..MAX_BLOCKS for cards with more blocks
 WHOLE_CARD_SHARE = 0.1  # this share of draws keeps every block of a card with at most 12 of them
@@ -189,6 +189,7 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
             plan = dataclasses.replace(plan, **{f: getattr(default, f) for f, keep in RELEVANT.items()
                                                 if f in values and not keep(plan)})
             moe.refuse(card, plan)  # what the estimate refuses on this card (QLoRA's k-bit prep on fused experts)
+            count(card, plan)  # and its parameter checks (regex targets on the MoE types peft rewrites)
             if plan.method == "adapter":  # the trace refuses adapters where no FFN output Linear exists (Qwen3-MoE)
                 from peftplan.inject import adapter_sites  # torch: imported only when drawing
 
