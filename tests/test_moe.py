@@ -204,3 +204,24 @@ def test_moe_block_activations_match_the_trace(name, blocks, plan):
     e1, t1 = _forward_activations(cut(registry()[name], blocks + 1), plan)
     assert abs((e1 - e0) / (t1 - t0) - 1) <= 0.01, (e1 - e0, t1 - t0)
     assert abs(e1 / t1 - 1) <= 0.02, (e1, t1)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("n_experts", "-3", "n_experts must be in"), ("router_norm_topk", '"x"', "router_norm_topk must be true or false"),
+    ("experts_per_token", "99", "exceeds n_experts"), ("qk_norm", "3", "qk_norm must be true or false")])
+def test_bad_moe_and_structure_card_fields_are_one_line_exit_2(tmp_path, field, value, needle):
+    """The structure facts of generated cards go through the one validation layer (planning/validate.py)."""
+    import re
+    import subprocess
+    import sys
+
+    from peftplan.planning.cards import MODELS_DIR
+
+    text = (MODELS_DIR / "mixtral-8x7b.toml").read_text()
+    text = re.sub(rf"(?m)^{field} = .*$", f"{field} = {value}", text) if re.search(rf"(?m)^{field} = ", text) \
+        else text.replace("\nname = ", f"\n{field} = {value}\nname = ", 1)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", str(bad), "--targets", "q_proj"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr

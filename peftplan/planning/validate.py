@@ -348,9 +348,12 @@ CARD_INTS: dict[str, tuple[int, int]] = {
     "d_model": (1, 2**17), "n_layers": (1, MAX_LAYERS), "n_heads": (1, 2**12), "n_kv_heads": (1, 2**12),
     "head_dim": (1, 2**14), "d_ff": (1, 2**20), "vocab_size": (1, 2**24), "max_positions": (1, 2**24),
     "position_offset": (0, 2**16), "embed_proj_dim": (0, 2**17), "type_vocab_size": (0, 2**16),
+    # mixture of experts (0: dense)
+    "n_experts": (0, 2**16), "experts_per_token": (0, 2**16), "expert_d_ff": (0, 2**20), "n_shared_experts": (0, 2**10),
 }
 CARD_BOOLS = ("gated_mlp", "tie_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "final_norm",
-              "sandwich_norms")
+              "sandwich_norms", "qk_norm", "cross_attention", "parallel_block", "router_norm_topk",
+              "router_weights_fp32", "router_aux_loss", "generated", "text_only")
 CARD_PROBS = ("hidden_dropout", "attention_dropout", "embed_dropout")
 
 
@@ -377,6 +380,8 @@ def validate_card(card: Any) -> None:
         check_float(getattr(card, key), f"{who}: {key}", 0.0, 1.0, err=ConfigError)
     check_choice(card.norm, f"norm of {who}", ("layernorm", "rmsnorm"), err=ConfigError)
     check_choice(card.positions, f"positions of {who}", ("learned", "rotary", "relative", "alibi"), err=ConfigError)
+    if card.experts_per_token > card.n_experts:
+        raise ConfigError(f"{who}: experts_per_token {card.experts_per_token} exceeds n_experts {card.n_experts}")
     if card.n_heads % card.n_kv_heads:
         raise ConfigError(f"{who}: n_heads {card.n_heads} is not a multiple of n_kv_heads {card.n_kv_heads}")
     if not isinstance(card.hf, dict):
