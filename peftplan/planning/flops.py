@@ -62,11 +62,23 @@ _ROLE_BY_LEAF = {"q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj
                  "c_attn": "qkv", "qkv_proj": "qkv"}
 
 
+_STAGE_BY_ROLE = {"attn_in": 0, "attn_latent": 0, "cross_attn_in": 0, "attn_out": 1, "cross_attn_out": 1,
+                  "ffn_in": 2, "expert_ffn_in": 2, "shared_ffn_in": 2, "router": 2, "ffn_out": 3,
+                  "expert_ffn_out": 3, "shared_ffn_out": 3}
+
+
 def stage(lin: Linear) -> int:
-    """0 attention input, 1 attention output, 2 MLP input, 3 MLP output."""
+    """0 attention input, 1 attention output, 2 MLP input, 3 MLP output.
+
+    From the Linear's role (generated cards: `cardgen.role_of`), else its name (hand-written cards); a Linear
+    neither names (a role "other") counts as an attention input, the earliest stage, so everything above it
+    is taken to need gradients (never an under-count of backward work).
+    """
+    if lin.role in _STAGE_BY_ROLE:
+        return _STAGE_BY_ROLE[lin.role]
     if lin.name in _STAGES:
         return _STAGES[lin.name]
-    return _STAGE_BY_LEAF[lin.name.rsplit(".", 1)[-1]]
+    return _STAGE_BY_LEAF.get(lin.name.rsplit(".", 1)[-1], 0)
 
 
 def _post_norm(card: ModelCard) -> bool:
