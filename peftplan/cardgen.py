@@ -549,12 +549,13 @@ def import_config(path, name: str | None = None, source: str | None = None, task
     import hashlib
     from pathlib import Path
 
+    from peftplan.cardgen_worker import generate as generate_fast
     from peftplan.planning.cards import read_config
 
     config, raw = read_config(Path(path))
     check_config(config)
     where = Path(path) if Path(path).is_file() else Path(path) / "config.json"
-    fields = generate(config, name=name or config.get("_name_or_path") or where.parent.name,
+    fields = generate_fast(config, name=name or config.get("_name_or_path") or where.parent.name,
                       source=source or str(where), sha256=hashlib.sha256(raw).hexdigest(), task=task,
                       text_only=text_only)
     return fields, card_toml(fields, comment)

@@ -346,7 +346,8 @@ def card_from_config_path(path: Path, task: str | None = None, text_only: bool =
             same = card.name == name and card.source == str(where)
             return card if same else replace(card, name=name, source=str(where))
     check_config(config)  # refuse remote code and contradictory sizes before importing torch
-    from peftplan.cardgen import card_toml, generate
+    from peftplan.cardgen import card_toml
+    from peftplan.cardgen_worker import generate  # a forked worker that skips what a meta build never runs
 
     fields_ = generate(config, name=name, source=str(where), sha256=sha, task=task, text_only=text_only)
     card = ModelCard(**fields_)
