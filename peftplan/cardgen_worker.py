@@ -42,8 +42,10 @@ import types
 
 DEFERRED = ("torch._dynamo", "scipy", "accelerate")
 PASS_THROUGH = {"torch._dynamo": frozenset({"disable", "assume_constant_result", "allow_in_graph"})}
-# Modules whose presence in the parent means the imports are done already: a worker would only add a fork.
-_ALREADY = ("transformers.modeling_utils", "torch._dynamo")
+# A parent that imported torch is past the point where a worker saves anything (and may hold torch's native
+# thread pools, which a fork does not carry safely): it builds in-process.
+_ALREADY = ("torch", "transformers.modeling_utils")
+SWITCH = "PEFTPLAN_CARD_WORKER"  # "0": always build in-process (the benchmark's baseline)
 
 
 class DeferredUse(BaseException):
@@ -170,9 +172,10 @@ def generate(config: dict, name: str, source: str, sha256: str, task: str | None
     """Card fields for a config.json dict, exactly `peftplan.cardgen.generate`'s (same arguments, same
     PlanError), built in a forked worker where the process has not imported transformers' models yet, the
     platform can fork and the process runs one thread (forking a threaded process is unsafe); else
-    in-process with the garbage collector paused during the build."""
+    in-process with the garbage collector paused during the build (also where PEFTPLAN_CARD_WORKER=0)."""
     kwargs = dict(config=config, name=name, source=source, sha256=sha256, task=task, text_only=text_only)
-    if hasattr(os, "fork") and threading.active_count() == 1 and not any(m in sys.modules for m in _ALREADY):
+    if (hasattr(os, "fork") and os.environ.get(SWITCH, "1") != "0" and threading.active_count() == 1
+            and not any(m in sys.modules for m in _ALREADY)):
         got = _in_worker(kwargs)
         if got is not None:
             status, payload = got

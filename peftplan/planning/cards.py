@@ -62,8 +62,8 @@ class ModelCard:
     attention_bias: bool  # biases on q, k, v
     attention_out_bias: bool  # bias on the attention output projection
     mlp_bias: bool
-    norm: str  # "layernorm" (weight + bias) or "rmsnorm" (weight only)
-    positions: str  # "learned" (a table of max_positions rows) or "rotary" (no parameters)
+    norm: str  # "layernorm" (subtracts the mean; weight + bias, or weight only: ModernBERT) or "rmsnorm"
+    positions: str  # "learned" (a table of max_positions rows), "rotary", "relative" (T5, DeBERTa-v2) or "alibi"
     # -- family specifics; the defaults are the common case
     position_offset: int = 0  # OPT and RoBERTa reserve 2 extra rows in the position table
     embed_proj_dim: int = 0  # OPT-350m: embeddings live in 512 dims, projected in/out of d
