@@ -11,12 +11,14 @@ the meta build and the card itself take 0.1 s; the imports of one modeling modul
     `torch._dynamo.assume_constant_result` and `allow_in_graph` as decorators;
   - `scipy.optimize` (0.25 s): transformers.loss.loss_for_object_detection imports `linear_sum_assignment`
     whenever scipy is installed;
-  - `accelerate` (0.1 s, boto3 with it): transformers.integrations.accelerate imports names from it.
+  - `accelerate` (0.1 s, boto3 with it): transformers.integrations.accelerate imports names from it;
+  - and, at exit, the interpreter's finalization of all those modules: 0.8 s.
 Neither library has a switch to skip these (transformers.utils.import_utils decides by package availability
 alone; no environment variable of torch or transformers gates torch._dynamo), and torch.distributed.tensor
 cannot be skipped: transformers.distributed.tensor_parallel creates `Replicate()` objects at import.
 
-How. On POSIX, `os.fork()`; the child turns the garbage collector off (it exits after one build), installs
+How. On POSIX, `os.fork()`; the child turns the garbage collector off (it exits after one build, by
+`os._exit`, so nothing is finalized; the parent never imports torch and exits at once too), installs
 an import finder that serves DEFERRED packages (only those installed) as stubs, builds the card with
 `cardgen.generate` and sends the fields (or its PlanError) back through a pipe. In a stub, every name is a
 placeholder class: calling it, reading its attributes or instantiating a subclass raises `DeferredUse`, a
