@@ -148,13 +148,11 @@ def _in_worker(kwargs: dict):
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover -- the child; coverage does not follow forks
-        code = 1
+        code = 1  # DeferredUse, anything raised: exit 1 at once (no traceback), the parent builds in-process
         try:
             os.close(read_fd)
             _worker(write_fd, kwargs)
             code = 0
-        except BaseException:  # noqa: BLE001 -- DeferredUse, anything: the parent builds in-process
-            pass
         finally:
             os._exit(code)
     os.close(write_fd)
