@@ -389,8 +389,33 @@ def _get(cfg, *keys, default=None):
     return default
 
 
-def scalar_facts(cfg, tree: dict, task: str) -> dict:
-    """The card's scalar fields (d_model, n_layers, heads, d_ff, ...) from the text config and the tree."""
+def norm_kind(model, tree: dict) -> str:
+    """"layernorm" or "rmsnorm" for the blocks' norms, from their classes: an `nn.LayerNorm` (ModernBERT's
+    `nn.LayerNorm(bias=False)` included) or a norm with a bias is a LayerNorm; other bias-free norms normalise
+    by the root mean square (LlamaRMSNorm, T5's T5LayerNorm despite its name)."""
+    from torch import nn
+
+    prefix = tree["block_prefix"] + "."
+    norms = [m for name, m in model.named_modules() if name.startswith(prefix) and _is_norm(m)]
+    layer = any(isinstance(m, nn.LayerNorm) or getattr(m, "bias", None) is not None for m in norms)
+    return "layernorm" if layer else "rmsnorm"
+
+
+def _chunked_glu(lin: dict) -> bool:
+    """A GLU whose gate and up halves come from one Linear's output split in two (ModernBertMLP: `input, gate
+    = Wi(x).chunk(2, dim=-1)`, then `Wo(act(input) * gate)`): the one FFN input Linear is twice as wide as
+    what the one output Linear reads."""
+    ffn_in = [e for e in lin.values() if e["role"] == "ffn_in"]
+    ffn_out = [e for e in lin.values() if e["role"] == "ffn_out"]
+    return len(ffn_in) == 1 and len(ffn_out) == 1 and ffn_in[0]["d_out"] == 2 * ffn_out[0]["d_in"]
+
+
+def scalar_facts(cfg, tree: dict, task: str, norm: str | None = None) -> dict:
+    """The card's scalar fields (d_model, n_layers, heads, d_ff, ...) from the text config and the tree; `norm`
+    from `norm_kind` (without it: "layernorm" where a block norm has a bias, else "rmsnorm").
+
+    positions: "learned" (a position table), "relative" (T5's relative_attention_bias, DeBERTa-v2's
+    rel_embeddings / `relative_attention`), "alibi" (BLOOM, `alibi`), else "rotary"."""
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     d = int(_get(text, "hidden_size", "d_model", "n_embd"))
     h = int(_get(text, "num_attention_heads", "num_heads", "n_head"))
@@ -410,12 +435,14 @@ def scalar_facts(cfg, tree: dict, task: str) -> dict:
     d_ff = int(d_ff or 4 * d)
     leaves = {n.rsplit(".", 1)[-1] for n in lin}
     gate_up_param = any(e["kind"] == "param" and e["name"].endswith("gate_up_proj") for e in block + tree["other"])
-    gated = bool({"gate_proj", "gate_up_proj", "wi_0", "w1"} & leaves) or gate_up_param
+    gated = bool({"gate_proj", "gate_up_proj", "wi_0", "w1"} & leaves) or gate_up_param or _chunked_glu(lin)
     norms = [e for e in block if e["kind"] == "norm"]
     norm_bias = any(e["bias"] for e in norms)
     names = " ".join(e["name"] for e in tree["other"] + block)
+    relative = bool(re.search(r"relative_attention_bias|rel_embeddings", names)
+                    or getattr(text, "relative_attention", False) is True)
     positions = ("learned" if re.search(r"position_embeddings|embed_positions|wpe\b", names)
-                 else "relative" if "relative_attention_bias" in names
+                 else "relative" if relative
                  else "alibi" if getattr(text, "alibi", False) or text.model_type == "bloom" else "rotary")
     emb = next((e for e in tree["other"] if e["name"] == tree["input_embedding"]), None)
     vocab = int(_get(text, "vocab_size", default=emb["rows"] if emb else 0))
@@ -432,7 +459,7 @@ def scalar_facts(cfg, tree: dict, task: str) -> dict:
                                              "feed_forward_proj", default="gelu")),
         tie_embeddings=bool(tree["head_tied"]), attention_bias=any(e["bias"] for e in attn_in),
         attention_out_bias=any(e["bias"] for e in attn_out), mlp_bias=any(e["bias"] for e in ffn_lin),
-        norm="layernorm" if norm_bias else "rmsnorm", positions=positions,
+        norm=norm or ("layernorm" if norm_bias else "rmsnorm"), positions=positions,
         task=task, qk_norm=qk_norm, cross_attention="cross_attn_in" in roles,
         parallel_block=bool(getattr(text, "parallel_attn", False) or getattr(text, "use_parallel_residual", False)
                             or text.model_type == "gptj"),
@@ -485,7 +512,7 @@ def generate(config: dict, name: str, source: str, sha256: str, task: str | None
             raise PlanError(f"model type '{mt}' is not supported: its config has no {what} (peftplan plans "
                             "transformer blocks with attention)")
     try:
-        facts = scalar_facts(cfg, tree, task)
+        facts = scalar_facts(cfg, tree, task, norm_kind(model, tree))
     except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
         raise PlanError(f"model type '{mt}' is not supported: cannot read its sizes ({_first_line(e)})") from None
     return dict(
@@ -549,12 +576,13 @@ def import_config(path, name: str | None = None, source: str | None = None, task
     import hashlib
     from pathlib import Path
 
+    from peftplan.cardgen_worker import generate as generate_fast
     from peftplan.planning.cards import read_config
 
     config, raw = read_config(Path(path))
     check_config(config)
     where = Path(path) if Path(path).is_file() else Path(path) / "config.json"
-    fields = generate(config, name=name or config.get("_name_or_path") or where.parent.name,
+    fields = generate_fast(config, name=name or config.get("_name_or_path") or where.parent.name,
                       source=source or str(where), sha256=hashlib.sha256(raw).hexdigest(), task=task,
                       text_only=text_only)
     return fields, card_toml(fields, comment)

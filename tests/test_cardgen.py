@@ -261,10 +261,13 @@ def test_cached_card_is_read_without_torch(tmp_path):
     env = {"PEFTPLAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
     code = ("import sys; from peftplan.planning import estimate; e = estimate(sys.argv[1], targets='all-linear'); "
             "print(e.params.base, 'torch' in sys.modules, 'transformers' in sys.modules)")
-    first = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, env=env)
+    # a miss builds on meta: here in-process (the forked worker, which keeps torch out of the caller, is
+    # tests/test_cardgen_worker.py's)
+    first = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True,
+                           env=dict(env, PEFTPLAN_CARD_WORKER="0"))
     second = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.split() == ["596049920", "True", "True"]  # a miss builds on meta
+    assert first.stdout.split() == ["596049920", "True", "True"]
     assert second.stdout.split() == ["596049920", "False", "False"]  # a hit reads TOML only
     assert len(list((tmp_path / "cache").glob("*.toml"))) == 1
 
@@ -354,3 +357,42 @@ def test_models_lists_families_with_total_and_active(tmp_path):
     assert rows["gemma-3-4b"]["family"] == "gemma3"
     table = _cli("models", env_cache=tmp_path / "c").stdout
     assert "qwen3_moe" in table and "mixtral" in table
+
+
+# ---------------------------------------------------------------- facts read from the classes
+
+
+def test_norm_glu_and_positions_are_the_classes():
+    """ModernBERT: nn.LayerNorm without bias and a GLU chunked from Wi; DeBERTa-v2: relative attention and no
+    rotary module; T5's bias-free T5LayerNorm and Llama's RMSNorm: RMSNorms. Held to the transformers classes
+    on meta, not to our cards."""
+    torch = pytest.importorskip("torch")
+    bert, model = registry()["modernbert-base"], meta("modernbert-base")
+    norms = [m for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("_norm")
+             and not isinstance(m, torch.nn.Identity)]  # block 0 has no attention norm
+    assert norms and all(isinstance(m, torch.nn.LayerNorm) and m.bias is None for m in norms)
+    mlp = model.model.layers[0].mlp
+    assert mlp.Wi.out_features == 2 * mlp.Wo.in_features == 2 * bert.d_ff  # input, gate = Wi(x).chunk(2)
+    assert (bert.norm, bert.gated_mlp) == ("layernorm", True)
+    deberta, dmodel = registry()["deberta-v3-base"], meta("deberta-v3-base")
+    assert dmodel.config.relative_attention and not dmodel.config.position_biased_input
+    assert not any("rotary" in type(m).__name__.lower() for m in dmodel.modules())
+    assert deberta.positions == "relative"
+    t5 = meta("flan-t5-base")
+    assert type(t5.decoder.block[0].layer[0].layer_norm).__name__ == "T5LayerNorm"
+    assert registry()["flan-t5-base"].norm == registry()["qwen3-0.6b"].norm == "rmsnorm"
+    assert registry()["pythia-1b"].norm == "layernorm" and not registry()["pythia-1b"].gated_mlp
+
+
+def test_modernbert_terms_read_the_card_facts():
+    """families.py's ModernBERT terms follow the card (a bias-free LayerNorm encoder, a chunked GLU), not a
+    family-name list: the same card saying RMSNorm / ungated gets none of them; no other card gets them."""
+    from peftplan.planning import families
+
+    card = registry()["modernbert-base"]
+    assert families.biasless_layernorm_encoder(card) and families.chunked_glu(card)
+    assert not families.biasless_layernorm_encoder(dataclasses.replace(card, norm="rmsnorm"))
+    assert not families.chunked_glu(dataclasses.replace(card, gated_mlp=False))
+    others = [c for n, c in registry().items() if n != "modernbert-base"]
+    assert not any(families.biasless_layernorm_encoder(c) for c in others)
+    assert {c.name for c in others if families.chunked_glu(c)} <= {"phi-4", "phi-3-mini"}  # fused gate_up_proj

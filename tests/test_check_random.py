@@ -82,6 +82,11 @@ KINDS = {
                                                                   optimizer="sgd-momentum", attention="eager",
                                                                   grad_accum=2, max_grad_norm=0.0,
                                                                   moe_routing="worst")),
+    # ModernBERT's card says LayerNorm (bias-free) and a gated MLP chunked from Wi (cardgen reads the classes):
+    # under autocast the GLU's Wi output is in the autocast dtype, layer_norm runs in fp32 (was -3.6%)
+    "ModernBERT QLoRA DoRA autocast": ("modernbert-base", 2, dict(method="qlora", targets="all-linear",
+                                                                  use_dora=True, kbit_prep=False, dtype="fp16",
+                                                                  autocast="fp16", batch_size=3, seq_len=64)),
 }
 
 

@@ -62,8 +62,8 @@ class ModelCard:
     attention_bias: bool  # biases on q, k, v
     attention_out_bias: bool  # bias on the attention output projection
     mlp_bias: bool
-    norm: str  # "layernorm" (weight + bias) or "rmsnorm" (weight only)
-    positions: str  # "learned" (a table of max_positions rows) or "rotary" (no parameters)
+    norm: str  # "layernorm" (subtracts the mean; weight + bias, or weight only: ModernBERT) or "rmsnorm"
+    positions: str  # "learned" (a table of max_positions rows), "rotary", "relative" (T5, DeBERTa-v2) or "alibi"
     # -- family specifics; the defaults are the common case
     position_offset: int = 0  # OPT and RoBERTa reserve 2 extra rows in the position table
     embed_proj_dim: int = 0  # OPT-350m: embeddings live in 512 dims, projected in/out of d
@@ -346,7 +346,8 @@ def card_from_config_path(path: Path, task: str | None = None, text_only: bool =
             same = card.name == name and card.source == str(where)
             return card if same else replace(card, name=name, source=str(where))
     check_config(config)  # refuse remote code and contradictory sizes before importing torch
-    from peftplan.cardgen import card_toml, generate
+    from peftplan.cardgen import card_toml
+    from peftplan.cardgen_worker import generate  # a forked worker that skips what a meta build never runs
 
     fields_ = generate(config, name=name, source=str(where), sha256=sha, task=task, text_only=text_only)
     card = ModelCard(**fields_)

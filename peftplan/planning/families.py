@@ -49,9 +49,10 @@ k = h_kv·d_h key/value width, e bytes per element.
     sink_eager_correction  eager attention with sinks (gpt-oss): a bf16 softmax over s + 1 columns and the row
                          max's int64 indices, in place of the fp32 softmax and its cast.
 
-    encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert): nn.LayerNorm
-                         without bias (recorded "rmsnorm" from the missing bias), a GLU split from one Wi output,
-                         no attention norm in block 0, the final norm; its MLM loss upcasts the logits
+    encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert), an encoder of
+                         bias-free LayerNorms (the card's norm "layernorm", its tree norms without bias) in
+                         pre-norm blocks, no attention norm in block 0, the final norm; its GLU split from one Wi
+                         output is the card's gated MLP (chunked_glu); its MLM loss upcasts the logits
                          (mlm_loss_upcasts); local layers' bidirectional window W = local_attention // 2.
     deberta_correction   DeBERTa-v2's eager disentangled attention (transformers' DisentangledSelfAttention).
 
@@ -368,12 +369,12 @@ def logit_softcap(card: ModelCard) -> float:
 
 # ---------------------------------------------------------------- encoder-only families
 
-# nn.LayerNorm(bias=False) (ModernBERT's norms, `norm_bias: false`): cardgen records a norm without a bias as
-# "rmsnorm"; the class is a LayerNorm, which saves x (e per element), mean and rstd (fp32 on CUDA).
-BIASLESS_LAYERNORM_FAMILIES = ("modernbert",)
-# A GLU whose two halves come from one Linear's output split in forward (ModernBertMLP: `input, gate =
-# Wi(x).chunk(2, dim=-1)`; `Wo(act(input) * gate)`): no gate Linear names it, so cardgen records no gated MLP.
-CHUNKED_GLU_FAMILIES = ("modernbert",)
+def biasless_layernorm_encoder(card: ModelCard) -> bool:
+    """An encoder whose block norms are LayerNorms without bias (ModernBERT: `nn.LayerNorm(bias=norm_bias)`,
+    norm_bias false), in pre-norm blocks, where memory.py counts an encoder's blocks as BERT's post-norm ones:
+    the card's `norm` and its tree's norm entries (cardgen.norm_kind)."""
+    norms = layout(card).block_norms
+    return card.encoder and card.norm == "layernorm" and bool(norms) and not any(n.bias for n in norms)
 
 
 def layernorm_saved(card: ModelCard, e: int) -> int:
@@ -392,47 +393,52 @@ def extra_norm_blocks(card: ModelCard) -> int:
 
 
 def chunked_glu(card: ModelCard) -> bool:
+    """A gated MLP whose gate and up halves are one Linear's output split in two (ModernBertMLP: `input, gate =
+    Wi(x).chunk(2, dim=-1)`; Phi-3's gate_up_proj): one ffn_in Linear, 2·d_ff wide (the card's tree)."""
     ffn_in = [x for x in layout(card).block_linears if x.role == "ffn_in"]
-    return (card.family in CHUNKED_GLU_FAMILIES and not card.gated_mlp and len(ffn_in) == 1
-            and ffn_in[0].d_out == 2 * card.d_ff)
+    return card.gated_mlp and len(ffn_in) == 1 and ffn_in[0].d_out == 2 * card.d_ff
+
+
+def glu_grad(card: ModelCard, g):
+    """memory's `_Grad` for the MLP of a chunked GLU: both halves are views of one output, so each needs a
+    gradient when either does (memory._needs_grad reads gate and up from the Linears' names, which ModernBERT's
+    `Wi` does not carry)."""
+    if not chunked_glu(card) or g.gate == g.up:
+        return g
+    import dataclasses
+
+    return dataclasses.replace(g, gate=True, up=True)
 
 
 def encoder_block_correction(card: ModelCard, plan: Plan, e: int, generic_norm: float,
                              counted_norms: float = 2.0) -> float:
-    """Bytes per token (averaged over the blocks) ModernBERT's block saves beyond the generic count:
-    - each block norm is a LayerNorm, not the RMSNorm the generic count assumed from its missing bias;
-    - blocks after the first have an attention LayerNorm too (input, mean, rstd);
-    - the GLU keeps the whole 2·d_ff-wide Wi output (GELU's input and the gate are views of it) and the GELU
-      output (saved by the product), where the generic ungated count keeps GELU's d_ff-wide input: 2·d_ff·e more.
-    (ModernBERT's fused Wqkv, its rotary copy of the attention output and the sliding-window masks are the
-    fused_qkv, rotary_cat and sliding-window terms above.)"""
-    total = 0.0
-    if card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm":
-        # memory.py counted `counted_norms` generic norms per block; the block has `wide` LayerNorms (block 0 of
-        # ModernBERT lacks the attention norm: the others' are extra_norm_blocks)
-        wide = len(layout(card).block_norms) - len(qk_norms(card))
-        total += wide * layernorm_saved(card, e) - counted_norms * generic_norm
-        total += layernorm_saved(card, e) * extra_norm_blocks(card) / card.n_layers
-    if chunked_glu(card):
-        total += 2 * card.d_ff * e
-    return total
+    """Bytes per token (averaged over the blocks) ModernBERT's pre-norm block saves beyond memory.py's post-norm
+    encoder count (`counted_norms` norms whose input needs a gradient, `generic_norm` bytes per token each):
+    - each of its `wide` block LayerNorms (input, mean, rstd) reads an input that needs a gradient;
+    - blocks after the first have an attention LayerNorm too (the tree's per-block norms outside block 0's).
+    (ModernBERT's GLU is the card's gated MLP with chunked_glu's gradient rule; its fused Wqkv, its rotary copy
+    of the attention output and the sliding-window masks are the fused_qkv, rotary_cat and sliding-window
+    terms above.)"""
+    if not biasless_layernorm_encoder(card):
+        return 0.0
+    # block 0 of ModernBERT lacks the attention norm: the other blocks' are extra_norm_blocks
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    total = wide * layernorm_saved(card, e) - counted_norms * generic_norm
+    return total + layernorm_saved(card, e) * extra_norm_blocks(card) / card.n_layers
 
 
 def outside_correction(card: ModelCard, plan: Plan) -> float:
     """Bytes per token ModernBERT saves outside the blocks beyond memory.outside_saved_per_token's encoder count:
-    its embedding and head norms are LayerNorms (not the RMSNorm assumed from their missing bias), and the
-    final_norm after the last block (which the BERT-style count has not) saves its input, mean and rstd."""
-    if not (card.encoder and card.family in BIASLESS_LAYERNORM_FAMILIES and card.norm == "rmsnorm"):
+    the final_norm after the last block (which the BERT-style count has not) saves its input, mean and rstd
+    (the embedding and head LayerNorms are memory's, from the card's norm)."""
+    if not biasless_layernorm_encoder(card):
         return 0.0
     from peftplan.planning import (
         memory,  # memory imports this module: imported here, at call time
     )
 
-    e = memory.stream_element_bytes(plan)
-    trains = plan.method in ("full", "adapter")
-    generic = memory.norm_saved(card, plan, trains)
-    ln = layernorm_saved(card, e)
-    total = (ln - generic) * (2 if trains else 1) + ln  # embedding norm (when something below it trains), head norm
+    e = memory.stream_element_bytes(plan, card)
+    total = layernorm_saved(card, e)
     if plan.uses_lora and plan.method != "full" and head_dense_wrapped(card, plan):
         total += e * card.d_model  # the head's dense Linear wrapped by LoRA saves its input
     return total

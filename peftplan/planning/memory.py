@@ -524,6 +524,7 @@ def _mlp_saved(card: ModelCard, g: _Grad, e: int, ce: int, f: int, down_saves: b
     """Bytes per token the MLP saves between its input and output projections (the down projection's input
     counted when it saves it). The activation saves its input when the gate's output needs a gradient; the
     gated product saves each factor when the other needs one."""
+    g = families.glu_grad(card, g)  # a GLU chunked from one Linear's output (ModernBERT's Wi)
     if card.gated_mlp:  # gate, act(gate), up; their product if down saves it
         return e * f * (g.gate + g.gate + g.up + down_saves)
     if card.activation == "relu":
