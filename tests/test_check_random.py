@@ -82,6 +82,12 @@ KINDS = {
                                                                   optimizer="sgd-momentum", attention="eager",
                                                                   grad_accum=2, max_grad_norm=0.0,
                                                                   moe_routing="worst")),
+    # full fine-tuning, first moments of backward: the untied head's weight gradient beside every saved tensor
+    # and the logits' gradient; under autocast its fp16 gradient and fp32 cast together; accumulating, a
+    # temporary beside every gradient (was -11.7%)
+    "full: head gradient at backward start": ("tinyllama-1.1b", 1, dict(method="full", batch_size=1, seq_len=16,
+                                                                        dtype="fp32", autocast="fp16",
+                                                                        optimizer="sgd", grad_accum=2)),
 }
 
 

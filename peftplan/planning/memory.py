@@ -876,6 +876,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         mixed = plan.mixed_precision
         moments.append(dict(gradients_bytes=st.gradients_bytes,
                             temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed))
+    moments += head_gradient_moments(card, plan, act.saved_bytes, bwd_cache)
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
@@ -889,6 +890,40 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                   temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
     fwd, bwd = dora.moments(card, plan, st, act, late, fwd, bwd)  # DoRA's weight-norm working set (dora.py)
     return with_scaler(plan, (fwd, bwd, opt))  # fp16 autocast: the GradScaler's scalars (scaler.py)
+
+
+def head_gradient_moments(card: ModelCard, plan: Plan, saved: int, cache: int) -> list[dict[str, int]]:
+    """Full fine-tuning, the first moments of backward: the output head's weight gradient is written while
+    every saved tensor is alive.
+
+    The head's MmBackward computes the input gradient (t×d), then the weight gradient (V×d, in the logits'
+    dtype) from the logits' gradient (t×V, still alive as the node's input). Under autocast over weights in
+    another dtype the gradient flows through the weight copy's ToCopyBackward: after the mm node released its
+    saved weight copy, the gradient in the autocast dtype and its cast to the weight dtype are alive together.
+    Accumulating (from the second micro-step), the new gradient is then added into `.grad` in place
+    (AccumulateGrad), so it is a temporary beside every existing gradient; otherwise it becomes `.grad`.
+    H = V·d_embed; shapes from layout. Source: torch/csrc/autograd/engine.cpp (saved variables released after
+    a node runs), torch/csrc/autograd/functions/accumulate_grad.h.
+    """
+    if plan.method != "full":
+        return []
+    lay, t = layout(card), plan.tokens
+    H = lay.head_rows * lay.head_cols
+    lg, hw = DTYPES[plan.compute_dtype], plan.bytes_per_element  # the gradient's dtype, the weight's
+    x_grad = lg * lay.head_cols * t  # the head input's gradient, computed first
+    accum = plan.grad_accum > 1
+    # the gradient as written by the mm; it becomes `.grad` itself (untied, same dtype, not accumulating)
+    becomes_grad = hw == lg and not accum and not lay.head_tied
+    mm = dict(activations_bytes=saved, logits_bytes=lg * t * lay.head_rows,
+              temporaries_bytes=cache + x_grad + (0 if becomes_grad else rounded(lg * H)),
+              gradients_bytes=rounded(lg * H) if becomes_grad else 0)
+    if hw == lg:
+        return [mm]
+    # the weight copy (counted in the autocast cache) is freed; the cast is `.grad` unless it is added to one
+    cast_is_grad = not accum and not lay.head_tied
+    cast = dict(activations_bytes=saved, temporaries_bytes=cache - lg * H + x_grad + rounded(lg * H)
+                + (0 if cast_is_grad else rounded(hw * H)), gradients_bytes=rounded(hw * H) if cast_is_grad else 0)
+    return [mm, cast]
 
 
 def clip_temporaries(card: ModelCard, plan: Plan) -> int:
