@@ -388,6 +388,14 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         late += moe.block_saved_per_token(c, plan, e, trainable_block)
     else:
         late += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
+    if part == "mlp":
+        # freed before an FFN input projection's base weight is used in backward: what the MLP and the down
+        # projection saved, and (a frozen base) what the input projections' LoRA branches saved, whose backward
+        # runs first (created after the base matmul, autograd runs it earlier)
+        lora_in = 0.0 if trainable_block else (group_saved(ffn_in, ne, d)[0]
+                                               + plan.r * (ac or lb) * sum(n in lora for n in ffn_in))
+        return (_mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac) + group_saved([ffn_out], x_of[ffn_out], f)[0]
+                + plan.r * (ac or lb) * (ffn_out in lora) + lora_in)
     if c.hidden_dropout > 0:
         late += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
     if plan.method == "adapter":
@@ -729,13 +737,46 @@ def _first_gradients_elements(card: ModelCard) -> int:
     return block + sum(x.numel for x in lay.embeddings)
 
 
-def dequantized_weight_bytes(card: ModelCard, plan: Plan) -> int:
+def _ffn_out_and_rest_numel(card: ModelCard) -> tuple[int, int]:
+    """(the FFN output projection's weight numel, the largest other block Linear's)."""
+    _, _, _, ffn_out = _groups(card)
+    lin = layout(card).block_linears
+    out = next((x.weight_numel for x in lin if x.name == ffn_out), 0)
+    return out, max((x.weight_numel for x in lin if x.name != ffn_out), default=0)
+
+
+def _ffn_out_and_rest_gradient_bytes(card: ModelCard, plan: Plan) -> tuple[int, int]:
+    """Trained block: (the FFN output projection's weight (and bias) gradient bytes, the largest other
+    trainable tensor's)."""
+    te = trainable_element_bytes(plan)
+    _, _, _, ffn_out = _groups(card)
+    lin = layout(card).block_linears
+    out = sum(rounded(n * te) for x in lin if x.name == ffn_out for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)])
+    down = next((x.weight_numel for x in lin if x.name == ffn_out), None)
+    rest = list(block_tensors(card, plan))
+    if down in rest:
+        rest.remove(down)
+    return out, rounded(max(rest, default=0) * te)
+
+
+def _after_ffn_bytes(card: ModelCard, plan: Plan, ae: int, trainable_block: bool) -> int:
+    """Live beyond a block's saved tensors when its FFN input projections run their backward: the gradient of
+    their outputs and of their input, less what the MLP and its down projection saved (freed by then). Can be
+    negative."""
+    _, _, ffn_in, _ = _groups(card)
+    lin = {x.name: x for x in layout(card).block_linears}
+    width = sum(lin[n].d_out for n in ffn_in)
+    freed = block_saved_per_token(card, plan, trainable_block, part="mlp")
+    return int((ae * (card.d_model + width) - freed) * plan.tokens)
+
+
+def dequantized_weight_bytes(card: ModelCard, plan: Plan, numel: int | None = None) -> int:
     """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
     (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
     absmax a double-quantized weight dequantizes first (one per 64 weights). 0 for other methods."""
     if plan.method != "qlora":
         return 0
-    n = max(lin.weight_numel for lin in layout(card).block_linears)
+    n = max(lin.weight_numel for lin in layout(card).block_linears) if numel is None else numel
     # dequantized in the 16-bit compute dtype; a fp32 model's gradient is fp32, so the cast makes a fp32 copy
     deq = rounded(2 * n) + (rounded(FP32 * n) if plan.dtype == "fp32" else 0)
     return deq + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
@@ -799,11 +840,28 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
         ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
-    # outweigh the FFN's gradients when tokens are few
+    # outweigh the FFN's gradients when tokens are few. The down projection's is dequantized first, beside the
+    # FFN's whole working set; the wider input projections' (and attention's) after the FFN's intermediates died
     deq = dequantized_weight_bytes(card, plan)
-    if deq:
+    if deq and not card.moe:
+        out_numel, in_numel = _ffn_out_and_rest_numel(card)
+        deq_out = dequantized_weight_bytes(card, plan, out_numel) + ae * d * t
+        deq_in = dequantized_weight_bytes(card, plan, in_numel) + _after_ffn_bytes(card, plan, ae, trained_base)
+        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq_out, deq_in)
+                                                for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
+    elif deq:
         ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq + ae * card.d_model * t)
                                                 for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
+    # a trained block's weight gradients while the lowest trained block runs its backward: the down projection's
+    # is written beside its input's gradient and the block's output gradient (autograd's mm backward), the larger
+    # input projections' after the FFN's intermediates died; each new one, accumulating, is added into `.grad` and
+    # freed, else it stays as `.grad` (not among `late`)
+    low_ffn_grad = ffn_bwd + st.largest_gradient_bytes
+    if trained_base and not card.moe:
+        g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
+        kept = g_out * (plan.grad_accum == 1)
+        low_ffn_grad = max(ffn_bwd + kept, ae * t * (2 * d + f) + g_out,
+                           _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
@@ -843,7 +901,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
+                            temporaries_bytes=act.first_block_bytes + low_ffn_grad - ffn_bwd + ffn_bwd_top
                             + low_copies))
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
@@ -861,8 +919,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
-        moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
-                            temporaries_bytes=st.largest_gradient_bytes + low_copies))
+        moments.append(dict(activations_bytes=act.first_block_bytes, gradients_bytes=late,
+                            temporaries_bytes=low_ffn_grad + low_copies))
         if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
