@@ -95,6 +95,11 @@ KINDS = {
         method="qlora", r=128, dropout=0.05, targets=r"re:.*\.(self_attn\.qkv_proj|self_attn\.o_proj|mlp\."
         r"gate_up_proj|mlp\.down_proj)", batch_size=2, seq_len=867, dtype="fp32", optimizer="sgd", foreach=False,
         grad_checkpointing=True, grad_accum=2, max_grad_norm=0.0)),
+    # BERT under autocast over bf16 weights: the residual stream is a LayerNorm output, fp32 (autocast runs
+    # layer_norm in fp32), so each post-norm LayerNorm saves a fp32 input (was -1.0%)
+    "post-norm LayerNorm stream under autocast": ("bert-base", 1, dict(targets="query,value", batch_size=8,
+                                                                       seq_len=128, optimizer="sgd",
+                                                                       autocast="bf16")),
 }
 
 

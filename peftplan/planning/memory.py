@@ -53,8 +53,13 @@ def activation_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
 
 def stream_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the residual stream and the norms: fp32 under mixed precision (the embedding output is
-    fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above."""
-    return FP32 if plan.mixed_precision else activation_element_bytes(plan, card)
+    fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above.
+    Post-norm LayerNorm blocks (BERT, RoBERTa) under any autocast: fp32 too, as the stream is a LayerNorm output
+    (autocast runs layer_norm in fp32) and each residual add promotes the sublayer's output to it."""
+    if plan.mixed_precision or (card is not None and plan.autocast != "none" and card.encoder
+                                and card.norm == "layernorm"):
+        return FP32
+    return activation_element_bytes(plan, card)
 
 
 def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
@@ -558,9 +563,12 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     norms_train = full or plan.method == "adapter"
     total = 0.0
     if c.encoder:
-        if full or plan.method == "adapter":  # the embedding LayerNorm needs its input only if something trains
+        # the embedding LayerNorm (and dropout) save for backward when something below trains, or when
+        # checkpointing makes the embedding output need a gradient (enable_input_require_grads)
+        if full or plan.method == "adapter" or plan.grad_checkpointing:
             total += norm_saved(c, plan, norms_train)
-        total += d * (c.embed_dropout > 0 and full)
+        total += d * (c.embed_dropout > 0 and (full or plan.grad_checkpointing))
+        total += _outside_lora_saved(c, plan)
         # MLM head: dense (its input), GELU (input), LayerNorm (input, stats), decoder (its input)
         total += e * d * full + e * d + norm_saved(c, plan, norms_train) + e * d * full
         return total
@@ -570,6 +578,29 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     if c.embed_proj_dim:
         total += e * d * full  # project_out's input
     total += d * (c.embed_dropout > 0 and full)
+    return total
+
+
+def _outside_lora_saved(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token LoRA saves on the Linears it wraps outside the blocks (BERT's MLM head
+    cls.predictions.transform.dense under all-linear), as block_saved_per_token counts a wrapped Linear of a
+    frozen base: the dropout output and its mask (else the input itself), and A·x. ModernBERT's head is counted
+    by families.outside_correction."""
+    if not plan.uses_lora or card.norm != "layernorm":
+        return 0.0
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lb, x = trainable_element_bytes(plan), stream_element_bytes(plan, card)
+    total = 0.0
+    for lin, in_block, copies in lora_targets(card, plan.targets):
+        if in_block:
+            continue
+        conv = x if (plan.method == "qlora" and ac) else lb
+        saved = ac or conv
+        if plan.dropout:
+            per = (saved + 1) * lin.d_in
+        else:
+            per = x * lin.d_in if conv == x and saved == x else saved * lin.d_in
+        total += (per + plan.r * (ac or lb)) * copies
     return total
 
 
