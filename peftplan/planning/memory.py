@@ -867,6 +867,10 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     trained_base = plan.method in ("full", "top")
     ffn_bwd_frozen = ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
     ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
+    if trained_base and card.gated_mlp:
+        # a trained down projection's saved input (the gated product) is freed by its backward, before the
+        # product's two factor gradients are made
+        ffn_bwd_top = ffn_bwd - ae * f * t
     if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
         ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
@@ -887,12 +891,12 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # is written beside its input's gradient and the block's output gradient (autograd's mm backward), the larger
     # input projections' after the FFN's intermediates died; each new one, accumulating, is added into `.grad` and
     # freed, else it stays as `.grad` (not among `late`)
-    low_ffn_grad = ffn_bwd + st.largest_gradient_bytes
+    low_ckpt, low = ffn_bwd_top + st.largest_gradient_bytes, ffn_bwd + st.largest_gradient_bytes
     if trained_base and not card.moe:
         g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
         kept = g_out * (plan.grad_accum == 1)
-        low_ffn_grad = max(ffn_bwd + kept, ae * t * (2 * d + f) + g_out,
-                           _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
+        low_ckpt = low = max(ffn_bwd_top + kept, ae * t * (2 * d + f) + g_out,
+                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
@@ -932,7 +936,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + low_ffn_grad - ffn_bwd + ffn_bwd_top
+                            temporaries_bytes=act.first_block_bytes + low_ckpt
                             + low_copies))
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
@@ -951,7 +955,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes, gradients_bytes=late,
-                            temporaries_bytes=low_ffn_grad + low_copies))
+                            temporaries_bytes=low + low_copies))
         if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
