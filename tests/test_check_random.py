@@ -87,6 +87,24 @@ KINDS = {
     "ModernBERT QLoRA DoRA autocast": ("modernbert-base", 2, dict(method="qlora", targets="all-linear",
                                                                   use_dora=True, kbit_prep=False, dtype="fp16",
                                                                   autocast="fp16", batch_size=3, seq_len=64)),
+    # full fine-tuning, first moments of backward: the untied head's weight gradient beside every saved tensor
+    # and the logits' gradient; under autocast its fp16 gradient and fp32 cast together; accumulating, a
+    # temporary beside every gradient (was -11.7%)
+    "full: head gradient at backward start": ("tinyllama-1.1b", 1, dict(method="full", batch_size=1, seq_len=16,
+                                                                        dtype="fp32", autocast="fp16",
+                                                                        optimizer="sgd", grad_accum=2)),
+    # a block's backward in order: QLoRA dequantizes the down projection beside the FFN's working set, the wider
+    # gate_up after the MLP's saved tensors (and the LoRA branches' dropout copies) were freed (was +8.8%); a
+    # trained block writes down's gradient beside its input's gradient, gate_up's after the MLP's tensors died
+    "block backward order: QLoRA dequantization": ("phi-3-mini", 1, dict(
+        method="qlora", r=128, dropout=0.05, targets=r"re:.*\.(self_attn\.qkv_proj|self_attn\.o_proj|mlp\."
+        r"gate_up_proj|mlp\.down_proj)", batch_size=2, seq_len=867, dtype="fp32", optimizer="sgd", foreach=False,
+        grad_checkpointing=True, grad_accum=2, max_grad_norm=0.0)),
+    # BERT under autocast over bf16 weights: the residual stream is a LayerNorm output, fp32 (autocast runs
+    # layer_norm in fp32), so each post-norm LayerNorm saves a fp32 input (was -1.0%)
+    "post-norm LayerNorm stream under autocast": ("bert-base", 1, dict(targets="query,value", batch_size=8,
+                                                                       seq_len=128, optimizer="sgd",
+                                                                       autocast="bf16")),
 }
 
 

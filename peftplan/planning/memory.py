@@ -53,8 +53,13 @@ def activation_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
 
 def stream_element_bytes(plan: Plan, card: ModelCard | None = None) -> int:
     """Element size of the residual stream and the norms: fp32 under mixed precision (the embedding output is
-    fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above."""
-    return FP32 if plan.mixed_precision else activation_element_bytes(plan, card)
+    fp32, a fp32 + bf16 residual add promotes, norms run in fp32: CUDA autocast's fp32 list), else as above.
+    Post-norm LayerNorm blocks (BERT, RoBERTa) under any autocast: fp32 too, as the stream is a LayerNorm output
+    (autocast runs layer_norm in fp32) and each residual add promotes the sublayer's output to it."""
+    if plan.mixed_precision or (card is not None and plan.autocast != "none" and card.encoder
+                                and card.norm == "layernorm"):
+        return FP32
+    return activation_element_bytes(plan, card)
 
 
 def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
@@ -388,6 +393,14 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
         late += moe.block_saved_per_token(c, plan, e, trainable_block)
     else:
         late += _mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac)
+    if part == "mlp":
+        # freed before an FFN input projection's base weight is used in backward: what the MLP and the down
+        # projection saved, and (a frozen base) what the input projections' LoRA branches saved, whose backward
+        # runs first (created after the base matmul, autograd runs it earlier)
+        lora_in = 0.0 if trainable_block else (group_saved(ffn_in, ne, d)[0]
+                                               + plan.r * (ac or lb) * sum(n in lora for n in ffn_in))
+        return (_mlp_saved(c, g, e, ce, f, saves(ffn_out), gelu_new_ac) + group_saved([ffn_out], x_of[ffn_out], f)[0]
+                + plan.r * (ac or lb) * (ffn_out in lora) + lora_in)
     if c.hidden_dropout > 0:
         late += d * (g.attn + g.out)  # a bool mask per sublayer output dropout whose input needs a gradient
     if plan.method == "adapter":
@@ -551,9 +564,12 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     norms_train = full or plan.method == "adapter"
     total = 0.0
     if c.encoder:
-        if full or plan.method == "adapter":  # the embedding LayerNorm needs its input only if something trains
+        # the embedding LayerNorm (and dropout) save for backward when something below trains, or when
+        # checkpointing makes the embedding output need a gradient (enable_input_require_grads)
+        if full or plan.method == "adapter" or plan.grad_checkpointing:
             total += norm_saved(c, plan, norms_train)
-        total += d * (c.embed_dropout > 0 and full)
+        total += d * (c.embed_dropout > 0 and (full or plan.grad_checkpointing))
+        total += _outside_lora_saved(c, plan)
         # MLM head: dense (its input), GELU (input), LayerNorm (input, stats), decoder (its input)
         total += e * d * full + e * d + norm_saved(c, plan, norms_train) + e * d * full
         return total
@@ -563,6 +579,29 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     if c.embed_proj_dim:
         total += e * d * full  # project_out's input
     total += d * (c.embed_dropout > 0 and full)
+    return total
+
+
+def _outside_lora_saved(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token LoRA saves on the Linears it wraps outside the blocks (BERT's MLM head
+    cls.predictions.transform.dense under all-linear), as block_saved_per_token counts a wrapped Linear of a
+    frozen base: the dropout output and its mask (else the input itself), and A·x. ModernBERT's head is counted
+    by families.outside_correction."""
+    if not plan.uses_lora or card.norm != "layernorm":
+        return 0.0
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lb, x = trainable_element_bytes(plan), stream_element_bytes(plan, card)
+    total = 0.0
+    for lin, in_block, copies in lora_targets(card, plan.targets):
+        if in_block:
+            continue
+        conv = x if (plan.method == "qlora" and ac) else lb
+        saved = ac or conv
+        if plan.dropout:
+            per = (saved + 1) * lin.d_in
+        else:
+            per = x * lin.d_in if conv == x and saved == x else saved * lin.d_in
+        total += (per + plan.r * (ac or lb)) * copies
     return total
 
 
@@ -730,13 +769,46 @@ def _first_gradients_elements(card: ModelCard) -> int:
     return block + sum(x.numel for x in lay.embeddings)
 
 
-def dequantized_weight_bytes(card: ModelCard, plan: Plan) -> int:
+def _ffn_out_and_rest_numel(card: ModelCard) -> tuple[int, int]:
+    """(the FFN output projection's weight numel, the largest other block Linear's)."""
+    _, _, _, ffn_out = _groups(card)
+    lin = layout(card).block_linears
+    out = next((x.weight_numel for x in lin if x.name == ffn_out), 0)
+    return out, max((x.weight_numel for x in lin if x.name != ffn_out), default=0)
+
+
+def _ffn_out_and_rest_gradient_bytes(card: ModelCard, plan: Plan) -> tuple[int, int]:
+    """Trained block: (the FFN output projection's weight (and bias) gradient bytes, the largest other
+    trainable tensor's)."""
+    te = trainable_element_bytes(plan)
+    _, _, _, ffn_out = _groups(card)
+    lin = layout(card).block_linears
+    out = sum(rounded(n * te) for x in lin if x.name == ffn_out for n in (x.weight_numel, x.d_out)[:1 + bool(x.bias)])
+    down = next((x.weight_numel for x in lin if x.name == ffn_out), None)
+    rest = list(block_tensors(card, plan))
+    if down in rest:
+        rest.remove(down)
+    return out, rounded(max(rest, default=0) * te)
+
+
+def _after_ffn_bytes(card: ModelCard, plan: Plan, ae: int, trainable_block: bool) -> int:
+    """Live beyond a block's saved tensors when its FFN input projections run their backward: the gradient of
+    their outputs and of their input, less what the MLP and its down projection saved (freed by then). Can be
+    negative."""
+    _, _, ffn_in, _ = _groups(card)
+    lin = {x.name: x for x in layout(card).block_linears}
+    width = sum(lin[n].d_out for n in ffn_in)
+    freed = block_saved_per_token(card, plan, trainable_block, part="mlp")
+    return int((ae * (card.d_model + width) - freed) * plan.tokens)
+
+
+def dequantized_weight_bytes(card: ModelCard, plan: Plan, numel: int | None = None) -> int:
     """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
     (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
     absmax a double-quantized weight dequantizes first (one per 64 weights). 0 for other methods."""
     if plan.method != "qlora":
         return 0
-    n = max(lin.weight_numel for lin in layout(card).block_linears)
+    n = max(lin.weight_numel for lin in layout(card).block_linears) if numel is None else numel
     # dequantized in the 16-bit compute dtype; a fp32 model's gradient is fp32, so the cast makes a fp32 copy
     deq = rounded(2 * n) + (rounded(FP32 * n) if plan.dtype == "fp32" else 0)
     return deq + (rounded(FP32 * (n // 64)) if plan.double_quant else 0)
@@ -796,15 +868,36 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     trained_base = plan.method in ("full", "top")
     ffn_bwd_frozen = ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
     ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
+    if trained_base and card.gated_mlp:
+        # a trained down projection's saved input (the gated product) is freed by its backward, before the
+        # product's two factor gradients are made
+        ffn_bwd_top = ffn_bwd - ae * f * t
     if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
         ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
-    # outweigh the FFN's gradients when tokens are few
+    # outweigh the FFN's gradients when tokens are few. The down projection's is dequantized first, beside the
+    # FFN's whole working set; the wider input projections' (and attention's) after the FFN's intermediates died
     deq = dequantized_weight_bytes(card, plan)
-    if deq:
+    if deq and not card.moe:
+        out_numel, in_numel = _ffn_out_and_rest_numel(card)
+        deq_out = dequantized_weight_bytes(card, plan, out_numel) + ae * d * t
+        deq_in = dequantized_weight_bytes(card, plan, in_numel) + _after_ffn_bytes(card, plan, ae, trained_base)
+        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq_out, deq_in)
+                                                for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
+    elif deq:
         ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq + ae * card.d_model * t)
                                                 for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
+    # a trained block's weight gradients while the lowest trained block runs its backward: the down projection's
+    # is written beside its input's gradient and the block's output gradient (autograd's mm backward), the larger
+    # input projections' after the FFN's intermediates died; each new one, accumulating, is added into `.grad` and
+    # freed, else it stays as `.grad` (not among `late`)
+    low_ckpt, low = ffn_bwd_top + st.largest_gradient_bytes, ffn_bwd + st.largest_gradient_bytes
+    if trained_base and not card.moe:
+        g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
+        kept = g_out * (plan.grad_accum == 1)
+        low_ckpt = low = max(ffn_bwd_top + kept, ae * t * (2 * d + f) + g_out,
+                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
@@ -844,7 +937,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
+                            temporaries_bytes=act.first_block_bytes + low_ckpt
                             + low_copies))
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
@@ -862,8 +955,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
-        moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
-                            temporaries_bytes=st.largest_gradient_bytes + low_copies))
+        moments.append(dict(activations_bytes=act.first_block_bytes, gradients_bytes=late,
+                            temporaries_bytes=low + low_copies))
         if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
@@ -877,6 +970,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         mixed = plan.mixed_precision
         moments.append(dict(gradients_bytes=st.gradients_bytes,
                             temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed))
+    moments += head_gradient_moments(card, plan, act.saved_bytes, bwd_cache)
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
         vd = card.vocab_size * card.d_embed * plan.bytes_per_element
@@ -890,6 +984,40 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                   temporaries_bytes=max(st.optimizer_temporaries_bytes, clip_temporaries(card, plan)))
     fwd, bwd = dora.moments(card, plan, st, act, late, fwd, bwd)  # DoRA's weight-norm working set (dora.py)
     return with_scaler(plan, (fwd, bwd, opt))  # fp16 autocast: the GradScaler's scalars (scaler.py)
+
+
+def head_gradient_moments(card: ModelCard, plan: Plan, saved: int, cache: int) -> list[dict[str, int]]:
+    """Full fine-tuning, the first moments of backward: the output head's weight gradient is written while
+    every saved tensor is alive.
+
+    The head's MmBackward computes the input gradient (t×d), then the weight gradient (V×d, in the logits'
+    dtype) from the logits' gradient (t×V, still alive as the node's input). Under autocast over weights in
+    another dtype the gradient flows through the weight copy's ToCopyBackward: after the mm node released its
+    saved weight copy, the gradient in the autocast dtype and its cast to the weight dtype are alive together.
+    Accumulating (from the second micro-step), the new gradient is then added into `.grad` in place
+    (AccumulateGrad), so it is a temporary beside every existing gradient; otherwise it becomes `.grad`.
+    H = V·d_embed; shapes from layout. Source: torch/csrc/autograd/engine.cpp (saved variables released after
+    a node runs), torch/csrc/autograd/functions/accumulate_grad.h.
+    """
+    if plan.method != "full":
+        return []
+    lay, t = layout(card), plan.tokens
+    H = lay.head_rows * lay.head_cols
+    lg, hw = DTYPES[plan.compute_dtype], plan.bytes_per_element  # the gradient's dtype, the weight's
+    x_grad = lg * lay.head_cols * t  # the head input's gradient, computed first
+    accum = plan.grad_accum > 1
+    # the gradient as written by the mm; it becomes `.grad` itself (untied, same dtype, not accumulating)
+    becomes_grad = hw == lg and not accum and not lay.head_tied
+    mm = dict(activations_bytes=saved, logits_bytes=lg * t * lay.head_rows,
+              temporaries_bytes=cache + x_grad + (0 if becomes_grad else rounded(lg * H)),
+              gradients_bytes=rounded(lg * H) if becomes_grad else 0)
+    if hw == lg:
+        return [mm]
+    # the weight copy (counted in the autocast cache) is freed; the cast is `.grad` unless it is added to one
+    cast_is_grad = not accum and not lay.head_tied
+    cast = dict(activations_bytes=saved, temporaries_bytes=cache - lg * H + x_grad + rounded(lg * H)
+                + (0 if cast_is_grad else rounded(hw * H)), gradients_bytes=rounded(hw * H) if cast_is_grad else 0)
+    return [mm, cast]
 
 
 def clip_temporaries(card: ModelCard, plan: Plan) -> int:
