@@ -160,6 +160,53 @@ def _transients(card: ModelCard, plan: Plan, eye: bool = True):
         yield max(making, adding), lin
 
 
+def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of the input the wrapped Linear receives, before peft casts it to the adapter dtype: QLoRA
+    under autocast as `_x_bytes` (no cast); mixed precision: a norm's fp32 output for the Linears reading it,
+    the autocast dtype for the attention output and the FFN's product; else the activations' dtype."""
+    from peftplan.planning.memory import activation_element_bytes
+
+    if plan.method == "qlora" and plan.autocast != "none":
+        return _x_bytes(card, plan, lin)
+    if plan.mixed_precision and lin.role in ("attn_in", "ffn_in"):
+        return FP32
+    return activation_element_bytes(plan, card)
+
+
+def _base_out_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of the base layer's output (`result` in peft's lora.Linear.forward)."""
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    if plan.method == "qlora":
+        return _x_bytes(card, plan, lin) if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)
+    return ac or plan.bytes_per_element
+
+
+def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Tensors alive while the wrapped Linear `lin` computes its weight norm that no block's saved tensors count
+    (they are referenced by the running Python frames, not by autograd): the base layer's output `result`
+    (peft's lora.Linear.forward; without dropout it is base_result, which `module_saved_bytes` counts once the
+    module returns); the input as the caller passed it and its cast to the adapter dtype, unless lora_A saves it
+    (no dropout); for an output projection, the input of its attention / MLP (a local of the module's forward)
+    unless the wrapped input projections save it. Per module, bytes over the step's tokens."""
+    t = plan.tokens
+    a, cast = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin)
+    copy = not (plan.method == "qlora" and plan.autocast != "none") and a != cast
+    total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
+    if plan.dropout or copy:  # the caller's x is saved only when lora_A reads it as is
+        total += _rounded(cast * lin.d_in * t)
+    if plan.dropout and copy:  # the cast copy feeds dropout, which saves its output, not its input
+        total += _rounded(a * lin.d_in * t)
+    inputs = {"attn_out": "attn_in", "ffn_out": "ffn_in"}.get(lin.role)
+    if inputs:
+        feeders = [x for x in layout(card).block_linears if x.role == inputs]
+        f = feeders[0] if feeders else None
+        saved = f is not None and any(x.name in wrapped for x in feeders) and not plan.dropout and not (
+            a != _caller_x_bytes(card, plan, f) and not (plan.method == "qlora" and plan.autocast != "none"))
+        if f is not None and not saved:
+            total += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
+    return total
+
+
 def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
     """The largest wrapped block Linear's weight-norm working set, at the larger of two moments:
     computing lora_weight = B(A(eye)): the eye (adapter dtype; under autocast also its autocast-dtype copy),
@@ -199,10 +246,12 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     DoRA tensors; checkpointed: every block's kept input), beside the forward's autocast cache. Checkpointed
     backward: the same module recomputed, once in the top block before any gradient (every kept input and the
     top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
-    that block's recomputed tensors beside it).
+    that block's recomputed tensors beside it), each beside the gradient of the block's output and the block's own
+    autocast copies (the head's copy died with the head's backward). Every moment also holds the module's
+    in-flight tensors (`in_flight_bytes`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
-    from peftplan.planning.memory import _memory, autocast_cache_bytes
+    from peftplan.planning.memory import _memory, block_cache_bytes, stream_element_bytes
 
     if not plan.use_dora:
         return fwd, bwd
@@ -217,17 +266,22 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     for tr, lin in _transients(card, plan, eye=not ckpt):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
         own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first))
+        tr += in_flight_bytes(card, plan, lin, top_wrapped)
         cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
                              gradients_bytes=accum))
     fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
     if ckpt:
-        cache = autocast_cache_bytes(card, plan, blocks=False)
+        # the head's autocast copy died with its backward; the recomputed block saves its own copies again
+        top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
         cands = []
+        # the gradient of the block's output, held while the block is recomputed
+        stream = stream_element_bytes(plan, card) * card.d_model * plan.tokens
         for tr, lin in _transients(card, plan):
             own = int(module_saved_bytes(card, plan, lin, False))
+            tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
             cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
-                              temporaries_bytes=tr + cache, gradients_bytes=accum),
+                              temporaries_bytes=tr + top_cache, gradients_bytes=accum),
                       _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
-                              temporaries_bytes=tr + cache, gradients_bytes=max(accum, grads_late))]
+                              temporaries_bytes=tr + low_cache, gradients_bytes=max(accum, grads_late))]
         bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
     return fwd, bwd
