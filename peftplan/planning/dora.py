@@ -143,6 +143,31 @@ def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float
             for i, v in enumerate(blocks)]
 
 
+def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token that peft's wrapped Linears outside the blocks (BERT's MLM transform dense, OPT's
+    project_in/out) save for backward: lora_A's input (peft's cast copy; with dropout its output and mask; the
+    input itself when no cast copies it), A·x (saved by lora_B) and, with DoRA, `module_saved_bytes`. Their
+    inputs need a gradient (they lie above the blocks or feed them), so nothing is `first`. 0 without LoRA."""
+    from peftplan.planning.memory import activation_element_bytes, trainable_element_bytes
+
+    if not plan.uses_lora:
+        return 0.0
+    e, lb = activation_element_bytes(plan, card), trainable_element_bytes(plan)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    total = 0.0
+    for lin, in_block, copies in lora_targets(card, plan.targets):
+        if in_block:
+            continue
+        conv = e if (plan.method == "qlora" and ac) else lb
+        saved = ac or conv
+        x_saved = (saved + 1) * lin.d_in if plan.dropout else saved * lin.d_in
+        per = x_saved + plan.r * (ac or lb)
+        if plan.use_dora:
+            per += module_saved_bytes(card, plan, lin, False) / plan.tokens
+        total += copies * per
+    return total
+
+
 def _transients(card: ModelCard, plan: Plan, eye: bool = True):
     """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
