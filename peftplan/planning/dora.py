@@ -264,6 +264,16 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
     return total
 
 
+def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
+    """Bytes DoRA will save in the top block's wrapped Linears that run after `lin` (a later group: the FFN's
+    after the attention's, the FFN's output projection after its input ones): not yet made while `lin` runs."""
+    wrapped = lora_block_sets(card, plan.targets)[-1]
+    order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    return sum(module_saved_bytes(card, plan, x, first_block and not _input_has_grad(x, wrapped, card))
+               for x in layout(card).block_linears
+               if x.name in wrapped and order.get(x.name, 0) > order.get(lin.name, 0))
+
+
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     """(forward, backward) with the weight-norm working set's moments added where they are larger.
 
@@ -290,7 +300,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     cands = []
     for tr, lin in _transients(card, plan, eye=not ckpt):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
-        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first))
+        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first) + _later_saved(card, plan, lin, first_top))
         tr += in_flight_bytes(card, plan, lin, top_wrapped)
         cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
                              gradients_bytes=accum))
@@ -302,7 +312,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         # the gradient of the block's output, held while the block is recomputed
         stream = stream_element_bytes(plan, card) * card.d_model * plan.tokens
         for tr, lin in _transients(card, plan):
-            own = int(module_saved_bytes(card, plan, lin, False))
+            own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
             tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
             cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
                               temporaries_bytes=tr + top_cache, gradients_bytes=accum),
