@@ -264,6 +264,25 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
     return total
 
 
+def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) -> int:
+    """Gradients alive while a checkpointed block is recomputed: the non-reentrant recomputation starts at the
+    first backward node that unpacks a saved tensor. Before it: the gradient of the block's output (stream
+    dtype) and, when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
+    save nothing: `result.to(dtype)`'s backward (the gradient in the DoRA result's dtype, the magnitude's),
+    the base branch's cast of it (when the base output's dtype differs) and `· scaling`'s product."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    t = plan.tokens
+    total = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
+    if last:
+        a, lin = DTYPES[plan.adapter_dtype], last[0]
+        total += 2 * _rounded(a * lin.d_out * t)
+        base = _base_out_bytes(card, plan, lin)
+        total += _rounded(base * lin.d_out * t) if base != a else 0
+    return total
+
+
 def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
     """Bytes DoRA will save in the top block's wrapped Linears that run after `lin` (a later group: the FFN's
     after the attention's, the FFN's output projection after its input ones): not yet made while `lin` runs."""
@@ -286,7 +305,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     in-flight tensors (`in_flight_bytes`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
-    from peftplan.planning.memory import _memory, block_cache_bytes, stream_element_bytes
+    from peftplan.planning.memory import _memory, block_cache_bytes
 
     if not plan.use_dora:
         return fwd, bwd
@@ -309,8 +328,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         # the head's autocast copy died with its backward; the recomputed block saves its own copies again
         top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
         cands = []
-        # the gradient of the block's output, held while the block is recomputed
-        stream = stream_element_bytes(plan, card) * card.d_model * plan.tokens
+        stream = output_gradient_bytes(card, plan, top_wrapped)
         for tr, lin in _transients(card, plan):
             own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
             tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
