@@ -268,19 +268,21 @@ def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) 
     """Gradients alive while a checkpointed block is recomputed: the non-reentrant recomputation starts at the
     first backward node that unpacks a saved tensor. Before it: the gradient of the block's output (stream
     dtype) and, when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
-    save nothing: `result.to(dtype)`'s backward (the gradient in the DoRA result's dtype, the magnitude's),
-    the base branch's cast of it (when the base output's dtype differs) and `· scaling`'s product."""
+    save nothing: the residual sum's second stream-wide gradient, `result.to(dtype)`'s backward and the base
+    branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output,
+    and `· scaling`'s product in the magnitude's dtype."""
     from peftplan.planning.memory import stream_element_bytes
 
     t = plan.tokens
-    total = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    stream = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
     last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
-    if last:
-        a, lin = DTYPES[plan.adapter_dtype], last[0]
-        total += 2 * _rounded(a * lin.d_out * t)
-        base = _base_out_bytes(card, plan, lin)
-        total += _rounded(base * lin.d_out * t) if base != a else 0
-    return total
+    if not last:
+        return stream
+    a, lin = DTYPES[plan.adapter_dtype], last[0]
+    base = _base_out_bytes(card, plan, lin)
+    wide = max(base, a)  # the dtype of result + result_dora
+    return (2 * stream + _rounded(a * lin.d_out * t)
+            + (_rounded(wide * lin.d_out * t) + _rounded(base * lin.d_out * t) if wide != base else 0))
 
 
 def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
@@ -305,7 +307,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     in-flight tensors (`in_flight_bytes`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
-    from peftplan.planning.memory import _memory, block_cache_bytes
+    from peftplan.planning.memory import _memory, block_cache_bytes, shared_input_bytes
 
     if not plan.use_dora:
         return fwd, bwd
@@ -329,10 +331,11 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
         cands = []
         stream = output_gradient_bytes(card, plan, top_wrapped)
+        shared = shared_input_bytes(card, plan)  # the top block's kept input, saved again by its first norm
         for tr, lin in _transients(card, plan):
             own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
             tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
-            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
+            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own - shared,
                               temporaries_bytes=tr + top_cache, gradients_bytes=accum),
                       _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
                               temporaries_bytes=tr + low_cache, gradients_bytes=max(accum, grads_late))]
