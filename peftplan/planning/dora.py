@@ -287,12 +287,15 @@ def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) 
 
 def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
     """Bytes DoRA will save in the top block's wrapped Linears that run after `lin` (a later group: the FFN's
-    after the attention's, the FFN's output projection after its input ones): not yet made while `lin` runs."""
+    after the attention's, the FFN's output projection after its input ones; in a group, v after q): not yet
+    made while `lin` runs."""
     wrapped = lora_block_sets(card, plan.targets)[-1]
-    order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    # a group's Linears run in the layout's order (q, k, v)
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i)
+             for i, x in enumerate(layout(card).block_linears)}
     return sum(module_saved_bytes(card, plan, x, first_block and not _input_has_grad(x, wrapped, card))
                for x in layout(card).block_linears
-               if x.name in wrapped and order.get(x.name, 0) > order.get(lin.name, 0))
+               if x.name in wrapped and order.get(x.name, (0, 0)) > order.get(lin.name, (0, 0)))
 
 
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
