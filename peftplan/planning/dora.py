@@ -206,6 +206,13 @@ def _base_out_bytes(card: ModelCard, plan: Plan, lin) -> int:
     return ac or plan.bytes_per_element
 
 
+def _cast_copies(card: ModelCard, plan: Plan, lin) -> bool:
+    """Does peft's cast of x to the adapter dtype make a copy (QLoRA under autocast: no cast at all)?"""
+    if plan.method == "qlora" and plan.autocast != "none":
+        return False
+    return DTYPES[plan.adapter_dtype] != _caller_x_bytes(card, plan, lin)
+
+
 def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
     """Tensors alive while the wrapped Linear `lin` computes its weight norm that no block's saved tensors count
     (they are referenced by the running Python frames, not by autograd): the base layer's output `result`
@@ -214,8 +221,7 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     (no dropout); for an output projection, the input of its attention / MLP (a local of the module's forward)
     unless the wrapped input projections save it. Per module, bytes over the step's tokens."""
     t = plan.tokens
-    a, cast = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin)
-    copy = not (plan.method == "qlora" and plan.autocast != "none") and a != cast
+    a, cast, copy = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin), _cast_copies(card, plan, lin)
     total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
     if plan.dropout or copy:  # the caller's x is saved only when lora_A reads it as is
         total += _rounded(cast * lin.d_in * t)
@@ -224,10 +230,9 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     inputs = {"attn_out": "attn_in", "ffn_out": "ffn_in"}.get(lin.role)
     if inputs:
         feeders = [x for x in layout(card).block_linears if x.role == inputs]
-        f = feeders[0] if feeders else None
-        saved = f is not None and any(x.name in wrapped for x in feeders) and not plan.dropout and not (
-            a != _caller_x_bytes(card, plan, f) and not (plan.method == "qlora" and plan.autocast != "none"))
-        if f is not None and not saved:
+        saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
+                 and not _cast_copies(card, plan, feeders[0]))  # lora_A of an input projection keeps it
+        if feeders and not saved:
             total += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
     return total
 
@@ -324,7 +329,8 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     cands = []
     for tr, lin in _transients(card, plan, eye=not ckpt):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
-        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first) + _later_saved(card, plan, lin, first_top))
+        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
+                                 + _later_saved(card, plan, lin, first_top))
         tr += in_flight_bytes(card, plan, lin, top_wrapped)
         cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
                              gradients_bytes=accum))
