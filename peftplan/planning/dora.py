@@ -74,6 +74,8 @@ def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
         base = ac or plan.bytes_per_element
     if plan.dropout:  # base_result is recomputed, F.linear(dropout(x), weight in x's dtype)
         base = ac or x
+    elif lin.bias:  # peft saves base_result - bias, promoted to the bias's dtype (fp32 under mixed precision)
+        base = max(base, FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element)
     return a, x, base
 
 
