@@ -53,6 +53,10 @@ def test_weight_norm_working_set_of_one_module():
                           grad_checkpointing=True)),
     # dropout: peft recomputes the base output in fp32 and saves the weight's fp32 copy
     ("opt-125m", Plan(method="lora", use_dora=True, batch_size=2, seq_len=128, dropout=0.1)),
+    # dropout, checkpointed (issue 12's stack grid, was -2.55%): the lowest block's recomputed norm runs beside
+    # the module's input, its fp32 cast, the base output, the MLP's input and the block output's gradient
+    ("llama-3.2-1b", Plan(method="lora", use_dora=True, dropout=0.1, grad_checkpointing=True, targets="all-linear",
+                          batch_size=2, seq_len=256)),
     # QLoRA: the 4-bit weight dequantized in the norm; under autocast with checkpointing
     ("llama-3.2-1b", Plan(method="qlora", use_dora=True, targets="all-linear", batch_size=1, seq_len=16)),
     pytest.param("llama-3.2-1b", Plan(method="qlora", use_dora=True, batch_size=1, seq_len=16, autocast="bf16",

@@ -74,6 +74,8 @@ def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
         base = ac or plan.bytes_per_element
     if plan.dropout:  # base_result is recomputed, F.linear(dropout(x), weight in x's dtype)
         base = ac or x
+    elif lin.bias:  # peft saves base_result - bias, promoted to the bias's dtype (fp32 under mixed precision)
+        base = max(base, FP32 if plan.method == "qlora" and plan.kbit_prep else plan.bytes_per_element)
     return a, x, base
 
 
@@ -143,6 +145,31 @@ def blocks_saved(card: ModelCard, plan: Plan, blocks: list[float]) -> list[float
             for i, v in enumerate(blocks)]
 
 
+def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token that peft's wrapped Linears outside the blocks (BERT's MLM transform dense, OPT's
+    project_in/out) save for backward: lora_A's input (peft's cast copy; with dropout its output and mask; the
+    input itself when no cast copies it), A·x (saved by lora_B) and, with DoRA, `module_saved_bytes`. Their
+    inputs need a gradient (they lie above the blocks or feed them), so nothing is `first`. 0 without LoRA."""
+    from peftplan.planning.memory import activation_element_bytes, trainable_element_bytes
+
+    if not plan.uses_lora:
+        return 0.0
+    e, lb = activation_element_bytes(plan, card), trainable_element_bytes(plan)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    total = 0.0
+    for lin, in_block, copies in lora_targets(card, plan.targets):
+        if in_block:
+            continue
+        conv = e if (plan.method == "qlora" and ac) else lb
+        saved = ac or conv
+        x_saved = (saved + 1) * lin.d_in if plan.dropout else saved * lin.d_in
+        per = x_saved + plan.r * (ac or lb)
+        if plan.use_dora:
+            per += module_saved_bytes(card, plan, lin, False) / plan.tokens
+        total += copies * per
+    return total
+
+
 def _transients(card: ModelCard, plan: Plan, eye: bool = True):
     """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
@@ -158,6 +185,58 @@ def _transients(card: ModelCard, plan: Plan, eye: bool = True):
         adding = (eye * _rounded(lw * sq) + a_eye + _rounded(x * n)
                   + (2 + _weight_copied(card, plan, lin)) * _rounded(x * n))
         yield max(making, adding), lin
+
+
+def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of the input the wrapped Linear receives, before peft casts it to the adapter dtype: QLoRA
+    under autocast as `_x_bytes` (no cast); mixed precision: a norm's fp32 output for the Linears reading it,
+    the autocast dtype for the attention output and the FFN's product; else the activations' dtype."""
+    from peftplan.planning.memory import activation_element_bytes
+
+    if plan.method == "qlora" and plan.autocast != "none":
+        return _x_bytes(card, plan, lin)
+    if plan.mixed_precision and lin.role in ("attn_in", "ffn_in"):
+        return FP32
+    return activation_element_bytes(plan, card)
+
+
+def _base_out_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """Element bytes of the base layer's output (`result` in peft's lora.Linear.forward)."""
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    if plan.method == "qlora":
+        return _x_bytes(card, plan, lin) if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)
+    return ac or plan.bytes_per_element
+
+
+def _cast_copies(card: ModelCard, plan: Plan, lin) -> bool:
+    """Does peft's cast of x to the adapter dtype make a copy (QLoRA under autocast: no cast at all)?"""
+    if plan.method == "qlora" and plan.autocast != "none":
+        return False
+    return DTYPES[plan.adapter_dtype] != _caller_x_bytes(card, plan, lin)
+
+
+def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Tensors alive while the wrapped Linear `lin` computes its weight norm that no block's saved tensors count
+    (they are referenced by the running Python frames, not by autograd): the base layer's output `result`
+    (peft's lora.Linear.forward; without dropout it is base_result, which `module_saved_bytes` counts once the
+    module returns); the input as the caller passed it and its cast to the adapter dtype, unless lora_A saves it
+    (no dropout); for an output projection, the input of its attention / MLP (a local of the module's forward)
+    unless the wrapped input projections save it. Per module, bytes over the step's tokens."""
+    t = plan.tokens
+    a, cast, copy = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin), _cast_copies(card, plan, lin)
+    total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
+    if plan.dropout or copy:  # the caller's x is saved only when lora_A reads it as is
+        total += _rounded(cast * lin.d_in * t)
+    if plan.dropout and copy:  # the cast copy feeds dropout, which saves its output, not its input
+        total += _rounded(a * lin.d_in * t)
+    inputs = {"attn_out": "attn_in", "ffn_out": "ffn_in"}.get(lin.role)
+    if inputs:
+        feeders = [x for x in layout(card).block_linears if x.role == inputs]
+        saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
+                 and not _cast_copies(card, plan, feeders[0]))  # lora_A of an input projection keeps it
+        if feeders and not saved:
+            total += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
+    return total
 
 
 def transient_bytes(card: ModelCard, plan: Plan, eye: bool = True) -> int:
@@ -192,6 +271,40 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
     return total
 
 
+def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) -> int:
+    """Gradients alive while a checkpointed block is recomputed: the non-reentrant recomputation starts at the
+    first backward node that unpacks a saved tensor. Before it: the gradient of the block's output (stream
+    dtype) and, when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
+    save nothing: the residual sum's second stream-wide gradient, `result.to(dtype)`'s backward and the base
+    branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output,
+    and `· scaling`'s product in the magnitude's dtype."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    t = plan.tokens
+    stream = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
+    if not last:
+        return stream
+    a, lin = DTYPES[plan.adapter_dtype], last[0]
+    base = _base_out_bytes(card, plan, lin)
+    wide = max(base, a)  # the dtype of result + result_dora
+    return (2 * stream + _rounded(a * lin.d_out * t)
+            + (_rounded(wide * lin.d_out * t) + _rounded(base * lin.d_out * t) if wide != base else 0))
+
+
+def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
+    """Bytes DoRA will save in the top block's wrapped Linears that run after `lin` (a later group: the FFN's
+    after the attention's, the FFN's output projection after its input ones; in a group, v after q): not yet
+    made while `lin` runs."""
+    wrapped = lora_block_sets(card, plan.targets)[-1]
+    # a group's Linears run in the layout's order (q, k, v)
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i)
+             for i, x in enumerate(layout(card).block_linears)}
+    return sum(module_saved_bytes(card, plan, x, first_block and not _input_has_grad(x, wrapped, card))
+               for x in layout(card).block_linears
+               if x.name in wrapped and order.get(x.name, (0, 0)) > order.get(lin.name, (0, 0)))
+
+
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     """(forward, backward) with the weight-norm working set's moments added where they are larger.
 
@@ -199,10 +312,12 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     DoRA tensors; checkpointed: every block's kept input), beside the forward's autocast cache. Checkpointed
     backward: the same module recomputed, once in the top block before any gradient (every kept input and the
     top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
-    that block's recomputed tensors beside it).
+    that block's recomputed tensors beside it), each beside the gradient of the block's output and the block's own
+    autocast copies (the head's copy died with the head's backward). Every moment also holds the module's
+    in-flight tensors (`in_flight_bytes`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
-    from peftplan.planning.memory import _memory, autocast_cache_bytes
+    from peftplan.planning.memory import _memory, block_cache_bytes, shared_input_bytes
 
     if not plan.use_dora:
         return fwd, bwd
@@ -216,18 +331,24 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     cands = []
     for tr, lin in _transients(card, plan, eye=not ckpt):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
-        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first))
+        own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
+                                 + _later_saved(card, plan, lin, first_top))
+        tr += in_flight_bytes(card, plan, lin, top_wrapped)
         cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
                              gradients_bytes=accum))
     fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
     if ckpt:
-        cache = autocast_cache_bytes(card, plan, blocks=False)
+        # the head's autocast copy died with its backward; the recomputed block saves its own copies again
+        top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
         cands = []
+        stream = output_gradient_bytes(card, plan, top_wrapped)
+        shared = shared_input_bytes(card, plan)  # the top block's kept input, saved again by its first norm
         for tr, lin in _transients(card, plan):
-            own = int(module_saved_bytes(card, plan, lin, False))
-            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own,
-                              temporaries_bytes=tr + cache, gradients_bytes=accum),
+            own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
+            tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
+            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own - shared,
+                              temporaries_bytes=tr + top_cache, gradients_bytes=accum),
                       _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
-                              temporaries_bytes=tr + cache, gradients_bytes=max(accum, grads_late))]
+                              temporaries_bytes=tr + low_cache, gradients_bytes=max(accum, grads_late))]
         bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
     return fwd, bwd

@@ -663,7 +663,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     else:
         kept = sum(blocks)
     final = (outside_saved_per_token(c, plan) + families.mask_saved_per_token(c, plan)
-             + families.outside_correction(c, plan))
+             + families.outside_correction(c, plan) + dora.outside_saved_per_token(c, plan))
     return Activations(
         saved_bytes=int((kept + final) * t),
         block_bytes=int(max(blocks, default=0) * t),
