@@ -438,18 +438,7 @@ def outside_correction(card: ModelCard, plan: Plan) -> float:
     )
 
     e = memory.stream_element_bytes(plan, card)
-    total = layernorm_saved(card, e)
-    if plan.uses_lora and plan.method != "full" and head_dense_wrapped(card, plan):
-        total += e * card.d_model  # the head's dense Linear wrapped by LoRA saves its input
-    return total
-
-
-def head_dense_wrapped(card: ModelCard, plan: Plan) -> bool:
-    """Whether LoRA wraps a Linear outside the blocks (ModernBERT's head.dense under all-linear), as
-    params.lora_targets matches peft."""
-    from peftplan.planning.params import lora_targets
-
-    return any(not in_block for _, in_block, _ in lora_targets(card, plan.targets))
+    return layernorm_saved(card, e)  # a LoRA-wrapped head.dense: dora.outside_saved_per_token
 
 
 def deberta_span(card: ModelCard) -> int:

@@ -569,7 +569,6 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
         if full or plan.method == "adapter" or plan.grad_checkpointing:
             total += norm_saved(c, plan, norms_train)
         total += d * (c.embed_dropout > 0 and (full or plan.grad_checkpointing))
-        total += _outside_lora_saved(c, plan)
         # MLM head: dense (its input), GELU (input), LayerNorm (input, stats), decoder (its input)
         total += e * d * full + e * d + norm_saved(c, plan, norms_train) + e * d * full
         return total
@@ -579,29 +578,6 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     if c.embed_proj_dim:
         total += e * d * full  # project_out's input
     total += d * (c.embed_dropout > 0 and full)
-    return total
-
-
-def _outside_lora_saved(card: ModelCard, plan: Plan) -> float:
-    """Bytes per token LoRA saves on the Linears it wraps outside the blocks (BERT's MLM head
-    cls.predictions.transform.dense under all-linear), as block_saved_per_token counts a wrapped Linear of a
-    frozen base: the dropout output and its mask (else the input itself), and A·x. ModernBERT's head is counted
-    by families.outside_correction."""
-    if not plan.uses_lora or card.norm != "layernorm":
-        return 0.0
-    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    lb, x = trainable_element_bytes(plan), stream_element_bytes(plan, card)
-    total = 0.0
-    for lin, in_block, copies in lora_targets(card, plan.targets):
-        if in_block:
-            continue
-        conv = x if (plan.method == "qlora" and ac) else lb
-        saved = ac or conv
-        if plan.dropout:
-            per = (saved + 1) * lin.d_in
-        else:
-            per = x * lin.d_in if conv == x and saved == x else saved * lin.d_in
-        total += (per + plan.r * (ac or lb)) * copies
     return total
 
 
