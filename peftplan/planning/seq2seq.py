@@ -1,0 +1,284 @@
+"""Encoder–decoder (T5, Flan-T5) saved tensors: the encoder stack, cross-attention, relative position bias,
+T5's dropout and RMS norm, and what lies outside the blocks (`card.cross_attention`).
+
+The card's repeated block list is the decoder's (`decoder.block`); the encoder's blocks are model-level
+entries (`encoder.block.N.*`), kept whole when a card is cut (`cardgen.cut_config` cuts the decoder), so an
+estimate of a cut card is the whole encoder plus k decoder blocks, as the trace builds it. Both stacks read
+sequences of the same length s (the trace's decoder inputs are the labels shifted right): s stands for the
+encoder and the decoder length alike.
+
+What each module saves for backward, from transformers' models/t5/modeling_t5.py (5.x) and the trace's
+kernels (`trace.run.cuda_like`: CUDA's fused dropout keeps a 1-byte mask; SDPA with a float mask keeps q, k,
+v, its output, an fp32 log-sum-exp per (b, h, s) and the mask):
+    T5LayerNorm       x.to(fp32).pow(2) keeps the fp32 copy (x itself in fp32), x·rsqrt keeps x and rsqrt
+                      (fp32, one per token); γ·x̂ keeps x̂ (in γ's dtype when half, else fp32) when γ trains
+    T5Attention       scaling 1 (no q scale), position bias (1, h, s, s) from the relative-attention
+                      embedding in block 0 of each stack (the decoder's causal, the cross-attention's zeros),
+                      turned into one float mask per SDPA call (`create_position_bias_mask`)
+    T5DenseGatedActDense  act(wi_0(x)) · wi_1(x), dropout, (cast to wo's dtype), wo; gelu_new is
+                      0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))): x, the tanh, 0.5·x and 1 + tanh are kept
+    T5LayerFF / T5LayerSelfAttention / T5LayerCrossAttention  x + dropout(sublayer(norm(x)))
+    T5Stack           dropout(embed), blocks, final_layer_norm, dropout
+    T5ForConditionalGeneration  tied head: decoder output · d^-0.5, lm_head, CrossEntropyLoss on the logits as
+                      they are (no fp32 upcast, unlike the causal-LM loss)
+Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftplan.plan import Plan
+from peftplan.planning.cards import ModelCard
+
+FP32 = 4
+MASK = 1  # a dropout mask element (bool)
+
+
+def applies(card: ModelCard) -> bool:
+    """An encoder–decoder card whose blocks this module models (T5's module tree)."""
+    return bool(card.cross_attention) and card.model_type in ("t5", "mt5", "umt5")
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    e: int  # activation element bytes
+    d: int
+    f: int
+    inner: int  # h · d_kv
+    h: int
+    r: int
+    p: float  # dropout rate
+    act: str  # dense_act_fn
+    gated: bool
+    mask_per_token: float  # one (1, h, s, s) float mask, per token of the batch
+    norm_w: int  # element bytes of the norms' weights (what γ·x̂ keeps)
+    wo_fp32: bool  # T5's keep-in-fp32 `wo` (QLoRA: not quantized, upcast by k-bit preparation)
+
+
+def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
+    from peftplan.planning.memory import activation_element_bytes
+
+    cfg = card.config or {}
+    e = activation_element_bytes(plan, card)
+    h = int(cfg.get("num_heads", card.n_heads))
+    inner = h * int(cfg.get("d_kv", card.head_dim))
+    weights_fp32 = plan.dtype == "fp32" or (plan.method == "qlora" and plan.kbit_prep)
+    act = str(cfg.get("dense_act_fn") or "relu")
+    gated = bool(cfg.get("is_gated_act", str(cfg.get("feed_forward_proj", "")).startswith("gated")))
+    return _Sizes(e=e, d=card.d_model, f=card.d_ff, inner=inner, h=h, r=plan.r, p=float(cfg.get("dropout_rate", 0.1)),
+                  act=act, gated=gated, mask_per_token=h * plan.seq_len * e / plan.batch_size,
+                  norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
+                  wo_fp32=plan.method == "qlora" and plan.kbit_prep)
+
+
+@dataclass(frozen=True)
+class _Trains:
+    """Who trains in one block: every weight (full, top), LoRA-wrapped Linears (names as 'SelfAttention.q'),
+    adapters after these Linears, the norms."""
+    weights: bool
+    wrapped: frozenset[str]
+    adapters: frozenset[str]
+    norms: bool
+
+
+def _norm(z: _Sizes, grad_in: bool, trains: bool) -> float:
+    """T5LayerNorm's saved bytes per token (its input x is counted here: each residual-stream tensor is the
+    input of exactly one norm)."""
+    out = 0.0
+    if grad_in:
+        out += (FP32 * z.d if z.e != FP32 else 0) + z.e * z.d + FP32  # fp32 copy, x, rsqrt
+    if trains:
+        out += (z.norm_w if z.norm_w != FP32 else FP32) * z.d  # x̂ in γ's dtype
+    return out
+
+
+def _linear(z: _Sizes, t: _Trains, name: str, d_in: int, input_counted: bool) -> tuple[float, bool]:
+    """(bytes per token, output needs a gradient) of one Linear reading an input of width d_in: a trained
+    base keeps its input (once per input, `input_counted`); peft's LoRA keeps the input cast to fp32 (its own
+    copy, or the input itself when already fp32) and A's output."""
+    out, grad = 0.0, False
+    if t.weights:
+        out += 0 if input_counted else z.e * d_in
+        grad = True
+    if name in t.wrapped:
+        out += (FP32 * d_in if z.e != FP32 else (0 if input_counted or t.weights else z.e * d_in)) + FP32 * z.r
+        grad = True
+    return out, grad
+
+
+def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, adapter_m: int) -> tuple[float, bool]:
+    """One attention sublayer (kind "SelfAttention" or "EncDecAttention"), norm to residual add. kv_grad:
+    the key/value input (the encoder output for cross-attention) needs a gradient; its saved copy, when a
+    trained k/v keeps it, is counted once outside the blocks (one tensor for every block)."""
+    total = _norm(z, grad_in, t.norms)
+    g = grad_in or t.norms
+    q, gq = _linear(z, t, f"{kind}.q", z.d, False)
+    cross = kind == "EncDecAttention"
+    k, gk = _linear(z, t, f"{kind}.k", z.d, cross or t.weights)
+    v, gv = _linear(z, t, f"{kind}.v", z.d, cross or t.weights)
+    total += q + k + v
+    need = g or gq or gk or gv or (cross and kv_grad)
+    if need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
+        total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
+    o, go = _linear(z, t, f"{kind}.o", z.inner, False)
+    total += o
+    a = need or go
+    if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
+        total += z.e * z.d + 2 * z.e * adapter_m
+        a = True
+    if a and z.p > 0:
+        total += MASK * z.d
+    return total, g or a
+
+
+def _act_saved(z: _Sizes) -> int:
+    """Tensors of width f the activation keeps (transformers' activations.py)."""
+    return {"gelu_new": 4, "gelu_fast": 4, "gelu_pytorch_tanh": 1, "gelu": 1, "relu": 1, "silu": 1}.get(z.act, 1)
+
+
+def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, bool]:
+    total = _norm(z, grad_in, t.norms)
+    g = grad_in or t.norms
+    if z.gated:
+        a, g0 = _linear(z, t, "DenseReluDense.wi_0", z.d, False)
+        b, g1 = _linear(z, t, "DenseReluDense.wi_1", z.d, t.weights)
+        g0, g1 = g0 or g, g1 or g
+        total += a + b
+        total += _act_saved(z) * z.e * z.f * g0  # act(wi_0 x)
+        total += z.e * z.f * g0 + z.e * z.f * g1  # the product keeps wi_1's output and the activation's
+        inner_grad = g0 or g1
+    else:
+        a, g0 = _linear(z, t, "DenseReluDense.wi", z.d, False)
+        total += a
+        inner_grad = g0 or g
+        total += _act_saved(z) * z.e * z.f * inner_grad
+    if inner_grad and z.p > 0:
+        total += MASK * z.f
+    wo, gwo = _linear(z, t, "DenseReluDense.wo", z.f, False)
+    if z.wo_fp32 and inner_grad:  # the cast to wo's fp32 weight (T5DenseGatedActDense.forward)
+        total += (FP32 - z.e) * z.f if (t.weights or "DenseReluDense.wo" in t.wrapped) else 0
+    total += wo
+    out = inner_grad or gwo
+    if "DenseReluDense.wo" in t.adapters:
+        total += z.e * z.d + 2 * z.e * adapter_m
+        out = True
+    if out and z.p > 0:
+        total += MASK * z.d
+    return total, g or out
+
+
+def _block(z: _Sizes, t: _Trains, grad_in: bool, decoder: bool, enc_grad: bool, adapter_m: int) -> float:
+    total, g = _attention(z, t, "SelfAttention", grad_in, False, adapter_m)
+    if decoder:
+        x, g = _attention(z, t, "EncDecAttention", g, enc_grad, adapter_m)
+        total += x
+    x, _ = _ffn(z, t, g, adapter_m)
+    return total + x
+
+
+def _short(name: str) -> str:
+    """'layer.1.EncDecAttention.q' / 'encoder.block.3.layer.1.DenseReluDense.wo' -> 'EncDecAttention.q' / ..."""
+    return ".".join(name.split(".")[-2:])
+
+
+def _trains(card: ModelCard, plan: Plan, trainable_block: bool, wrapped) -> _Trains:
+    adapters = frozenset()
+    if plan.method == "adapter":
+        from peftplan.planning.layout import layout
+
+        roles = {"attn_out", "ffn_out"}
+        adapters = frozenset(_short(x.name) for x in layout(card).block_linears if x.role in roles)
+    return _Trains(weights=trainable_block, wrapped=frozenset(_short(n) for n in (wrapped or ())),
+                   adapters=adapters, norms=trainable_block or plan.method == "adapter")
+
+
+def _wrapped_all(card: ModelCard, plan: Plan) -> frozenset[str]:
+    from peftplan.planning.params import lora_targets
+
+    if not plan.uses_lora:
+        return frozenset()
+    return frozenset(_short(lin.name) for lin, _, _ in lora_targets(card, plan.targets))
+
+
+def _encoder_wrapped(card: ModelCard, plan: Plan) -> list[frozenset[str]]:
+    """Per encoder block, the Linears LoRA wraps (short names)."""
+    from peftplan.planning.params import lora_targets
+
+    out = [set() for _ in range(encoder_layers(card))]
+    if plan.uses_lora:
+        for lin, in_block, _ in lora_targets(card, plan.targets):
+            if not in_block and lin.name.startswith("encoder.block."):
+                out[int(lin.name.split(".")[2])].add(_short(lin.name))
+    return [frozenset(s) for s in out]
+
+
+def encoder_layers(card: ModelCard) -> int:
+    return int((card.config or {}).get("num_layers", card.n_layers))
+
+
+def encoder_trains(card: ModelCard, plan: Plan) -> bool:
+    """Whether anything in (or under) the encoder's output needs a gradient."""
+    if plan.method in ("full", "adapter"):
+        return True
+    if plan.method == "top":
+        return False
+    return any(_encoder_wrapped(card, plan)) or plan.grad_checkpointing
+
+
+def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, first: bool,
+                          wrapped: frozenset[str] | None) -> float:
+    """Bytes per token one decoder block saves (memory.block_saved_per_token's arguments: `first` — the
+    block's input needs no gradient; `wrapped` — the block's LoRA-wrapped Linears, None: every target)."""
+    z = _sizes(card, plan)
+    if wrapped is None:
+        wrapped = _wrapped_all(card, plan) if plan.uses_lora else frozenset()
+    t = _trains(card, plan, trainable_block, wrapped)
+    grad_in = not first or trainable_block
+    return _block(z, t, grad_in, True, encoder_trains(card, plan), plan.adapter_size)
+
+
+def encoder_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token the whole encoder stack saves: its blocks, the embedding's dropout mask, the final norm
+    and dropout, and the encoder output itself when a trained cross-attention k/v keeps it."""
+    z = _sizes(card, plan)
+    full = plan.method == "full"
+    if not encoder_trains(card, plan):
+        return 0.0
+    ckpt = plan.grad_checkpointing
+    total = 0.0
+    grad = full or ckpt  # the embedding output needs a gradient (trained, or enable_input_require_grads)
+    if grad and z.p > 0:
+        total += MASK * z.d
+    for wrapped in _encoder_wrapped(card, plan) if plan.uses_lora else [frozenset()] * encoder_layers(card):
+        t = _trains(card, plan, full, wrapped)
+        t = _Trains(t.weights, t.wrapped, frozenset(), t.norms)  # the trace's adapters sit in the decoder only
+        if ckpt:
+            total += z.e * z.d  # a checkpointed block keeps its input
+        else:
+            total += _block(z, t, grad, False, False, plan.adapter_size)
+        grad = True if (grad or t.weights or t.wrapped or t.norms) else False
+    norms = full or plan.method == "adapter"
+    total += _norm(z, grad, norms)
+    if z.p > 0:
+        total += MASK * z.d
+    if full:
+        total += z.e * z.d  # the encoder output, read by every decoder block's trained k and v
+    return total
+
+
+def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
+    """Bytes per token saved outside the decoder blocks: the encoder stack, the decoder's embedding dropout,
+    final norm and dropout, the scaled head input (tied head: d^-0.5) when the head trains, the relative
+    position buckets (int64, s×s, one per stack) when the bias embedding trains."""
+    z = _sizes(card, plan)
+    full = plan.method == "full"
+    total = encoder_saved_per_token(card, plan)
+    if (full or plan.grad_checkpointing) and z.p > 0:
+        total += MASK * z.d  # decoder embedding dropout
+    total += _norm(z, True, full or plan.method == "adapter")
+    if z.p > 0:
+        total += MASK * z.d
+    if full:
+        total += z.e * z.d  # lm_head's input (the scaled output of a tied head; the dropout output otherwise)
+        total += 2 * 8 * plan.seq_len / plan.batch_size  # relative position buckets of both stacks
+    return total
