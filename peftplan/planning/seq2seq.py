@@ -53,6 +53,7 @@ class _Sizes:
     mask_per_token: float  # one (1, h, s, s) float mask, per token of the batch
     norm_w: int  # element bytes of the norms' weights (what γ·x̂ keeps)
     wo_fp32: bool  # T5's keep-in-fp32 `wo` (QLoRA: not quantized, upcast by k-bit preparation)
+    bias_trains: bool  # the relative-attention embedding trains (full fine-tuning)
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -68,7 +69,7 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
     return _Sizes(e=e, d=card.d_model, f=card.d_ff, inner=inner, h=h, r=plan.r, p=float(cfg.get("dropout_rate", 0.1)),
                   act=act, gated=gated, mask_per_token=h * plan.seq_len * e / plan.batch_size,
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
-                  wo_fp32=plan.method == "qlora" and plan.kbit_prep)
+                  wo_fp32=plan.method == "qlora" and plan.kbit_prep, bias_trains=plan.method == "full")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     need = g or gq or gk or gv or (cross and kv_grad)
     if need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
-    o, go = _linear(z, t, f"{kind}.o", z.inner, False)
+    # a trained relative-position bias makes the self-attention mask need a gradient: CUDA's memory-efficient
+    # kernel (trace.run._trained_bias), whose output is laid out (b, s, h, d_kv), so o reads it without a copy
+    o, go = _linear(z, t, f"{kind}.o", z.inner, need and kind == "SelfAttention" and z.bias_trains)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -282,3 +285,27 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
         total += z.e * z.d  # lm_head's input (the scaled output of a tied head; the dropout output otherwise)
         total += 2 * 8 * plan.seq_len / plan.batch_size  # relative position buckets of both stacks
     return total
+
+
+def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
+    """Backward moments of an encoder–decoder beyond the decoder-only ones (memory.phases), as Memory fields.
+
+    Full fine-tuning with a tied head: the shared embedding is read three times (encoder input, decoder input,
+    lm_head), so autograd sums its gradients in the engine's input buffer and accumulates them once, at the very
+    end. When the decoder's backward is done, its embedding's gradient is added to the head's: the head's
+    weight gradient, the embedding's and their sum (V×d each) live beside the encoder's saved tensors (its
+    backward has not begun), the decoder's gradients and the gradient of the encoder output."""
+    if not applies(card) or plan.method != "full" or not card.tie_embeddings:
+        return []
+    from peftplan.planning.memory import block_gradients_bytes, rounded, stream_element_bytes
+
+    w = plan.bytes_per_element
+    cfg = card.config or {}
+    z = _sizes(card, plan)
+    vd = rounded(card.vocab_size * card.d_model * w)
+    grads = (card.n_layers * block_gradients_bytes(card, plan) + rounded(card.d_model * w)
+             + rounded(int(cfg.get("relative_attention_num_buckets", 32)) * z.h * w))
+    t = plan.tokens
+    acts = int(encoder_saved_per_token(card, plan) * t)
+    return [dict(activations_bytes=acts, gradients_bytes=grads,
+                 temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t)]
