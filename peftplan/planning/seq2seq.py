@@ -34,6 +34,16 @@ FP32 = 4
 MASK = 1  # a dropout mask element (bool)
 
 
+# transformers' T5PreTrainedModel._keep_in_fp32_modules (models/t5/modeling_t5.py); a 4-bit load leaves these
+# unquantized (quantizers/base.py get_modules_to_not_convert), in the load dtype (fp32 only when it is fp16)
+KEEP_IN_FP32 = ("wo",)
+
+
+def kept_in_fp32(card: ModelCard) -> tuple[str, ...]:
+    """Last name components of the Linears a 4-bit load keeps unquantized."""
+    return KEEP_IN_FP32 if applies(card) else ()
+
+
 def applies(card: ModelCard) -> bool:
     """An encoder–decoder card whose blocks this module models (T5's module tree)."""
     return bool(card.cross_attention) and card.model_type in ("t5", "mt5", "umt5")
@@ -93,18 +103,17 @@ def _norm(z: _Sizes, grad_in: bool, trains: bool) -> float:
     return out
 
 
-def _linear(z: _Sizes, t: _Trains, name: str, d_in: int, input_counted: bool) -> tuple[float, bool]:
-    """(bytes per token, output needs a gradient) of one Linear reading an input of width d_in: a trained
-    base keeps its input (once per input, `input_counted`); peft's LoRA keeps the input cast to fp32 (its own
-    copy, or the input itself when already fp32) and A's output."""
-    out, grad = 0.0, False
-    if t.weights:
-        out += 0 if input_counted else z.e * d_in
-        grad = True
-    if name in t.wrapped:
-        out += (FP32 * d_in if z.e != FP32 else (0 if input_counted or t.weights else z.e * d_in)) + FP32 * z.r
-        grad = True
-    return out, grad
+def _group(z: _Sizes, t: _Trains, names: tuple[str, ...], d_in: int, shared: bool = False,
+           counted: bool = False) -> tuple[float, list[bool]]:
+    """(bytes per token, whether each output needs a gradient) of Linears reading one input of width d_in.
+    A trained base keeps the input; peft's LoRA keeps the input cast to fp32 (its own copy per wrapped Linear,
+    or, when activations are fp32 already, the input itself) and A's output. `counted`: the input is kept
+    anyway (a trained k/v's encoder output: one tensor for all decoder blocks, counted outside them)."""
+    wrapped = [n in t.wrapped for n in names]
+    keeps_input = t.weights or (any(wrapped) and z.e == FP32)
+    out = z.e * d_in if keeps_input and not counted else 0.0
+    out += sum(w * ((FP32 * d_in if z.e != FP32 else 0) + FP32 * z.r) for w in wrapped)
+    return out, [t.weights or w for w in wrapped]
 
 
 def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, adapter_m: int) -> tuple[float, bool]:
@@ -113,17 +122,21 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     trained k/v keeps it, is counted once outside the blocks (one tensor for every block)."""
     total = _norm(z, grad_in, t.norms)
     g = grad_in or t.norms
-    q, gq = _linear(z, t, f"{kind}.q", z.d, False)
     cross = kind == "EncDecAttention"
-    k, gk = _linear(z, t, f"{kind}.k", z.d, cross or t.weights)
-    v, gv = _linear(z, t, f"{kind}.v", z.d, cross or t.weights)
-    total += q + k + v
+    if cross:
+        q, (gq,) = _group(z, t, (f"{kind}.q",), z.d)
+        kv, (gk, gv) = _group(z, t, (f"{kind}.k", f"{kind}.v"), z.d, counted=True)
+        total += q + kv
+    else:
+        qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d)
+        total += qkv
     need = g or gq or gk or gv or (cross and kv_grad)
     if need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
     # a trained relative-position bias makes the self-attention mask need a gradient: CUDA's memory-efficient
     # kernel (trace.run._trained_bias), whose output is laid out (b, s, h, d_kv), so o reads it without a copy
-    o, go = _linear(z, t, f"{kind}.o", z.inner, need and kind == "SelfAttention" and z.bias_trains)
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner,
+                      counted=need and kind == "SelfAttention" and z.bias_trains)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -143,21 +156,20 @@ def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, b
     total = _norm(z, grad_in, t.norms)
     g = grad_in or t.norms
     if z.gated:
-        a, g0 = _linear(z, t, "DenseReluDense.wi_0", z.d, False)
-        b, g1 = _linear(z, t, "DenseReluDense.wi_1", z.d, t.weights)
+        a, (g0, g1) = _group(z, t, ("DenseReluDense.wi_0", "DenseReluDense.wi_1"), z.d)
         g0, g1 = g0 or g, g1 or g
-        total += a + b
+        total += a
         total += _act_saved(z) * z.e * z.f * g0  # act(wi_0 x)
         total += z.e * z.f * g0 + z.e * z.f * g1  # the product keeps wi_1's output and the activation's
         inner_grad = g0 or g1
     else:
-        a, g0 = _linear(z, t, "DenseReluDense.wi", z.d, False)
+        a, (g0,) = _group(z, t, ("DenseReluDense.wi",), z.d)
         total += a
         inner_grad = g0 or g
         total += _act_saved(z) * z.e * z.f * inner_grad
     if inner_grad and z.p > 0:
         total += MASK * z.f
-    wo, gwo = _linear(z, t, "DenseReluDense.wo", z.f, False)
+    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f)
     if z.wo_fp32 and inner_grad:  # the cast to wo's fp32 weight (T5DenseGatedActDense.forward)
         total += (FP32 - z.e) * z.f if (t.weights or "DenseReluDense.wo" in t.wrapped) else 0
     total += wo
@@ -264,8 +276,9 @@ def encoder_saved_per_token(card: ModelCard, plan: Plan) -> float:
     total += _norm(z, grad, norms)
     if z.p > 0:
         total += MASK * z.d
-    if full:
-        total += z.e * z.d  # the encoder output, read by every decoder block's trained k and v
+    kv = {"EncDecAttention.k", "EncDecAttention.v"}
+    if full or (z.e == FP32 and kv & _wrapped_all(card, plan)):
+        total += z.e * z.d  # the encoder output, kept by every decoder block's trained (or fp32 LoRA's) k and v
     return total
 
 

@@ -105,3 +105,18 @@ def resolve(config: Config) -> tuple[ModelCard, Plan]:
     if config.n_layers:
         card = cut(card, config.n_layers)
     return card, Plan(**config.options)
+
+# Encoder–decoder (Flan-T5, `planning/seq2seq.py`): cuts keep the whole encoder and k decoder blocks; both stacks
+# read s tokens. Every method × checkpointing, LoRA on peft's default targets (q, v) and all-linear, r ∈ {8, 64},
+# other batch × sequence points, fp32 weights, the whole base card
+SEQ2SEQ = (
+    _product(["flan-t5-base"], methods=("full", "adapter", "lora", "qlora", "top"), top_k=1)
+    + _product(["flan-t5-large"], n_layers=1, methods=("full", "adapter", "lora", "qlora"))
+    + [Config(c, 2, dict(method="lora", r=r, batch_size=2, seq_len=256, grad_checkpointing=gc))
+       for c in ("flan-t5-base", "flan-t5-large") for r in (8, 64) for gc in (False, True)]
+    + _product(["flan-t5-base"], methods=("lora", "full", "adapter"), gcs=(False,), shapes=((1, 512), (4, 128)))
+    + _product(["flan-t5-base"], methods=("lora", "full"), gcs=(False, True), dtype="fp32")
+    + _product(["flan-t5-base"], n_layers=0, methods=("lora",), gcs=(False,), shapes=((2, 128),))
+)
+
+CONFIGS += list(SEQ2SEQ)
