@@ -133,10 +133,9 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     need = g or gq or gk or gv or (cross and kv_grad)
     if need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
-    # a trained relative-position bias makes the self-attention mask need a gradient: CUDA's memory-efficient
-    # kernel (trace.run._trained_bias), whose output is laid out (b, s, h, d_kv), so o reads it without a copy
-    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner,
-                      counted=need and kind == "SelfAttention" and z.bias_trains)
+    # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
+    # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, counted=need)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -235,8 +234,8 @@ def encoder_trains(card: ModelCard, plan: Plan) -> bool:
     """Whether anything in (or under) the encoder's output needs a gradient."""
     if plan.method in ("full", "adapter"):
         return True
-    if plan.method == "top":
-        return False
+    if plan.method == "top":  # frozen encoder; checkpointed, enable_input_require_grads reaches it
+        return plan.grad_checkpointing
     return any(_encoder_wrapped(card, plan)) or plan.grad_checkpointing
 
 
