@@ -275,8 +275,7 @@ def encoder_saved_per_token(card: ModelCard, plan: Plan) -> float:
     total += _norm(z, grad, norms)
     if z.p > 0:
         total += MASK * z.d
-    kv = {"EncDecAttention.k", "EncDecAttention.v"}
-    if full or (z.e == FP32 and kv & _wrapped_all(card, plan)):
+    if encoder_kv_kept(card, plan):
         total += z.e * z.d  # the encoder output, kept by every decoder block's trained (or fp32 LoRA's) k and v
     return total
 
@@ -296,7 +295,32 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     if full:
         total += z.e * z.d  # lm_head's input (the scaled output of a tied head; the dropout output otherwise)
         total += 2 * 8 * plan.seq_len / plan.batch_size  # relative position buckets of both stacks
-    return total
+    return total + checkpointed_extra_per_token(card, plan)
+
+
+def checkpointed_extra_per_token(card: ModelCard, plan: Plan) -> float:
+    """Checkpointed (non-reentrant), alive from forward until backward, beyond each block's kept input:
+    both stacks' embedding outputs (made leaves requiring grad by `enable_input_require_grads`, hooked on each
+    stack's embed_tokens, so the graph holds them), the encoder output (an argument of every checkpointed decoder
+    block; counted already when trained k/v keep it), each stack's relative position bias (s, s, h, in the
+    embedding's weight dtype: made in block 0, an argument of blocks 1.. — a stack of one block drops it), and
+    the cross-attention's zero bias (1, h, s, s), which T5Attention makes a leaf requiring grad under
+    checkpointing (the graph holds it)."""
+    if not applies(card) or not plan.grad_checkpointing:
+        return 0.0
+    z = _sizes(card, plan)
+    full = plan.method == "full"
+    bias = z.norm_w if z.norm_w == FP32 else plan.bytes_per_element  # the bias embedding's dtype
+    out = 2 * z.e * z.d + (0 if full or encoder_kv_kept(card, plan) else z.e * z.d)
+    stacks = (encoder_layers(card) > 1) + (card.n_layers > 1)  # blocks 1.. of a stack take its bias as argument
+    return out + stacks * z.h * plan.seq_len * bias / plan.batch_size + z.mask_per_token
+
+
+def encoder_kv_kept(card: ModelCard, plan: Plan) -> bool:
+    """Whether the decoder's k/v keep the encoder output for backward (trained, or fp32 LoRA on them)."""
+    z = _sizes(card, plan)
+    kv = {"EncDecAttention.k", "EncDecAttention.v"}
+    return plan.method == "full" or (z.e == FP32 and bool(kv & _wrapped_all(card, plan)))
 
 
 def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
