@@ -64,6 +64,8 @@ class _Sizes:
     norm_w: int  # element bytes of the norms' weights (what γ·x̂ keeps)
     wo_fp32: bool  # T5's keep-in-fp32 `wo` (QLoRA: not quantized, upcast by k-bit preparation)
     bias_trains: bool  # the relative-attention embedding trains (full fine-tuning)
+    eager: bool  # T5's eager attention (else SDPA)
+    s: int  # sequence length (encoder and decoder alike)
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -79,7 +81,8 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
     return _Sizes(e=e, d=card.d_model, f=card.d_ff, inner=inner, h=h, r=plan.r, p=float(cfg.get("dropout_rate", 0.1)),
                   act=act, gated=gated, mask_per_token=h * plan.seq_len * e / plan.batch_size,
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
-                  wo_fp32=plan.method == "qlora" and plan.kbit_prep, bias_trains=plan.method == "full")
+                  wo_fp32=plan.method == "qlora" and plan.kbit_prep, bias_trains=plan.method == "full",
+                  eager=plan.attention == "eager", s=plan.seq_len)
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,14 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
         qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d)
         total += qkv
     need = g or gq or gk or gv or (cross and kv_grad)
-    if need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
+    if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
+        # softmax's output, attention dropout's output and mask (b·h·s² each); o reads a contiguous copy
+        total += 3 * z.e * z.inner + 2 * z.e * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
+    elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
     # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
-    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, counted=need)
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, counted=need and not z.eager)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
