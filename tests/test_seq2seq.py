@@ -18,6 +18,8 @@ from peftplan.trace.run import trace
     dict(method="full"),  # trained position bias (memory-efficient kernel), the tied embedding's summed gradient
     dict(method="adapter"),  # adapters in the decoder, every norm trains
     dict(method="qlora", targets="all-linear"),  # wo stays unquantized (fp32 after k-bit preparation)
+    dict(method="lora", grad_checkpointing=True),  # embeddings, encoder output, biases held by the checkpoints
+    dict(method="lora", attention="eager"),  # T5's eager attention: probabilities and attention dropout
 ])
 def test_t5_one_block_within_half_a_percent(options):
     """A 1-block cut (the whole encoder, one decoder block) against the trace: these were -10% to -43% before
@@ -49,3 +51,12 @@ def test_t5_wo_not_quantized_like_a_4bit_load():
     assert any(kept_in_fp32(model, n) for n in linears)
     for n, m in linears.items():
         assert ("Linear4bit" in type(m).__name__) == (not kept_in_fp32(model, n)), n
+
+
+def test_t5_under_autocast_says_it_is_approximate():
+    """Autocast over fp32 weights (the FFN's mixed dtypes, the encoder's weight copies) is not modelled: said."""
+    card = registry()["flan-t5-base"]
+    said = estimate(card, Plan(method="lora", dtype="fp32", autocast="bf16", batch_size=1, seq_len=64)).warnings
+    assert any("approximate" in w and "autocast" in w for w in said)
+    assert not [w for w in estimate(card, Plan(method="lora", batch_size=1, seq_len=64)).warnings
+                if "approximate" in w]
