@@ -66,10 +66,14 @@ class _Sizes:
     bias_trains: bool  # the relative-attention embedding trains (full fine-tuning)
     eager: bool  # T5's eager attention (else SDPA)
     s: int  # sequence length (encoder and decoder alike)
+    ac: int  # the autocast dtype's bytes (0: no autocast)
+    sb: int  # residual stream and norm output bytes (fp32 under mixed precision)
+    la: int  # LoRA A/B element bytes (peft's fp32 by default)
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
-    from peftplan.planning.memory import activation_element_bytes
+    from peftplan.planning.memory import activation_element_bytes, stream_element_bytes
+    from peftplan.plan import DTYPES
 
     cfg = card.config or {}
     e = activation_element_bytes(plan, card)
@@ -82,7 +86,9 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
                   act=act, gated=gated, mask_per_token=h * plan.seq_len * e / plan.batch_size,
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
                   wo_fp32=plan.method == "qlora" and plan.kbit_prep, bias_trains=plan.method == "full",
-                  eager=plan.attention == "eager", s=plan.seq_len)
+                  eager=plan.attention == "eager", s=plan.seq_len,
+                  ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
+                  la=DTYPES[plan.adapter_dtype])
 
 
 @dataclass(frozen=True)
@@ -96,27 +102,41 @@ class _Trains:
 
 
 def _norm(z: _Sizes, grad_in: bool, trains: bool) -> float:
-    """T5LayerNorm's saved bytes per token (its input x is counted here: each residual-stream tensor is the
-    input of exactly one norm)."""
+    """T5LayerNorm's saved bytes per token (its input x, a residual-stream tensor, is counted here: each is the
+    input of exactly one norm): the fp32 copy (x itself when fp32), x, rsqrt; x̂ in γ's dtype when γ trains."""
     out = 0.0
     if grad_in:
-        out += (FP32 * z.d if z.e != FP32 else 0) + z.e * z.d + FP32  # fp32 copy, x, rsqrt
+        out += (FP32 * z.d if z.sb != FP32 else 0) + z.sb * z.d + FP32
     if trains:
-        out += (z.norm_w if z.norm_w != FP32 else FP32) * z.d  # x̂ in γ's dtype
+        out += z.norm_w * z.d
     return out
 
 
-def _group(z: _Sizes, t: _Trains, names: tuple[str, ...], d_in: int, shared: bool = False,
+def _group(z: _Sizes, t: _Trains, names: tuple[str, ...], d_in: int, x_b: int,
            counted: bool = False) -> tuple[float, list[bool]]:
-    """(bytes per token, whether each output needs a gradient) of Linears reading one input of width d_in.
-    A trained base keeps the input; peft's LoRA keeps the input cast to fp32 (its own copy per wrapped Linear,
-    or, when activations are fp32 already, the input itself) and A's output. `counted`: the input is kept
-    anyway (a trained k/v's encoder output: one tensor for all decoder blocks, counted outside them)."""
+    """(bytes per token, whether each output needs a gradient) of Linears reading one input of width d_in and
+    x_b bytes per element. A trained base keeps its input (under autocast, an input not in the autocast dtype is
+    cast by each Linear: one copy each). peft's LoRA casts the input to A's dtype (`_cast_input_dtype`) and
+    A keeps what it reads — under autocast, the autocast-dtype cast — its own copy per wrapped Linear unless no
+    cast happens (then the input itself), and A's output. `counted`: the input itself is counted elsewhere (the
+    encoder output: one tensor for all decoder blocks; a fused kernel's output)."""
+    shared, per = False, 0.0
+    if t.weights:
+        if z.ac and x_b != z.ac:
+            per += len(names) * z.ac * d_in
+        else:
+            shared = True
     wrapped = [n in t.wrapped for n in names]
-    keeps_input = t.weights or (any(wrapped) and z.e == FP32)
-    out = z.e * d_in if keeps_input and not counted else 0.0
-    out += sum(w * ((FP32 * d_in if z.e != FP32 else 0) + FP32 * z.r) for w in wrapped)
-    return out, [t.weights or w for w in wrapped]
+    a_reads = z.ac or z.la
+    for w in wrapped:
+        if not w:
+            continue
+        if x_b == z.la and (not z.ac or z.la == z.ac):
+            shared = True
+        else:
+            per += a_reads * d_in
+        per += a_reads * z.r
+    return per + (x_b * d_in if shared and not counted else 0.0), [t.weights or w for w in wrapped]
 
 
 def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, adapter_m: int) -> tuple[float, bool]:
@@ -127,11 +147,11 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     g = grad_in or t.norms
     cross = kind == "EncDecAttention"
     if cross:
-        q, (gq,) = _group(z, t, (f"{kind}.q",), z.d)
-        kv, (gk, gv) = _group(z, t, (f"{kind}.k", f"{kind}.v"), z.d, counted=True)
+        q, (gq,) = _group(z, t, (f"{kind}.q",), z.d, z.sb)
+        kv, (gk, gv) = _group(z, t, (f"{kind}.k", f"{kind}.v"), z.d, z.sb, counted=True)
         total += q + kv
     else:
-        qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d)
+        qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d, z.sb)
         total += qkv
     need = g or gq or gk or gv or (cross and kv_grad)
     if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
@@ -141,7 +161,7 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
         total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
     # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
-    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, counted=need and not z.eager)
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, z.e, counted=need and not z.eager)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -158,25 +178,31 @@ def _act_saved(z: _Sizes) -> int:
 
 
 def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, bool]:
+    """T5LayerFF: norm, wi_0 / wi_1 (or wi), activation, product, dropout, wo, dropout, residual add. Under
+    autocast gelu_new's pow runs in fp32 (CUDA's fp32 list): it keeps an fp32 copy of x, and tanh, 1 + tanh
+    and the activation's output are fp32 (0.5·x stays in the autocast dtype); wo reads the fp32 product."""
     total = _norm(z, grad_in, t.norms)
     g = grad_in or t.norms
+    gelu_new = z.act in ("gelu_new", "gelu_fast")
+    act_out = FP32 if (z.ac and gelu_new) else z.e
     if z.gated:
-        a, (g0, g1) = _group(z, t, ("DenseReluDense.wi_0", "DenseReluDense.wi_1"), z.d)
+        a, (g0, g1) = _group(z, t, ("DenseReluDense.wi_0", "DenseReluDense.wi_1"), z.d, z.sb)
         g0, g1 = g0 or g, g1 or g
         total += a
-        total += _act_saved(z) * z.e * z.f * g0  # act(wi_0 x)
-        total += z.e * z.f * g0 + z.e * z.f * g1  # the product keeps wi_1's output and the activation's
+        if gelu_new:  # x (its fp32 copy under autocast), tanh, 0.5·x, 1 + tanh
+            total += (3 * act_out + z.e) * z.f * g0
+        else:
+            total += z.e * z.f * g0
+        total += z.e * z.f * g0 + act_out * z.f * g1  # the product keeps wi_1's output and the activation's
         inner_grad = g0 or g1
     else:
-        a, (g0,) = _group(z, t, ("DenseReluDense.wi",), z.d)
+        a, (g0,) = _group(z, t, ("DenseReluDense.wi",), z.d, z.sb)
         total += a
         inner_grad = g0 or g
-        total += _act_saved(z) * z.e * z.f * inner_grad
+        total += ((3 * act_out + z.e) if gelu_new else z.e) * z.f * inner_grad
     if inner_grad and z.p > 0:
         total += MASK * z.f
-    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f)
-    if z.wo_fp32 and inner_grad:  # the cast to wo's fp32 weight (T5DenseGatedActDense.forward)
-        total += (FP32 - z.e) * z.f if (t.weights or "DenseReluDense.wo" in t.wrapped) else 0
+    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f, act_out)
     total += wo
     out = inner_grad or gwo
     if "DenseReluDense.wo" in t.adapters:
@@ -326,7 +352,9 @@ def encoder_kv_kept(card: ModelCard, plan: Plan) -> bool:
     """Whether the decoder's k/v keep the encoder output for backward (trained, or fp32 LoRA on them)."""
     z = _sizes(card, plan)
     kv = {"EncDecAttention.k", "EncDecAttention.v"}
-    return plan.method == "full" or (z.e == FP32 and bool(kv & _wrapped_all(card, plan)))
+    if plan.method == "full":
+        return not z.ac or z.sb == z.ac
+    return bool(kv & _wrapped_all(card, plan)) and z.sb == z.la and (not z.ac or z.la == z.ac)
 
 
 def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
