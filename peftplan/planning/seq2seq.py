@@ -299,7 +299,7 @@ def encoder_saved_per_token(card: ModelCard, plan: Plan) -> float:
         t = _trains(card, plan, full, wrapped)
         t = _Trains(t.weights, t.wrapped, frozenset(), t.norms)  # the trace's adapters sit in the decoder only
         if ckpt:
-            total += z.e * z.d  # a checkpointed block keeps its input
+            total += z.sb * z.d  # a checkpointed block keeps its input
         else:
             total += _block(z, t, grad, False, False, plan.adapter_size)
         grad = True if (grad or t.weights or t.wrapped or t.norms) else False
@@ -308,7 +308,7 @@ def encoder_saved_per_token(card: ModelCard, plan: Plan) -> float:
     if z.p > 0:
         total += MASK * z.d
     if encoder_kv_kept(card, plan):
-        total += z.e * z.d  # the encoder output, kept by every decoder block's trained (or fp32 LoRA's) k and v
+        total += z.sb * z.d  # the encoder output, kept by every decoder block's trained (or fp32 LoRA's) k and v
     return total
 
 
@@ -343,7 +343,7 @@ def checkpointed_extra_per_token(card: ModelCard, plan: Plan) -> float:
     z = _sizes(card, plan)
     full = plan.method == "full"
     bias = z.norm_w if z.norm_w == FP32 else plan.bytes_per_element  # the bias embedding's dtype
-    out = 2 * z.e * z.d + (0 if full or encoder_kv_kept(card, plan) else z.e * z.d)
+    out = 2 * z.sb * z.d + (0 if full or encoder_kv_kept(card, plan) else z.sb * z.d)
     stacks = (encoder_layers(card) > 1) + (card.n_layers > 1)  # blocks 1.. of a stack take its bias as argument
     return out + stacks * z.h * plan.seq_len * bias / plan.batch_size + z.mask_per_token
 
@@ -379,3 +379,27 @@ def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
     acts = int(encoder_saved_per_token(card, plan) * t)
     return [dict(activations_bytes=acts, gradients_bytes=grads,
                  temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t)]
+
+
+def unsaved_encoder_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
+    """Elements of the encoder's Linear weights (model-level Linears to memory.autocast_cache_bytes, which
+    counts each one's autocast copy) whose copy is not alive: the encoder is frozen and needs no gradient
+    (top-k); checkpointed, its blocks keep no copies (a trained weight's cached copy lives through forward only:
+    `blocks=False` is the backward's count); a frozen LoRA base's encoder block 0 reads a block input that needs
+    no gradient, so q, k and v keep no copy (and its lowest decoder block's cross-attention, not among the
+    roles memory.py reads, keeps its four: counted here, negative)."""
+    if not applies(card) or not plan.mixed_precision or plan.method == "qlora":
+        return 0
+    from peftplan.planning.layout import layout
+
+    enc = [x for x in layout(card).other_linears if x.name.startswith("encoder.block.")]
+    if plan.method == "top" or (plan.grad_checkpointing and not (plan.method == "full" and blocks)):
+        return sum(x.weight_numel for x in enc)
+    if plan.uses_lora:
+        first = ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.k",
+                 "encoder.block.0.layer.0.SelfAttention.v")
+        # memory.autocast_cache_bytes counts the lowest decoder block's Linears by the decoder-only roles; its
+        # cross-attention's q, k, v and o read inputs that need a gradient, and keep their copies too
+        cross = sum(x.weight_numel for x in layout(card).block_linears if x.role.startswith("cross_attn"))
+        return sum(x.weight_numel for x in enc if x.name in first) - cross
+    return 0
