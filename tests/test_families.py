@@ -166,7 +166,7 @@ def test_check_fail_row_is_one_short_line():
     ("qwen3-8b", "sdpa", False), ("gemma-3-4b", "sdpa", False), ("falcon-7b", "sdpa", False),
     ("pythia-1b", "sdpa", False), ("llama-3.1-8b", "sdpa", False), ("mixtral-8x7b", "sdpa", False)])
 def test_estimate_says_where_its_activation_memory_is_approximate(name, attention, approximate):
-    """Families whose activations are not held to the trace (T5 under autocast: -3%; DeBERTa-v2 with SDPA,
+    """Families whose activations are not held to the trace (DeBERTa-v2 with SDPA,
     which its class lacks; MLA under eager attention) say so; the families of the check grids (ModernBERT,
     DeBERTa-v2 eager, MLA under SDPA: benchmarks/check_families.py, check_moe.py) do not."""
     card = registry()[name]

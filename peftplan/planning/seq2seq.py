@@ -232,7 +232,7 @@ def _trains(card: ModelCard, plan: Plan, trainable_block: bool, wrapped) -> _Tra
     if plan.method == "adapter":
         from peftplan.planning.layout import layout
 
-        roles = {"attn_out", "ffn_out"}
+        roles = {"attn_out", "ffn_out"} if plan.adapter_placement == "houlsby" else {"ffn_out"}
         adapters = frozenset(_short(x.name) for x in layout(card).block_linears if x.role in roles)
     return _Trains(weights=trainable_block, wrapped=frozenset(_short(n) for n in (wrapped or ())),
                    adapters=adapters, norms=trainable_block or plan.method == "adapter")
