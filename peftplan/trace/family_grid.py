@@ -108,7 +108,7 @@ def resolve(config: Config) -> tuple[ModelCard, Plan]:
 
 # Encoder–decoder (Flan-T5, `planning/seq2seq.py`): cuts keep the whole encoder and k decoder blocks; both stacks
 # read s tokens. Every method × checkpointing, LoRA on peft's default targets (q, v) and all-linear, r ∈ {8, 64},
-# other batch × sequence points, fp32 weights, the whole base card, eager attention
+# other batch × sequence points, fp32 weights, the whole base card, eager attention, autocast
 SEQ2SEQ = (
     _product(["flan-t5-base"], methods=("full", "adapter", "lora", "qlora", "top"), top_k=1)
     + _product(["flan-t5-large"], n_layers=1, methods=("full", "adapter", "lora", "qlora"))
@@ -119,6 +119,9 @@ SEQ2SEQ = (
     + _product(["flan-t5-base"], n_layers=0, methods=("lora",), gcs=(False,), shapes=((2, 128),))
     # T5's own eager attention (q, kᵀ, v copies, b·h·s² probabilities, attention dropout)
     + _product(["flan-t5-base"], n_layers=1, gcs=(False,), shapes=((2, 128),), attention="eager")
+    # the Trainer's autocast over fp32 weights (fp32 stream and gelu_new's pow, the encoder's weight copies)
+    + _product(["flan-t5-base"], n_layers=1, methods=("full", "adapter", "lora", "top"), shapes=((2, 128),),
+               dtype="fp32", autocast="bf16", top_k=1)
 )
 
 CONFIGS += list(SEQ2SEQ)
