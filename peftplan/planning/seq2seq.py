@@ -62,8 +62,6 @@ class _Sizes:
     gated: bool
     mask_per_token: float  # one (1, h, s, s) float mask, per token of the batch
     norm_w: int  # element bytes of the norms' weights (what γ·x̂ keeps)
-    wo_fp32: bool  # T5's keep-in-fp32 `wo` (QLoRA: not quantized, upcast by k-bit preparation)
-    bias_trains: bool  # the relative-attention embedding trains (full fine-tuning)
     eager: bool  # T5's eager attention (else SDPA)
     s: int  # sequence length (encoder and decoder alike)
     ac: int  # the autocast dtype's bytes (0: no autocast)
@@ -85,7 +83,6 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
     return _Sizes(e=e, d=card.d_model, f=card.d_ff, inner=inner, h=h, r=plan.r, p=float(cfg.get("dropout_rate", 0.1)),
                   act=act, gated=gated, mask_per_token=h * plan.seq_len * e / plan.batch_size,
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
-                  wo_fp32=plan.method == "qlora" and plan.kbit_prep, bias_trains=plan.method == "full",
                   eager=plan.attention == "eager", s=plan.seq_len,
                   ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
                   la=DTYPES[plan.adapter_dtype])
