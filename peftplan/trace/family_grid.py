@@ -17,6 +17,8 @@ The families and what each exercises (peftplan/planning/families.py):
     ModernBERT                  masked LM: fp32-logit loss, bias-free LayerNorms, chunked GLU, no attention norm
                                 in block 0, bidirectional sliding-window masks (s >= 64)
     DeBERTa-v3                  masked LM, eager disentangled attention (c2p/p2c against P relative positions)
+    Flan-T5                     encoder-decoder (planning/seq2seq.py): the whole encoder on decoder cuts,
+                                cross-attention, relative position bias, dropout masks, QLoRA with wo unquantized
 """
 from __future__ import annotations
 
