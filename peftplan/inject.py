@@ -79,6 +79,14 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_linear(m) and m is not head}
 
 
+def kept_in_fp32(model: nn.Module, name: str) -> bool:
+    """Whether a 4-bit load leaves this Linear unquantized: transformers' bitsandbytes quantizer adds the class's
+    `_keep_in_fp32_modules` (T5: `wo`) to `modules_to_not_convert` (quantizers/base.py
+    `get_modules_to_not_convert`), matched on the module name's components; the module keeps the load dtype."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(k in name.split(".") for k in keep)
+
+
 def match_targets(names: list[str], spec: str | None, model_type: str) -> list[str]:
     """The module names peft's LoRA would wrap: exact name or ".suffix", "all-linear", or a full regex match."""
     kind, targets = parse_targets(spec, model_type)
@@ -136,7 +144,8 @@ def _inject_lora(model: nn.Module, card: ModelCard, plan: Plan, adapter_dtype: t
     if plan.method == "qlora":
         compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16  # QLoRA computes in bf16
         for name, lin in linears.items():
-            _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
+            if not kept_in_fp32(model, name):
+                _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
     for name in targets:
         base = model.get_submodule(name)
         _replace(model, name, LoRALinear(base, plan.r, plan.alpha, plan.dropout, dtype=adapter_dtype))
@@ -278,7 +287,8 @@ def inject_peft(model: nn.Module, card: ModelCard, plan: Plan) -> tuple[nn.Modul
     if plan.method == "qlora":
         compute = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
         for name, lin in linears.items():
-            _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
+            if not kept_in_fp32(model, name):
+                _replace(model, name, to_linear4bit(lin, double_quant=plan.double_quant, compute_dtype=compute))
         if plan.kbit_prep:
             upcast = kbit_prepare(model)  # the cast of peft.utils.other.prepare_model_for_kbit_training
         # transformers sets this on a 4-bit load; peft then wraps each Linear4bit in its bitsandbytes LoRA class

@@ -510,8 +510,8 @@ def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
     attention for SDPA / flash attention, not eager (`plan.attention`)."""
     plan_eager = plan is not None and plan.attention == "eager"
     missing = []
-    if card.cross_attention:
-        missing.append("the encoder stack, cross-attention and relative position bias of an encoder-decoder")
+    if card.cross_attention and plan is not None and plan.use_dora:  # planning/seq2seq.py, planning/dora.py
+        missing.append("DoRA on an encoder-decoder (its encoder's weight-norm terms)")
     if card.model_type in NOT_MODELLED and not (card.model_type == "deberta-v2" and plan_eager):
         missing.append(NOT_MODELLED[card.model_type])
     latent = any(lin.role == "attn_latent" for lin in layout(card).block_linears)

@@ -25,8 +25,9 @@ FP32 = 4
 def shift_copy_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes of the contiguous fp32 shifted-logits copy, b·(s−1)·V·4, alive during the forward's loss
     (`plan.logits_shift_copy`: transformers ≤ 4.48). 0 for the current loss, for masked-LM encoders, whose
-    loss has no shift, and for one sequence per batch (its slice is contiguous already: no copy is made). Source: transformers 4.48.1 `loss/loss_utils.py::ForCausalLMLoss`."""
-    if not plan.logits_shift_copy or card.encoder or plan.batch_size == 1:
+    loss has no shift, for encoder-decoders (T5's own CrossEntropyLoss on unshifted logits: the decoder inputs
+    are shifted instead), and for one sequence per batch (its slice is contiguous already: no copy is made). Source: transformers 4.48.1 `loss/loss_utils.py::ForCausalLMLoss`."""
+    if not plan.logits_shift_copy or card.encoder or card.cross_attention or plan.batch_size == 1:
         return 0  # b = 1: the (1, s−1, V) slice is already contiguous, and .contiguous() returns it
     return FP32 * plan.batch_size * (plan.seq_len - 1) * card.vocab_size
 
@@ -36,6 +37,6 @@ def shifted_rows_bytes(card: ModelCard, plan: Plan, tensors: int) -> int:
     keeps (log-softmax; in backward also its gradient and the input gradient) is b·V·4 bytes smaller. Returned
     as a negative number of bytes; 0 where `shift_copy_bytes` does not apply for the loss (encoders, the current
     loss)."""
-    if not plan.logits_shift_copy or card.encoder:
+    if not plan.logits_shift_copy or card.encoder or card.cross_attention:
         return 0
     return -tensors * FP32 * plan.batch_size * card.vocab_size

@@ -18,6 +18,7 @@ from functools import lru_cache
 from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
+from peftplan.planning import seq2seq
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -89,6 +90,7 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
             total += block * (plan.top_k if plan.method == "top" else card.n_layers)
     if plan.mixed_precision and plan.method != "qlora":  # outside the blocks (MLM dense, OPT's project_out)
         total += sum(x.weight_numel for x in lay.other_linears)
+        total -= seq2seq.unsaved_encoder_copies(card, plan, blocks)  # T5's encoder Linears (planning/seq2seq.py)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
     if head_bytes != e:
         total += lay.head_rows * lay.head_cols
@@ -284,6 +286,8 @@ def block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, fi
     """Bytes per token one block saves for backward (part="block"), or (part="attention", eager attention) what
     is live per token while its attention runs the softmax's backward: what the block saved up to its attention
     kernel, and the probabilities' gradient beside the softmax's input gradient (b·h·s² each)."""
+    if part == "block" and seq2seq.applies(card):  # T5's decoder block (planning/seq2seq.py)
+        return seq2seq.block_saved_per_token(card, plan, trainable_block, first, wrapped)
     key = (card, plan.method, plan.r, plan.targets, plan.adapter_size, plan.adapter_placement, plan.dtype,
            plan.kbit_prep, plan.dropout, plan.attention, plan.seq_len if plan.attention == "eager" else 0,
            plan.adapter_dtype, plan.autocast,
@@ -559,6 +563,8 @@ def _rope_by_cat(card: ModelCard) -> bool:
 
 def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     """Bytes per token saved outside the blocks: embeddings, final norm, output head (and MLM head)."""
+    if seq2seq.applies(card):  # T5's encoder stack and its decoder's outside (planning/seq2seq.py)
+        return seq2seq.outside_saved_per_token(card, plan)
     c, e, d = card, activation_element_bytes(plan, card), card.d_model
     full = plan.method == "full"
     norms_train = full or plan.method == "adapter"
@@ -630,7 +636,7 @@ def activations(card: ModelCard, plan: Plan) -> Activations:
     # transformers' causal-LM loss upcasts logits to fp32; the masked-LM loss of BERT/RoBERTa does not
     # (autocast runs cross_entropy in fp32); the head is a Linear: under autocast the logits are in its dtype
     ac = plan.autocast != "none"
-    x = e if c.encoder and not ac and not families.mlm_loss_upcasts(c) else FP32
+    x = e if (c.encoder or seq2seq.applies(c)) and not ac and not families.mlm_loss_upcasts(c) else FP32
     lg = DTYPES[plan.autocast] if ac else e
     # Gemma-2 soft-caps the logits, cap·tanh(z/cap): tanh's output is saved for backward
     cap = lg if families.logit_softcap(c) else 0
@@ -953,6 +959,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         # with the gradient of the embedding's output (embedding_dense_backward's input)
         moments.append(dict(gradients_bytes=st.gradients_bytes - vd,
                             temporaries_bytes=emb + vd + stream_element_bytes(plan, card) * card.d_embed * t))
+    moments += seq2seq.backward_moments(card, plan)  # an encoder-decoder's shared embedding (planning/seq2seq.py)
     if accum:
         moments = [dict(m, gradients_bytes=grads_all) for m in moments]
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))

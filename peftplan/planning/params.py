@@ -17,6 +17,7 @@ from peftplan.errors import PlanError, quote
 from peftplan.planning.layout import Linear, layout
 from peftplan.planning.moe_targets import PEFT_MOE_FAMILY, param_lora_shape, rewrite
 from peftplan.plan import Plan
+from peftplan.planning import seq2seq
 
 # peft's default LoRA targets by model type: peft 0.21 peft/utils/constants.py,
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (its list entries; tests compare the two).
@@ -259,7 +260,9 @@ def block_params(card: ModelCard) -> int:
 def quantizable(card: ModelCard) -> list[tuple[Linear, int]]:
     """(Linear, how many) for every Linear QLoRA stores in NF4: all but the output head."""
     lay = layout(card)
-    return [(x, card.n_layers) for x in lay.block_linears] + [(x, 1) for x in lay.other_linears]
+    keep = seq2seq.kept_in_fp32(card)  # left unquantized by a 4-bit load (T5's wo)
+    return ([(x, card.n_layers) for x in lay.block_linears if x.name.rsplit(".", 1)[-1] not in keep]
+            + [(x, 1) for x in lay.other_linears if x.name.rsplit(".", 1)[-1] not in keep])
 
 
 _COUNTS: dict[tuple, "ParamCounts"] = {}

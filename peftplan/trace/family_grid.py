@@ -17,6 +17,8 @@ The families and what each exercises (peftplan/planning/families.py):
     ModernBERT                  masked LM: fp32-logit loss, bias-free LayerNorms, chunked GLU, no attention norm
                                 in block 0, bidirectional sliding-window masks (s >= 64)
     DeBERTa-v3                  masked LM, eager disentangled attention (c2p/p2c against P relative positions)
+    Flan-T5                     encoder-decoder (planning/seq2seq.py): the whole encoder on decoder cuts,
+                                cross-attention, relative position bias, dropout masks, QLoRA with wo unquantized
 """
 from __future__ import annotations
 
@@ -105,3 +107,23 @@ def resolve(config: Config) -> tuple[ModelCard, Plan]:
     if config.n_layers:
         card = cut(card, config.n_layers)
     return card, Plan(**config.options)
+
+# Encoder–decoder (Flan-T5, `planning/seq2seq.py`): cuts keep the whole encoder and k decoder blocks; both stacks
+# read s tokens. Every method × checkpointing, LoRA on peft's default targets (q, v) and all-linear, r ∈ {8, 64},
+# other batch × sequence points, fp32 weights, the whole base card, eager attention, autocast
+SEQ2SEQ = (
+    _product(["flan-t5-base"], methods=("full", "adapter", "lora", "qlora", "top"), top_k=1)
+    + _product(["flan-t5-large"], n_layers=1, methods=("full", "adapter", "lora", "qlora"))
+    + [Config(c, 2, dict(method="lora", r=r, batch_size=2, seq_len=256, grad_checkpointing=gc))
+       for c in ("flan-t5-base", "flan-t5-large") for r in (8, 64) for gc in (False, True)]
+    + _product(["flan-t5-base"], methods=("lora", "full", "adapter"), gcs=(False,), shapes=((1, 512), (4, 128)))
+    + _product(["flan-t5-base"], methods=("lora", "full"), gcs=(False, True), dtype="fp32")
+    + _product(["flan-t5-base"], n_layers=0, methods=("lora",), gcs=(False,), shapes=((2, 128),))
+    # T5's own eager attention (q, kᵀ, v copies, b·h·s² probabilities, attention dropout)
+    + _product(["flan-t5-base"], n_layers=1, gcs=(False,), shapes=((2, 128),), attention="eager")
+    # the Trainer's autocast over fp32 weights (fp32 stream and gelu_new's pow, the encoder's weight copies)
+    + _product(["flan-t5-base"], n_layers=1, methods=("full", "adapter", "lora", "top"), shapes=((2, 128),),
+               dtype="fp32", autocast="bf16", top_k=1)
+)
+
+CONFIGS += list(SEQ2SEQ)

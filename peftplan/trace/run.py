@@ -85,11 +85,22 @@ def _cuda_picks_efficient(query, key, value, attn_mask, kwargs) -> bool:
             and query.shape[-1] != value.shape[-1] and query.shape[-1] == key.shape[-1])
 
 
-def _efficient_sdpa(query, key, value, is_causal=False, scale=None, **_):
-    """CUDA's memory-efficient attention op: saves q, k, v, its output and a fp32 logsumexp per (b, h, s)."""
+def _trained_bias(query, attn_mask, kwargs) -> bool:
+    """Whether the float mask itself needs a gradient (T5's relative position bias when its embedding trains):
+    the CPU then falls back to the fp32 math path (b·h·s² probabilities), CUDA's memory-efficient kernel takes
+    the bias and returns its gradient (torch sdp_utils: flash refuses masks). Only on fake tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (is_fake(query) and attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+            and not kwargs.get("enable_gqa"))
+
+
+def _efficient_sdpa(query, key, value, is_causal=False, scale=None, attn_bias=None, **_):
+    """CUDA's memory-efficient attention op: saves q, k, v, its output, a fp32 logsumexp per (b, h, s) and the
+    bias when one is given."""
     import torch
 
-    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_bias, True, 0.0,
                                                                    bool(is_causal), scale=scale)[0]
 
 
@@ -127,6 +138,8 @@ def cuda_like():
         # kernel falls back to the math path and materialises b·h·s² probabilities. Same memory as CUDA:
         if _cuda_picks_efficient(query, key, value, attn_mask, kwargs):
             return _efficient_sdpa(query, key, value, **kwargs)
+        if _trained_bias(query, attn_mask, kwargs):
+            return _efficient_sdpa(query, key, value, attn_bias=attn_mask, **kwargs)
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, **kwargs)
 
     mu._ignore_causal_mask_sdpa = ignore_causal_mask
