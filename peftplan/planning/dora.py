@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from peftplan.plan import DTYPES, Plan
+from peftplan.planning import seq2seq
 from peftplan.planning.cards import ModelCard
 from peftplan.planning.layout import layout
 from peftplan.planning.params import ParamCounts, lora_block_sets, lora_targets
@@ -152,7 +153,7 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     inputs need a gradient (they lie above the blocks or feed them), so nothing is `first`. 0 without LoRA."""
     from peftplan.planning.memory import activation_element_bytes, trainable_element_bytes
 
-    if not plan.uses_lora:
+    if not plan.uses_lora or seq2seq.applies(card):  # T5's encoder Linears: seq2seq counts the encoder stack
         return 0.0
     e, lb = activation_element_bytes(plan, card), trainable_element_bytes(plan)
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
