@@ -27,7 +27,7 @@ from typing import Callable
 
 from peftplan.errors import PlanError
 from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
-from peftplan.planning.cards import MODEL_TYPES, ModelCard, registry
+from peftplan.planning.cards import ModelCard, registry
 from peftplan.planning import families as family_terms, moe
 from peftplan.planning.layout import layout
 from peftplan.planning.params import count, lora_targets
