@@ -193,6 +193,14 @@ def mask_saved_per_token(card: ModelCard, plan: Plan) -> float:
     return float(plan.seq_len) if sliding_mask_applies(card, plan) else 0.0
 
 
+def ffn_input_grad(card: ModelCard, block_in: bool, attn: bool) -> bool:
+    """Whether the FFN's input needs a gradient: in a sequential block it is the residual after attention
+    (`attn`); in a parallel block (GPT-NeoX/Pythia, Falcon: x + attn(ln1(x)) + mlp(ln2(x))) the norm of the
+    block's input, which needs none in the lowest block of a frozen base (`block_in`), whatever LoRA wraps in
+    the attention (transformers models/gpt_neox GPTNeoXLayer.forward, models/falcon FalconDecoderLayer.forward)."""
+    return block_in if card.parallel_block else attn
+
+
 def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) -> float:
     """Bytes per token the generic count gave twice for a parallel block's two pre-norms' shared input."""
     wide = len(layout(card).block_norms) - len(qk_norms(card))
@@ -342,7 +350,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
     # token each): the q/k and MLA latent norms come on top, whole (their generic share is 0)
     return (qk_norm_correction(card, plan, e, 0.0, weight_trains, qk_grad)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
-            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
+            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, counted_norms >= 2)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))

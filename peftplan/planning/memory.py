@@ -423,8 +423,9 @@ def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool,
     q, k, v = part("q"), part("k"), part("v")
     attn = q or k or v or attn_out in lora
     # gate_proj, up_proj, Phi-3's fused gate_up_proj; a non-gated FFN's one input projection is both
-    gate = attn or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
-    up = attn or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
+    ffn_x = families.ffn_input_grad(card, False, attn)  # the FFN's input: after attention, or x (parallel)
+    gate = ffn_x or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
+    up = ffn_x or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
     return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
 
 
@@ -469,7 +470,7 @@ def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]
 def _grad_input_linears(card: ModelCard, g: _Grad) -> list[str]:
     """The block Linears whose input needs a gradient (autograd then saves their weights' autocast copies)."""
     attn_in, attn_out, ffn_in, ffn_out = _groups(card)
-    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if g.attn]
+    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if families.ffn_input_grad(card, g.block_in, g.attn)]
             + [ffn_out] * (g.gate or g.up))
 
 
@@ -492,6 +493,8 @@ def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
     wide = sum(n.size == card.d_model and n.name not in qk for n in layout(card).block_norms)
     if card.sandwich_norms or wide == 4:
         return [g.block_in, g.attn, g.attn, g.out]
+    if card.parallel_block:  # every norm of a parallel block reads the block's input (families.py)
+        return [g.block_in] * wide
     return [g.block_in, g.attn]
 
 
