@@ -554,3 +554,34 @@ EAGER_ONLY_FAMILIES = ("gemma2", "gpt_oss", "deberta-v2")
 
 def eager_only(card: ModelCard) -> bool:
     return card.family in EAGER_ONLY_FAMILIES or card.model_type in EAGER_ONLY_FAMILIES
+
+
+def head_gradient_moments(card: ModelCard, plan: Plan, saved_bytes: int) -> list[dict]:
+    """Full fine-tuning, the backward's first weight gradient: the output head's (V·d, tied or not), made while
+    every block's saved tensors (and, under mixed precision, their autocast weight copies) are still alive. With
+    a large vocabulary and few tokens (Falcon-7B: V = 65,024, d = 4,544) it outweighs the loss's logits.
+
+    Under mixed precision the head's matmul ran on its autocast copy, so the gradient arrives in the autocast
+    dtype and ToCopyBackward casts it to fp32 (both alive: (a + 4)·V·d), beside the gradient of the head's input
+    (a·d per token); the logits' gradient is freed by then. Without a cast the gradient comes out of the matmul
+    itself, its input (the logits' gradient, e·V per token) still alive. saved_bytes: every saved tensor
+    (memory.activations' saved_bytes). Returns [] or one moment for memory.phases' backward list.
+    (torch autograd: MmBackward releases its grad_output once both gradients are made; AccumulateGrad /
+    autograd's input buffer then hold the head's.)"""
+    if plan.method != "full" or card.encoder:
+        return []
+    from peftplan.planning import (
+        memory,  # memory imports this module: imported here, at call time
+    )
+
+    lay, t = layout(card), plan.tokens
+    vd = lay.head_rows * lay.head_cols
+    if plan.mixed_precision:
+        a = memory.DTYPES[plan.autocast]
+        copies = 0 if plan.grad_checkpointing else (memory.autocast_cache_bytes(card, plan)
+                                                    - memory.autocast_cache_bytes(card, plan, blocks=False))
+        temps = copies + (a + FP32) * vd + a * lay.head_cols * t
+    else:
+        e = memory.DTYPES[plan.compute_dtype]
+        temps = e * vd + e * lay.head_cols * t + e * lay.head_rows * t
+    return [dict(activations_bytes=saved_bytes, temporaries_bytes=temps)]

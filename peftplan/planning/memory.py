@@ -885,6 +885,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         # with the gradient of the embedding's output (embedding_dense_backward's input)
         moments.append(dict(gradients_bytes=st.gradients_bytes - vd,
                             temporaries_bytes=emb + vd + stream_element_bytes(plan, card) * card.d_embed * t))
+    moments += families.head_gradient_moments(card, plan, act.saved_bytes)  # full: the head's, first
     if accum:
         moments = [dict(m, gradients_bytes=grads_all) for m in moments]
     bwd = _memory("backward", st, **max(moments, key=lambda m: sum(m.values())))
