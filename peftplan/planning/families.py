@@ -16,7 +16,9 @@ k = h_kv·d_h key/value width, e bytes per element.
                          are views of its output; rotary makes new q and k, and SDPA saves v, so the whole
                          q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
                          more per token. Without rotary (GPT-2) q and k stay views too: nothing more. (A
-                         fused gate_up costs nothing extra: gate and up are both saved anyway.)
+                         fused gate_up costs nothing extra: gate and up are both saved anyway.) QLoRA under
+                         autocast on a LayerNorm family: the fused output is fp32 and SDPA saves bf16/fp16
+                         copies of q, k and v: nothing more either.
     parallel_norm_correction  parallel blocks (GPT-NeoX/Pythia: x + attn(ln1(x)) + mlp(ln2(x))): both pre-norms
                          read the block input x, which a LayerNorm saves, so x is saved once, not twice.
     rotary_cat_correction  Phi-3/Phi-4 and GPT-NeoX build the rotated q by concatenating the rotated and the
@@ -136,6 +138,10 @@ def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary" \
             or sdpa_math(card, plan) or _memory_models_phi3_rope(card):
         return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
+    if plan.method == "qlora" and plan.autocast != "none" and card.norm == "layernorm":
+        # autocast runs layer_norm in fp32 and a Linear4bit returns its input's dtype: the fused output is fp32,
+        # so SDPA's autocast casts q, k and v to copies (saved as q, k, v) and v is no view of it
+        return 0.0
     return ce * (card.d_q + card.d_kv)
 
 
