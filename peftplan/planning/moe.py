@@ -253,12 +253,17 @@ def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes per block peft's ParamWrapper keeps for backward (peft/tuners/lora/layer.py, `_activate_lora`):
     on each forward a fused (E, a, b) expert stack is replaced by W + scaling·lhs@rhs (`_LoraFactorsProxy`, one
     baddbmm in W's dtype) and a 2-D router weight by W + ΔW (`_LoraParameterProxy`); the op reading it saves the
-    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype."""
+    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype
+    (`get_delta_factors`: `lhs.to(param.dtype)`, a no-op returning views of A and B when the adapter is in W's
+    dtype already, `--adapter-dtype` = the weights': then nothing beyond the parameters)."""
+    from peftplan.planning.memory import DTYPES  # memory imports this module
+
     e = plan.bytes_per_element
+    factors_cast = DTYPES[plan.adapter_dtype] != e
     total = 0
     for p in lora_wrapped(card, plan):
         total += e * p.numel
-        if len(p.shape) == 3:
+        if len(p.shape) == 3 and factors_cast:
             from peftplan.planning.moe_targets import param_lora_shape
 
             mult = 2 if p.name.endswith("gate_up_proj") else 1
@@ -292,6 +297,19 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     bwd = S * (3 * e * f - e * d - w) + t * e * d
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
+    # memory.phases adds the block's largest gradient to the lowest block's moment (`bwd`, 2nd value); when the
+    # merged gate_up stack's full-size gradient is made, the block's own LoRA factor gradients are down_proj's
+    # alone (made before; accumulating, already added into .grad and freed), not the largest
+    top = bwd
+    if down:
+        from peftplan.planning.memory import DTYPES, cached_static_memory  # memory imports this module
+        from peftplan.planning.moe_targets import param_lora_shape
+
+        down_p = next(p for p in wrapped if p.name.endswith("down_proj"))
+        down_factors = DTYPES[plan.adapter_dtype] * plan.r * sum(param_lora_shape(down_p.shape, 1))
+        bwd = max(S * (3 * e * f - e * d - w) + t * e * d,
+                  bwd - cached_static_memory(card, plan).largest_gradient_bytes
+                  + down_factors * (plan.grad_accum == 1))
     # accumulating (grad_accum > 1), each new weight gradient is added into the existing .grad and freed at once
     # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured)
     if trained and plan.grad_accum == 1:
@@ -303,9 +321,9 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
         # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
         gate_up_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                     if p.expert and p.name.endswith("gate_up_proj"))
-        bwd = max(down_grad - S * (e * (f + d) + wide * d),
-                  down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
-    return fwd, bwd, bwd
+        bwd = top = max(down_grad - S * (e * (f + d) + wide * d),
+                        down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
+    return fwd, bwd, top
 
 
 def aux_loss_bytes_per_token(card: ModelCard, e: int) -> int:
