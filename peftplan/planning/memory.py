@@ -846,8 +846,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=inputs, temporaries_bytes=act.top_block_bytes + top_copies
                             - shared_input_bytes(card, plan) + ffn_bwd_top))
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
-                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + st.largest_gradient_bytes
-                            + low_copies))
+                            temporaries_bytes=act.first_block_bytes + ffn_bwd_top + low_copies
+                            + moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)))
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
                                 temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
@@ -865,7 +865,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
-                            temporaries_bytes=st.largest_gradient_bytes + low_copies))
+                            temporaries_bytes=moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)
+                            + low_copies))
         if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,

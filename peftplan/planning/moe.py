@@ -297,19 +297,6 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     bwd = S * (3 * e * f - e * d - w) + t * e * d
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
-    # memory.phases adds the block's largest gradient to the lowest block's moment (`bwd`, 2nd value); when the
-    # merged gate_up stack's full-size gradient is made, the block's own LoRA factor gradients are down_proj's
-    # alone (made before; accumulating, already added into .grad and freed), not the largest
-    top = bwd
-    if down:
-        from peftplan.planning.memory import DTYPES, cached_static_memory  # memory imports this module
-        from peftplan.planning.moe_targets import param_lora_shape
-
-        down_p = next(p for p in wrapped if p.name.endswith("down_proj"))
-        down_factors = DTYPES[plan.adapter_dtype] * plan.r * sum(param_lora_shape(down_p.shape, 1))
-        bwd = max(S * (3 * e * f - e * d - w) + t * e * d,
-                  bwd - cached_static_memory(card, plan).largest_gradient_bytes
-                  + down_factors * (plan.grad_accum == 1))
     # accumulating (grad_accum > 1), each new weight gradient is added into the existing .grad and freed at once
     # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured)
     if trained and plan.grad_accum == 1:
@@ -321,9 +308,9 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
         # memory.phases adds) does not exist yet but the gated product's gradients do (both measured)
         gate_up_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
                                                     if p.expert and p.name.endswith("gate_up_proj"))
-        bwd = top = max(down_grad - S * (e * (f + d) + wide * d),
-                        down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
-    return fwd, bwd, top
+        bwd = max(down_grad - S * (e * (f + d) + wide * d),
+                  down_grad + S * e * (2 * f - d) + t * e * d - gate_up_grad)
+    return fwd, bwd, bwd
 
 
 def aux_loss_bytes_per_token(card: ModelCard, e: int) -> int:
@@ -395,3 +382,28 @@ def _targets(card: ModelCard, plan: Plan):
     from peftplan.planning.params import lora_targets
 
     return lora_targets(card, plan.targets)
+
+
+def lowest_block_gradient(card: ModelCard, plan: Plan, largest: int) -> int:
+    """What memory.phases adds for the gradient being written at the lowest block's backward peak, bytes:
+    `largest`, the block's largest gradient, for a dense block. With peft's merged expert stacks (LoRA on fused
+    experts) the peak is a merged stack's full-size gradient, before any of the block's LoRA factor gradients is
+    accumulated: `working_bytes` counts down_proj's (beside every saved tensor); gate_up_proj's comes after
+    down's merged stack and its factor casts are freed, with down's factor gradients alive in the stack's dtype
+    (both measured, with and without accumulation and checkpointing). Returned: how much gate_up's moment
+    exceeds down's (0 when it does not)."""
+    merged = {p.name.rsplit(".", 1)[-1]: p for p in lora_wrapped(card, plan) if len(p.shape) == 3}
+    if not merged:
+        return largest
+    if "down_proj" not in merged or "gate_up_proj" not in merged:
+        return 0
+    from peftplan.planning.memory import DTYPES  # memory imports this module
+    from peftplan.planning.moe_targets import param_lora_shape
+
+    e, t, S = plan.bytes_per_element, plan.tokens, plan.tokens * card.experts_per_token
+    down, gate_up = e * merged["down_proj"].numel, e * merged["gate_up_proj"].numel
+    factors = e * plan.r * sum(param_lora_shape(merged["down_proj"].shape, 1))  # down's, in the stack's dtype
+    casts = factors if DTYPES[plan.adapter_dtype] != e else 0  # get_delta_factors' `.to(param.dtype)` copies
+    at_gate_up = gate_up - down - casts + factors
+    at_down = S * e * card.expert_d_ff + down + t * card.d_model * (FP32 + e)  # working_bytes' merged moment
+    return max(0, at_gate_up - at_down)
