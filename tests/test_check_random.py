@@ -112,6 +112,10 @@ KINDS = {
                                                                           targets="all-linear", kbit_prep=False,
                                                                           seq_len=32, grad_checkpointing=True,
                                                                           optimizer="sgd")),
+    # Falcon's multi-query attention on SDPA's math path, checkpointed: the attention's backward holds three fp32
+    # b·h·s² tensors (probabilities, their gradient, the softmax's input gradient) and the fp32 q and k (was -9.8%)
+    "SDPA math attention backward": ("falcon-7b", 1, dict(method="adapter", batch_size=2, seq_len=1024,
+                                                          grad_checkpointing=True, attention="sdpa")),
 }
 
 

@@ -260,6 +260,19 @@ def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return math_saved - flash_saved
 
 
+def sdpa_math_attention(card: ModelCard, plan: Plan, ce: int, before_attention: float, e: int) -> float:
+    """Bytes per token of one block at its attention's backward on SDPA's math path (memory.py's part="attention"
+    moment, as for eager attention): what the block saved before attention (`before_attention`, which holds this
+    module's sdpa_math_correction: taken out), the fp32 scaled q and k that q·kᵀ saved (k broadcast to h heads
+    for b > 1), and three fp32 b·h·s² tensors: the saved probabilities, their gradient (grad_out·vᵀ) and the
+    softmax's input gradient (torch aten/native/transformers/attention.cpp, _scaled_dot_product_attention_math:
+    matmul, softmax, matmul as separate autograd nodes; measured on Falcon-7B); beside them the gradient entering
+    the block (e per element of d) and the attention output's (ce)."""
+    q, kv = card.d_q, card.d_q if plan.batch_size > 1 else card.d_kv
+    return (before_attention - sdpa_math_correction(card, plan, ce) + FP32 * (q + kv)
+            + 3 * FP32 * card.n_heads * plan.seq_len + (e + ce) * card.d_model)
+
+
 def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     """Bytes per token Falcon's eager attention saves minus the generic eager count (memory.py: q, k and v at h
     heads, fp32 softmax output and its cast back to ce, no dropout)."""

@@ -376,6 +376,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     else:
         total += _eager_saved(c, plan, g, e, ce)
         late += o_in
+    if part == "attention" and families.sdpa_math(c, plan) and (g.q or g.k):  # Falcon's SDPA math path
+        return families.sdpa_math_attention(c, plan, ce, before_attention, e)
     if part == "attention":
         if plan.attention != "eager" or not (g.q or g.k):
             return 0.0
@@ -851,7 +853,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
                                 temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
-        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+        if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
             moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1),
@@ -867,7 +869,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.first_block_bytes + ffn_bwd, gradients_bytes=late,
                             temporaries_bytes=moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)
                             + low_copies))
-        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+        if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
                                 gradients_bytes=ffn_grads + head_grads, temporaries_bytes=blocks_cache - ffn_copies))
