@@ -298,10 +298,11 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
     # accumulating (grad_accum > 1), each new weight gradient is added into the existing .grad and freed at once
-    # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured)
-    if trained and plan.grad_accum == 1:
+    # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured): down_grad 0,
+    # the rest of the moments below as without accumulation (the saved tensors G frees are freed all the same)
+    if trained:
         down_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
-                                                 if p.expert and p.name.endswith("down_proj"))
+                                                 if p.expert and p.name.endswith("down_proj")) * (plan.grad_accum == 1)
         # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
         # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
         # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
