@@ -271,6 +271,8 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
         # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
         scaled = FP32 if card.model_type == "gemma2" else e
         return FP32 * d + FP32 + (scaled * d if weight_trains else 0)
+    if plan.autocast != "none":  # autocast runs layer_norm in fp32: it saves the fp32 cast of x
+        e = FP32
     return e * d + 2 * FP32
 
 
@@ -751,7 +753,9 @@ def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
     (its output object holds it); counted among the saved tensors already when the head trains."""
     if card.encoder or plan.method == "full":
         return 0
-    return activation_element_bytes(plan, card) * card.d_embed * plan.tokens
+    # autocast runs the final LayerNorm in fp32: its output, the head's input, is fp32
+    ln32 = plan.autocast != "none" and card.norm == "layernorm" and card.final_norm
+    return (FP32 if ln32 else activation_element_bytes(plan, card)) * card.d_embed * plan.tokens
 
 
 def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
