@@ -128,6 +128,10 @@ KINDS = {
                                                                        seq_len=984, optimizer="sgd",
                                                                        grad_checkpointing=True, attention="flash",
                                                                        autocast="bf16")),
+    # Falcon-7B's parallel block has one LayerNorm: the attention's and the MLP's inputs are one tensor (the
+    # check_families row that was +0.86%); the SDPA math path's output is copied for `dense`
+    "parallel block, one norm output": ("falcon-7b", 2, dict(method="qlora", r=16, targets="all-linear",
+                                                             batch_size=2, seq_len=256, attention="eager")),
 }
 
 

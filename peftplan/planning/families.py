@@ -207,6 +207,15 @@ def ffn_input_grad(card: ModelCard, block_in: bool, attn: bool) -> bool:
     return block_in if card.parallel_block else attn
 
 
+def one_norm_output(card: ModelCard, both_saved: bool) -> bool:
+    """A parallel block with one norm (Falcon-7B: `input_layernorm` only, no `new_decoder_architecture`): the
+    attention's and the MLP's input Linears read the same LayerNorm output, so when both groups keep it
+    (`both_saved`: memory.py counted it for each) it is one tensor (transformers models/falcon
+    FalconDecoderLayer.forward: `attention_layernorm_out` is the MLP's input too)."""
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    return both_saved and card.parallel_block and wide == 1
+
+
 def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) -> float:
     """Bytes per token the generic count gave twice for a parallel block's two pre-norms' shared input."""
     wide = len(layout(card).block_norms) - len(qk_norms(card))
@@ -248,14 +257,16 @@ def sdpa_math(card: ModelCard, plan: Plan) -> bool:
             and card.n_kv_heads < card.n_heads)
 
 
-def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
-    """Bytes per token the math path saves minus what the generic count gave the flash kernel."""
+def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool = False) -> float:
+    """Bytes per token the math path saves minus what the generic count gave the flash kernel. The math path's
+    output is (b, h, s, d_h), so Falcon's permute + reshape to (b, s, h·d_h) copies it: when the output
+    projection saves its input (full fine-tuning), that copy is saved, ce·q."""
     if not sdpa_math(card, plan):
         return 0.0
     q, k, h = card.d_q, card.d_kv, card.n_heads
     # k and v broadcast to h heads stay views for b = 1; for b > 1 the batched matmul materialises them
     kv = q if plan.batch_size > 1 else k
-    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len
+    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len + ce * q * out_proj_saves_input
     flash_saved = ce * (2 * q + 2 * k) + FP32 * h
     return math_saved - flash_saved
 
@@ -370,7 +381,8 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
     return (qk_norm_correction(card, plan, e, 0.0, weight_trains, qk_grad)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, counted_norms >= 2)
-            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input)
+            + sdpa_math_correction(card, plan, ce, out_proj_saves_input)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
             + encoder_block_correction(card, plan, e, generic_norm, counted_norms) + deberta_correction(card, plan, ce))

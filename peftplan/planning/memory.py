@@ -359,6 +359,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     total += copies + ne * d * shared
     copies, shared = group_saved(ffn_in, ne, d)
     late += copies + ne * d * shared
+    late -= ne * d * families.one_norm_output(c, shared and group_saved(attn_in, ne, d)[1])  # Falcon: read once
     late += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
     late += sum(plan.r * (ac or lb) for n in lora if n not in attn_in)  # A·x, saved by B
     total += sum(plan.r * (ac or lb) for n in lora if n in attn_in)
