@@ -132,6 +132,12 @@ KINDS = {
     # check_families row that was +0.86%); the SDPA math path's output is copied for `dense`
     "parallel block, one norm output": ("falcon-7b", 2, dict(method="qlora", r=16, targets="all-linear",
                                                              batch_size=2, seq_len=256, attention="eager")),
+    # Falcon's Linears multiply by `weight.T`: autocast casts a view, which its cache never keeps, so a
+    # checkpointed forward holds no block weight copies (4 blocks, few tokens, so the forward peaks: was +4.7%)
+    "Falcon uncached casts, checkpointed": ("falcon-7b", 4, dict(method="top", top_k=1, batch_size=5, seq_len=11,
+                                                                 dtype="fp32", optimizer="sgd",
+                                                                 grad_checkpointing=True, autocast="bf16",
+                                                                 grad_accum=4)),
 }
 
 

@@ -207,6 +207,17 @@ def ffn_input_grad(card: ModelCard, block_in: bool, attn: bool) -> bool:
     return block_in if card.parallel_block else attn
 
 
+# Classes whose block Linears multiply by `self.weight.T` (transformers models/falcon FalconLinear.forward): the
+# autocast cast is of a view, not of the leaf weight, so torch's cast cache never keeps it (cached_cast caches
+# only fp32 leaves, no views); a copy lives only while autograd saves it. A trait of the class, named by family.
+UNCACHED_LINEAR_FAMILIES = ("falcon",)
+
+
+def block_casts_uncached(card: ModelCard) -> bool:
+    """Whether the blocks' autocast weight copies are never cached (checkpointed: none alive through forward)."""
+    return card.family in UNCACHED_LINEAR_FAMILIES
+
+
 def one_norm_output(card: ModelCard, both_saved: bool) -> bool:
     """A parallel block with one norm (Falcon-7B: `input_layernorm` only, no `new_decoder_architecture`): the
     attention's and the MLP's input Linears read the same LayerNorm output, so when both groups keep it

@@ -821,6 +821,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     fwd_cache = bwd_cache = autocast_cache_bytes(card, plan)
     if ckpt and plan.method not in ("full", "top"):
         fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
+    if ckpt and families.block_casts_uncached(card):  # Falcon's `input @ weight.T`: no cached block copies
+        fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
     if ckpt:
         bwd_cache = autocast_cache_bytes(card, plan, blocks=False)
     elif plan.method == "top" and plan.mixed_precision:
