@@ -475,7 +475,8 @@ def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]
 def _grad_input_linears(card: ModelCard, g: _Grad) -> list[str]:
     """The block Linears whose input needs a gradient (autograd then saves their weights' autocast copies)."""
     attn_in, attn_out, ffn_in, ffn_out = _groups(card)
-    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if families.ffn_input_grad(card, g.block_in, g.attn)]
+    ffn_x = families.ffn_input_grad(card, g.block_in, g.attn)  # after attention, or x (parallel blocks)
+    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if ffn_x]
             + [ffn_out] * (g.gate or g.up))
 
 
