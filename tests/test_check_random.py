@@ -137,6 +137,62 @@ KINDS = {
                                                                  adapter_placement="ffn", batch_size=4, seq_len=62,
                                                                  grad_checkpointing=True, attention="eager",
                                                                  logits_shift_copy=True)),
+    # parallel block (Falcon, GPT-NeoX): the MLP reads the norm of the block's input, so in the lowest block of
+    # a frozen base LoRA on query_key_value gives the MLP no input gradient: no saved MLP tensors nor weight
+    # copies (was +11.1%)
+    "parallel block, lowest LoRA block": ("falcon-7b", 1, dict(method="lora", r=32, targets="query_key_value",
+                                                               batch_size=6, seq_len=92, dtype="fp32",
+                                                               optimizer="sgd-momentum", foreach=False,
+                                                               attention="eager", autocast="fp16",
+                                                               max_grad_norm=0.0, logits_shift_copy=True)),
+    # full fine-tuning, backward's first weight gradient: the head's, in the autocast dtype beside its fp32
+    # cast, with every saved tensor and weight copy alive (Falcon-7B fp16 autocast 4 blocks: was -3.4%; this
+    # 1-block cut of an untied head: -9.6%)
+    "full: head gradient first": ("llama-2-7b", 1, dict(method="full", batch_size=2, seq_len=64, dtype="fp32",
+                                                        optimizer="sgd", autocast="fp16", grad_accum=2)),
+    # QLoRA under autocast, fused qkv on a LayerNorm family (GPT-NeoX): the Linear4bit's output is fp32, SDPA
+    # saves autocast copies of q, k, v, not the fused output (Pythia 3 blocks: was +4.7%)
+    "QLoRA autocast fused qkv": ("pythia-1b", 2, dict(method="qlora", r=4, batch_size=4, seq_len=256,
+                                                      dtype="fp32", optimizer="sgd", attention="flash",
+                                                      autocast="bf16")),
+    # peft's LoRA on fused experts with the adapter in the weights' dtype: the baddbmm's factors are views of A
+    # and B, not copies (was +6.3%: the forward, +4.9%, now exact)
+    "MoE LoRA experts, adapter in weight dtype": ("mixtral-8x7b", 1, dict(method="lora", r=64, targets="all-linear",
+                                                                           seq_len=10, optimizer="sgd",
+                                                                           adapter_dtype="bf16")),
+    # peft's merged expert stacks, the lowest block's backward peak: a merged stack's full-size gradient, made
+    # before the block's LoRA factor gradients (not the largest gradient beside it; was +3.1%, the draw's
+    # checkpointed Mixtral / Qwen3-MoE QLoRA r=256 rows +2.9% to +4.5%)
+    "MoE merged experts, lowest block backward": ("mixtral-8x7b", 1, dict(method="qlora", r=128,
+                                                                          targets="all-linear", kbit_prep=False,
+                                                                          seq_len=32, grad_checkpointing=True,
+                                                                          optimizer="sgd")),
+    # Falcon's multi-query attention on SDPA's math path, checkpointed: the attention's backward holds three fp32
+    # b·h·s² tensors (probabilities, their gradient, the softmax's input gradient) and the fp32 q and k (was -9.8%)
+    "SDPA math attention backward": ("falcon-7b", 1, dict(method="adapter", batch_size=2, seq_len=1024,
+                                                          grad_checkpointing=True, attention="sdpa")),
+    # MoE, trained experts, accumulating: at gate_up's new weight gradient the block's saved down-side tensors are
+    # freed, as without accumulation (was +1.8%)
+    "MoE trained experts, accumulating, top-k": ("mixtral-8x7b", 1, dict(method="top", top_k=1, batch_size=2,
+                                                                         seq_len=256, optimizer="sgd",
+                                                                         attention="flash", grad_accum=4)),
+    # autocast on a LayerNorm family: layer_norm saves the fp32 cast of its input and returns fp32 (the head's
+    # input); the autocast cache keeps only fp32 leaves cast down, not the embedding output's fp32 up-cast
+    # (checkpointed Pythia LoRA: was -2.0%)
+    "autocast LayerNorm, fp32 input and output": ("pythia-1b", 1, dict(method="lora", r=8, batch_size=7,
+                                                                       seq_len=984, optimizer="sgd",
+                                                                       grad_checkpointing=True, attention="flash",
+                                                                       autocast="bf16")),
+    # Falcon-7B's parallel block has one LayerNorm: the attention's and the MLP's inputs are one tensor (the
+    # check_families row that was +0.86%); the SDPA math path's output is copied for `dense`
+    "parallel block, one norm output": ("falcon-7b", 2, dict(method="qlora", r=16, targets="all-linear",
+                                                             batch_size=2, seq_len=256, attention="eager")),
+    # Falcon's Linears multiply by `weight.T`: autocast casts a view, which its cache never keeps, so a
+    # checkpointed forward holds no block weight copies (4 blocks, few tokens, so the forward peaks: was +4.7%)
+    "Falcon uncached casts, checkpointed": ("falcon-7b", 4, dict(method="top", top_k=1, batch_size=5, seq_len=11,
+                                                                 dtype="fp32", optimizer="sgd",
+                                                                 grad_checkpointing=True, autocast="bf16",
+                                                                 grad_accum=4)),
 }
 
 

@@ -47,7 +47,11 @@ class CudaAutocast(TorchFunctionMode):
             return x
         if to == torch.float32 and x.dtype not in HALF:
             return x
-        if self.cache is not None and x.is_leaf and x.requires_grad:  # autocast's cache: weights cast once
+        # autocast's cache: fp32 leaves that require grad (weights) cast down to the autocast dtype, once; never
+        # an up-cast to fp32 (a bf16 embedding output made a leaf by enable_input_require_grads, read by
+        # layer_norm), never a view (torch aten/src/ATen/autocast_mode.cpp, cached_cast's can_try_cache)
+        if (self.cache is not None and to == self.dtype and x.dtype == torch.float32 and x.is_leaf
+                and x.requires_grad and not x._is_view()):
             hit = self.cache.get(id(x))
             if hit is None or hit[0] is not x:
                 hit = self.cache[id(x)] = (x, x.to(to))

@@ -16,7 +16,9 @@ k = h_kv·d_h key/value width, e bytes per element.
                          are views of its output; rotary makes new q and k, and SDPA saves v, so the whole
                          q + 2k wide output stays alive where separate projections keep v alone: (q + k)·e
                          more per token. Without rotary (GPT-2) q and k stay views too: nothing more. (A
-                         fused gate_up costs nothing extra: gate and up are both saved anyway.)
+                         fused gate_up costs nothing extra: gate and up are both saved anyway.) QLoRA under
+                         autocast on a LayerNorm family: the fused output is fp32 and SDPA saves bf16/fp16
+                         copies of q, k and v: nothing more either.
     parallel_norm_correction  parallel blocks (GPT-NeoX/Pythia: x + attn(ln1(x)) + mlp(ln2(x))): both pre-norms
                          read the block input x, which a LayerNorm saves, so x is saved once, not twice.
     rotary_cat_correction  Phi-3/Phi-4 and GPT-NeoX build the rotated q by concatenating the rotated and the
@@ -137,6 +139,10 @@ def fused_qkv_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     if plan.attention not in ("sdpa", "flash") or not fused_qkv(card) or card.positions != "rotary" \
             or sdpa_math(card, plan) or _memory_models_phi3_rope(card):
         return 0.0  # without rotary (GPT-2) q and k stay views of the same output too: nothing extra
+    if plan.method == "qlora" and plan.autocast != "none" and card.norm == "layernorm":
+        # autocast runs layer_norm in fp32 and a Linear4bit returns its input's dtype: the fused output is fp32,
+        # so SDPA's autocast casts q, k and v to copies (saved as q, k, v) and v is no view of it
+        return 0.0
     return ce * (card.d_q + card.d_kv)
 
 
@@ -194,6 +200,34 @@ def mask_saved_per_token(card: ModelCard, plan: Plan) -> float:
     return float(plan.seq_len) if sliding_mask_applies(card, plan) else 0.0
 
 
+def ffn_input_grad(card: ModelCard, block_in: bool, attn: bool) -> bool:
+    """Whether the FFN's input needs a gradient: in a sequential block it is the residual after attention
+    (`attn`); in a parallel block (GPT-NeoX/Pythia, Falcon: x + attn(ln1(x)) + mlp(ln2(x))) the norm of the
+    block's input, which needs none in the lowest block of a frozen base (`block_in`), whatever LoRA wraps in
+    the attention (transformers models/gpt_neox GPTNeoXLayer.forward, models/falcon FalconDecoderLayer.forward)."""
+    return block_in if card.parallel_block else attn
+
+
+# Classes whose block Linears multiply by `self.weight.T` (transformers models/falcon FalconLinear.forward): the
+# autocast cast is of a view, not of the leaf weight, so torch's cast cache never keeps it (cached_cast caches
+# only fp32 leaves, no views); a copy lives only while autograd saves it. A trait of the class, named by family.
+UNCACHED_LINEAR_FAMILIES = ("falcon",)
+
+
+def block_casts_uncached(card: ModelCard) -> bool:
+    """Whether the blocks' autocast weight copies are never cached (checkpointed: none alive through forward)."""
+    return card.family in UNCACHED_LINEAR_FAMILIES
+
+
+def one_norm_output(card: ModelCard, both_saved: bool) -> bool:
+    """A parallel block with one norm (Falcon-7B: `input_layernorm` only, no `new_decoder_architecture`): the
+    attention's and the MLP's input Linears read the same LayerNorm output, so when both groups keep it
+    (`both_saved`: memory.py counted it for each) it is one tensor (transformers models/falcon
+    FalconDecoderLayer.forward: `attention_layernorm_out` is the MLP's input too)."""
+    wide = len(layout(card).block_norms) - len(qk_norms(card))
+    return both_saved and card.parallel_block and wide == 1
+
+
 def parallel_norm_correction(card: ModelCard, e: int, norm_input_saved: bool) -> float:
     """Bytes per token the generic count gave twice for a parallel block's two pre-norms' shared input."""
     wide = len(layout(card).block_norms) - len(qk_norms(card))
@@ -235,16 +269,31 @@ def sdpa_math(card: ModelCard, plan: Plan) -> bool:
             and card.n_kv_heads < card.n_heads)
 
 
-def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int) -> float:
-    """Bytes per token the math path saves minus what the generic count gave the flash kernel."""
+def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool = False) -> float:
+    """Bytes per token the math path saves minus what the generic count gave the flash kernel. The math path's
+    output is (b, h, s, d_h), so Falcon's permute + reshape to (b, s, h·d_h) copies it: when the output
+    projection saves its input (full fine-tuning), that copy is saved, ce·q."""
     if not sdpa_math(card, plan):
         return 0.0
     q, k, h = card.d_q, card.d_kv, card.n_heads
     # k and v broadcast to h heads stay views for b = 1; for b > 1 the batched matmul materialises them
     kv = q if plan.batch_size > 1 else k
-    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len
+    math_saved = FP32 * (q + 2 * kv) + FP32 * h * plan.seq_len + ce * q * out_proj_saves_input
     flash_saved = ce * (2 * q + 2 * k) + FP32 * h
     return math_saved - flash_saved
+
+
+def sdpa_math_attention(card: ModelCard, plan: Plan, ce: int, before_attention: float, e: int) -> float:
+    """Bytes per token of one block at its attention's backward on SDPA's math path (memory.py's part="attention"
+    moment, as for eager attention): what the block saved before attention (`before_attention`, which holds this
+    module's sdpa_math_correction: taken out), the fp32 scaled q and k that q·kᵀ saved (k broadcast to h heads
+    for b > 1), and three fp32 b·h·s² tensors: the saved probabilities, their gradient (grad_out·vᵀ) and the
+    softmax's input gradient (torch aten/native/transformers/attention.cpp, _scaled_dot_product_attention_math:
+    matmul, softmax, matmul as separate autograd nodes; measured on Falcon-7B); beside them the gradient entering
+    the block (e per element of d) and the attention output's (ce)."""
+    q, kv = card.d_q, card.d_q if plan.batch_size > 1 else card.d_kv
+    return (before_attention - sdpa_math_correction(card, plan, ce) + FP32 * (q + kv)
+            + 3 * FP32 * card.n_heads * plan.seq_len + (e + ce) * card.d_model)
 
 
 def falcon_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
@@ -343,8 +392,9 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
     # token each): the q/k and MLA latent norms come on top, whole (their generic share is 0)
     return (qk_norm_correction(card, plan, e, 0.0, weight_trains, qk_grad)
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
-            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, True)
-            + rotary_cat_correction(card, plan, ce, out_proj_saves_input) + sdpa_math_correction(card, plan, ce)
+            + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, counted_norms >= 2)
+            + rotary_cat_correction(card, plan, ce, out_proj_saves_input)
+            + sdpa_math_correction(card, plan, ce, out_proj_saves_input)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
             + encoder_block_correction(card, plan, e, generic_norm, counted_norms) + deberta_correction(card, plan, ce))
@@ -541,3 +591,4 @@ EAGER_ONLY_FAMILIES = ("gemma2", "gpt_oss", "deberta-v2")
 
 def eager_only(card: ModelCard) -> bool:
     return card.family in EAGER_ONLY_FAMILIES or card.model_type in EAGER_ONLY_FAMILIES
+

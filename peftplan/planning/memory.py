@@ -278,6 +278,8 @@ def norm_saved(card: ModelCard, plan: Plan, weight_trains: bool) -> int:
         # Gemma-2 multiplies by (1 + γ) in fp32 and casts after: x̂ is saved in fp32
         scaled = FP32 if card.model_type == "gemma2" else e
         return FP32 * d + FP32 + (scaled * d if weight_trains else 0)
+    if plan.autocast != "none":  # autocast runs layer_norm in fp32: it saves the fp32 cast of x
+        e = FP32
     return e * d + 2 * FP32
 
 
@@ -366,6 +368,7 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     total += copies + ne * d * shared
     copies, shared = group_saved(ffn_in, ne, d)
     late += copies + ne * d * shared
+    late -= ne * d * families.one_norm_output(c, shared and group_saved(attn_in, ne, d)[1])  # Falcon: read once
     late += group_saved([attn_out], ce, q)[0] + group_saved([ffn_out], x_of[ffn_out], f)[0]
     late += sum(plan.r * (ac or lb) for n in lora if n not in attn_in)  # A·x, saved by B
     total += sum(plan.r * (ac or lb) for n in lora if n in attn_in)
@@ -385,6 +388,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     else:
         total += _eager_saved(c, plan, g, e, ce)
         late += o_in
+    if part == "attention" and families.sdpa_math(c, plan) and (g.q or g.k):  # Falcon's SDPA math path
+        return families.sdpa_math_attention(c, plan, ce, before_attention, e)
     if part == "attention":
         if plan.attention != "eager" or not (g.q or g.k):
             return 0.0
@@ -440,8 +445,9 @@ def _needs_grad(card: ModelCard, plan: Plan, trainable_block: bool, first: bool,
     q, k, v = part("q"), part("k"), part("v")
     attn = q or k or v or attn_out in lora
     # gate_proj, up_proj, Phi-3's fused gate_up_proj; a non-gated FFN's one input projection is both
-    gate = attn or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
-    up = attn or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
+    ffn_x = families.ffn_input_grad(card, False, attn)  # the FFN's input: after attention, or x (parallel)
+    gate = ffn_x or any(n in lora and ("gate" in n or not card.gated_mlp) for n in ffn_in)
+    up = ffn_x or any(n in lora and ("gate" not in n or "up" in n.rsplit(".", 1)[-1]) for n in ffn_in)
     return _Grad(False, q, k, v, attn, gate, up, gate or up or ffn_out in lora)
 
 
@@ -486,7 +492,8 @@ def lowest_lora_block(card: ModelCard, plan: Plan) -> tuple[int, frozenset[str]]
 def _grad_input_linears(card: ModelCard, g: _Grad) -> list[str]:
     """The block Linears whose input needs a gradient (autograd then saves their weights' autocast copies)."""
     attn_in, attn_out, ffn_in, ffn_out = _groups(card)
-    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if g.attn]
+    ffn_x = families.ffn_input_grad(card, g.block_in, g.attn)  # after attention, or x (parallel blocks)
+    return ([n for n in attn_in if g.block_in] + [attn_out] * (g.q or g.k or g.v) + [n for n in ffn_in if ffn_x]
             + [ffn_out] * (g.gate or g.up))
 
 
@@ -509,6 +516,8 @@ def _norm_inputs_grad(card: ModelCard, g: _Grad) -> list[bool]:
     wide = sum(n.size == card.d_model and n.name not in qk for n in layout(card).block_norms)
     if card.sandwich_norms or wide == 4:
         return [g.block_in, g.attn, g.attn, g.out]
+    if card.parallel_block:  # every norm of a parallel block reads the block's input (families.py)
+        return [g.block_in] * wide
     return [g.block_in, g.attn]
 
 
@@ -801,7 +810,9 @@ def hidden_at_loss_bytes(card: ModelCard, plan: Plan) -> int:
     (its output object holds it); counted among the saved tensors already when the head trains."""
     if card.encoder or plan.method == "full":
         return 0
-    return activation_element_bytes(plan, card) * card.d_embed * plan.tokens
+    # autocast runs the final LayerNorm in fp32: its output, the head's input, is fp32
+    ln32 = plan.autocast != "none" and card.norm == "layernorm" and card.final_norm
+    return (FP32 if ln32 else activation_element_bytes(plan, card)) * card.d_embed * plan.tokens
 
 
 def shared_input_bytes(card: ModelCard, plan: Plan) -> int:
@@ -874,7 +885,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # is written beside its input's gradient and the block's output gradient (autograd's mm backward), the larger
     # input projections' after the FFN's intermediates died; each new one, accumulating, is added into `.grad` and
     # freed, else it stays as `.grad` (not among `late`)
-    low_ckpt, low = ffn_bwd_top + st.largest_gradient_bytes, ffn_bwd + st.largest_gradient_bytes
+    largest = moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)  # merged expert stacks: moe.py
+    low_ckpt, low = ffn_bwd_top + largest, ffn_bwd + largest
     if trained_base and not card.moe:
         g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
         kept = g_out * (plan.grad_accum == 1)
@@ -886,6 +898,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # die at once); in backward, checkpointed blocks saved no copies: the region's cache died with it
     fwd_cache = bwd_cache = autocast_cache_bytes(card, plan)
     if ckpt and plan.method not in ("full", "top"):
+        fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
+    if ckpt and families.block_casts_uncached(card):  # Falcon's `input @ weight.T`: no cached block copies
         fwd_cache = autocast_cache_bytes(card, plan, blocks=False) + autocast_lora_bytes(card, plan)
     if ckpt:
         bwd_cache = autocast_cache_bytes(card, plan, blocks=False)
@@ -924,7 +938,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
                                 temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
-        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+        if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
             moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1),
@@ -939,7 +953,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                             temporaries_bytes=ffn_bwd_top + blocks_cache))
         moments.append(dict(activations_bytes=act.first_block_bytes, gradients_bytes=late,
                             temporaries_bytes=low + low_copies))
-        if plan.attention == "eager":  # attention's backward, after the block's FFN and its saved tensors
+        if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             below = act.saved_bytes - act.outside_bytes - act.top_block_bytes
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
                                 gradients_bytes=ffn_grads + head_grads, temporaries_bytes=blocks_cache - ffn_copies))

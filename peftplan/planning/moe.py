@@ -253,12 +253,17 @@ def lora_merged_bytes(card: ModelCard, plan: Plan) -> int:
     """Bytes per block peft's ParamWrapper keeps for backward (peft/tuners/lora/layer.py, `_activate_lora`):
     on each forward a fused (E, a, b) expert stack is replaced by W + scaling·lhs@rhs (`_LoraFactorsProxy`, one
     baddbmm in W's dtype) and a 2-D router weight by W + ΔW (`_LoraParameterProxy`); the op reading it saves the
-    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype."""
+    merged weight (its input's gradient needs it), the baddbmm its two factors cast to W's dtype
+    (`get_delta_factors`: `lhs.to(param.dtype)`, a no-op returning views of A and B when the adapter is in W's
+    dtype already, `--adapter-dtype` = the weights': then nothing beyond the parameters)."""
+    from peftplan.planning.memory import DTYPES  # memory imports this module
+
     e = plan.bytes_per_element
+    factors_cast = DTYPES[plan.adapter_dtype] != e
     total = 0
     for p in lora_wrapped(card, plan):
         total += e * p.numel
-        if len(p.shape) == 3:
+        if len(p.shape) == 3 and factors_cast:
             from peftplan.planning.moe_targets import param_lora_shape
 
             mult = 2 if p.name.endswith("gate_up_proj") else 1
@@ -293,10 +298,11 @@ def working_bytes(card: ModelCard, plan: Plan, e: int, trained: bool) -> tuple[i
     if down:  # with down's input gradient and the fp32 and e copies of the gradient entering the block
         bwd = max(bwd, S * e * f + down + t * d * (FP32 + e))
     # accumulating (grad_accum > 1), each new weight gradient is added into the existing .grad and freed at once
-    # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured)
-    if trained and plan.grad_accum == 1:
+    # (autograd's AccumulateGrad), so down_proj's gradient is gone when gate_up's is made (measured): down_grad 0,
+    # the rest of the moments below as without accumulation (the saved tensors G frees are freed all the same)
+    if trained:
         down_grad = plan.bytes_per_element * sum(p.numel for p in moe_block_params(card)
-                                                 if p.expert and p.name.endswith("down_proj"))
+                                                 if p.expert and p.name.endswith("down_proj")) * (plan.grad_accum == 1)
         # the lowest block's backward, at gate_up's weight gradient: down_proj's gradient exists (not yet counted
         # among the late gradients); act·up, the down output and the weighted product's saved operand are freed
         # (G); earlier, at the gated product's backward (M), gate_up's gradient (the step's largest, which
@@ -377,3 +383,28 @@ def _targets(card: ModelCard, plan: Plan):
     from peftplan.planning.params import lora_targets
 
     return lora_targets(card, plan.targets)
+
+
+def lowest_block_gradient(card: ModelCard, plan: Plan, largest: int) -> int:
+    """What memory.phases adds for the gradient being written at the lowest block's backward peak, bytes:
+    `largest`, the block's largest gradient, for a dense block. With peft's merged expert stacks (LoRA on fused
+    experts) the peak is a merged stack's full-size gradient, before any of the block's LoRA factor gradients is
+    accumulated: `working_bytes` counts down_proj's (beside every saved tensor); gate_up_proj's comes after
+    down's merged stack and its factor casts are freed, with down's factor gradients alive in the stack's dtype
+    (both measured, with and without accumulation and checkpointing). Returned: how much gate_up's moment
+    exceeds down's (0 when it does not)."""
+    merged = {p.name.rsplit(".", 1)[-1]: p for p in lora_wrapped(card, plan) if len(p.shape) == 3}
+    if not merged:
+        return largest
+    if "down_proj" not in merged or "gate_up_proj" not in merged:
+        return 0
+    from peftplan.planning.memory import DTYPES  # memory imports this module
+    from peftplan.planning.moe_targets import param_lora_shape
+
+    e, t, S = plan.bytes_per_element, plan.tokens, plan.tokens * card.experts_per_token
+    down, gate_up = e * merged["down_proj"].numel, e * merged["gate_up_proj"].numel
+    factors = e * plan.r * sum(param_lora_shape(merged["down_proj"].shape, 1))  # down's, in the stack's dtype
+    casts = factors if DTYPES[plan.adapter_dtype] != e else 0  # get_delta_factors' `.to(param.dtype)` copies
+    at_gate_up = gate_up - down - casts + factors
+    at_down = S * e * card.expert_d_ff + down + t * card.d_model * (FP32 + e)  # working_bytes' merged moment
+    return max(0, at_gate_up - at_down)
