@@ -217,8 +217,11 @@ def hf_config_from_dict(config: dict):
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    """The exception's message as one line of at most 300 characters: its lines joined, so a header that ends
+    in ':' keeps the reason below it (transformers' strict config validation: "Class validation error for
+    validator 'validate_rope':" then the ValueError)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text[:300] if text else type(e).__name__
 
 
 def meta_model_from_dict(config: dict, task: str | None = None, text_only: bool = False):

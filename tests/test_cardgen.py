@@ -296,6 +296,9 @@ BAD = {
     "unknown": ({"model_type": "no_such_model", "hidden_size": 64}, "not known to transformers"),
     "no_type": ({"hidden_size": 64}, "has no 'model_type'"),
     "not_object": ([1, 2], "does not hold a JSON object"),
+    # transformers' strict validation puts the reason on the line after a header ending in ':'
+    "odd_rotary": ({"model_type": "llama", "hidden_size": 4000, "num_attention_heads": 32, "num_hidden_layers": 2,
+                    "intermediate_size": 64, "vocab_size": 50}, "RoPE requires an even rotary dimension"),
 }
 
 

@@ -320,3 +320,12 @@ def test_cut_card_is_exact_per_block():
         assert peaks[2][phase] + (L - 2) * step == peaks[L][phase], phase
         estep = errs[3][phase] - errs[2][phase]
         assert errs[2][phase] + (L - 2) * estep == errs[L][phase], phase
+
+
+def test_replay_commands_carry_no_idle_options():
+    """A dense card's draw keeps the default MoE routing, an encoder's or T5's no shifted-logits copy: the
+    printed command names only options the card uses (README "Off the grid")."""
+    cmds = [(card, command(card, plan)) for card, plan in draws(200, 17)]
+    assert not [c for card, c in cmds if "--moe-routing" in c and not card.moe]
+    assert not [c for card, c in cmds if "--logits-shift-copy" in c and (card.encoder or card.cross_attention)]
+    assert any("--moe-routing" in c for _, c in cmds) and any("--logits-shift-copy" in c for _, c in cmds)

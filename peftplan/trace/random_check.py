@@ -134,7 +134,11 @@ DOMAINS: dict[str, Domain] = {
     "autocast": lambda rng, card: "none" if _fused_moe(card) else rng.choice(AUTOCASTS),
     "grad_accum": lambda rng, card: rng.choice((1, 1, 2, 4)),
     "max_grad_norm": lambda rng, card: rng.choice((0.0, 1.0, 1.0)),
-    "moe_routing": lambda rng, card: rng.choice(("balanced", "worst")),  # changes nothing on a dense card
+    # drawn on every card (one random number, so a seed draws the same list), kept only where the card uses it:
+    # the routing on MoE cards, transformers ≤ 4.48's shifted-logits copy on causal LMs (not encoders, not T5)
+    "moe_routing": lambda rng, card: rng.choice(("balanced", "worst")) if card.moe else _skip(rng.choice, "balanced",
+                                                                                          ("balanced", "worst")),
+    "logits_shift_copy": lambda rng, card: rng.random() < 0.5 and not (card.encoder or card.cross_attention),
     # DoRA (peft's use_dora) on a quarter of the draws; Plan refuses it for the methods other than LoRA/QLoRA,
     # and such a draw is drawn again
     # ParamWrapper refuses DoRA; DoRA on T5's encoder is not modelled (families.warnings)
@@ -170,6 +174,12 @@ RELEVANT: dict[str, Callable[[Plan], bool]] = {
 FLAGS = {"use_dora": "dora"}
 DRAW_TRIES = 100  # fields are drawn independently; a combination Plan refuses (e.g. bf16 autocast over fp16
 # weights) is drawn again
+
+
+def _skip(draw: Callable, default, *args):
+    """Consume `draw(*args)` (the seed's sequence stays the same) and return `default`."""
+    draw(*args)
+    return default
 
 
 def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
