@@ -85,7 +85,7 @@ def trace_cmd(
     except PlanError as e:
         fail(str(e))
     except ImportError as e:
-        fail(f"tracing needs torch and transformers ({e.name} is missing): pip install -e '.[torch,quant]'")
+        fail(f"tracing needs torch, transformers and peft ({e.name} is missing): pip install -e '.[torch,quant]'")
     cmp = compare(est, tr) if est is not None else None
     if json_out:
         d = asdict(tr)

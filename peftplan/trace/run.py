@@ -218,6 +218,9 @@ def trace(card: ModelCard, plan: Plan, steps: int = 2, timeline_points: int = 20
             optimizer = make_optimizer(model, plan)
     except PlanError:
         raise
+    except ImportError as e:  # --impl peft (or QLoRA's bitsandbytes) without the package
+        raise TraceError(f"building {card.name} for the trace needs {e.name or 'a missing package'}, which is not "
+                         "installed: pip install -e '.[torch,quant]' (README: CPU torch pinned first)") from None
     except Exception as e:  # transformers refuses the config, or a shape past int64: one line, not a traceback
         msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise TraceError(f"cannot build {card.name} for the trace: {type(e).__name__}: {msg[:300]}") from None
