@@ -155,8 +155,10 @@ def cuda_like():
 @contextmanager
 def quiet_torch_logs():
     """torch logs a failing fake-tensor op (with its traceback) before raising, transformers warns about config
-    fields it fixes itself: the raised error (one line) is enough."""
+    fields it fixes itself: the raised error (one line) is enough. bitsandbytes warns that its paged optimizers
+    fall back to non-paged state on the CPU (the state the trace counts either way)."""
     import logging
+    import warnings
 
     loggers = [logging.getLogger(n) for n in ("torch", "torch._subclasses", "torch._subclasses.fake_tensor",
                                               "transformers", "bitsandbytes")]
@@ -164,7 +166,9 @@ def quiet_torch_logs():
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
