@@ -91,6 +91,18 @@ class Plan:
     def uses_lora(self) -> bool:
         return self.method in ("lora", "qlora")
 
+    def ignored_options(self) -> tuple[str, ...]:
+        """Fields set away from their defaults that this plan's method never reads (`--r 64` with `--method
+        full`): the CLI flag and value of each, for a warning. `RELEVANT` says which plans read which field."""
+        default = Plan()
+
+        def flag(name: str, v) -> str:
+            name = name.replace("_", "-")
+            return (f"--{name}" if v else f"--no-{name}") if isinstance(v, bool) else f"--{name} {v}"
+
+        return tuple(flag(name, getattr(self, name)) for name, reads in RELEVANT.items()
+                     if getattr(self, name) != getattr(default, name) and not reads(self))
+
     def with_(self, **changes) -> "Plan":
         return replace(self, **changes)
 
@@ -101,3 +113,15 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Fields only some plans read: a LoRA rank means nothing to full fine-tuning. The random draw resets the others
+# to their defaults (peftplan/trace/random_check.py); the estimate warns when a user sets one (Plan.ignored_options)
+RELEVANT = {
+    "r": lambda p: p.uses_lora, "alpha": lambda p: p.uses_lora, "dropout": lambda p: p.uses_lora,
+    "targets": lambda p: p.uses_lora, "adapter_dtype": lambda p: p.uses_lora,
+    "double_quant": lambda p: p.method == "qlora", "kbit_prep": lambda p: p.method == "qlora",
+    "adapter_size": lambda p: p.method == "adapter", "adapter_placement": lambda p: p.method == "adapter",
+    "top_k": lambda p: p.method == "top",
+    "use_reentrant": lambda p: p.grad_checkpointing,
+}

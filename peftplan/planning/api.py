@@ -27,6 +27,10 @@ def estimate(model: str | ModelCard, plan: Plan | None = None, gpu: str | None =
     p = dora.with_magnitudes(card, plan, count(card, plan))
     mem = phases(card, plan)
     warnings = moe.warnings(card, plan) + families.warnings(card, plan)
+    if plan.ignored_options():  # e.g. --r with --method full: say so rather than plan silently without it
+        ckpt = any("reentrant" in o for o in plan.ignored_options())
+        what = f"--method {plan.method}" + (", no --grad-checkpointing" if ckpt else "")
+        warnings.append(f"options this plan does not use ({what}): {', '.join(plan.ignored_options())}")
     strategy, cpu = "none", 0
     if plan.gpus > 1 or plan.strategy != "none" or plan.offload != "none":
         from peftplan.planning.distributed import check, shard_phases

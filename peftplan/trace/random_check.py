@@ -26,7 +26,7 @@ import shlex
 from typing import Callable
 
 from peftplan.errors import PlanError
-from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, Plan
+from peftplan.plan import ATTENTIONS, AUTOCASTS, DTYPES, METHODS, OPTIMIZERS, PLACEMENTS, RELEVANT, Plan
 from peftplan.planning.cards import ModelCard, registry
 from peftplan.planning import families as family_terms, moe
 from peftplan.planning.layout import layout
@@ -159,16 +159,6 @@ FIXED = {
     "nodes": "one GPU", "strategy": "one GPU", "offload": "one GPU", "reduce_bucket_size": "one GPU",
     "allgather_bucket_size": "one GPU", "stage3_prefetch_bucket_size": "one GPU",
     "stage3_max_live_parameters": "one GPU",
-}
-# Fields that only matter to some plans: a draw resets the others to Plan's defaults, so the replay command
-# carries only options that change the step (no --r for full fine-tuning, no --adapter-size for LoRA)
-RELEVANT: dict[str, Callable[[Plan], bool]] = {
-    "r": lambda p: p.uses_lora, "alpha": lambda p: p.uses_lora, "dropout": lambda p: p.uses_lora,
-    "targets": lambda p: p.uses_lora, "adapter_dtype": lambda p: p.uses_lora,
-    "double_quant": lambda p: p.method == "qlora", "kbit_prep": lambda p: p.method == "qlora",
-    "adapter_size": lambda p: p.method == "adapter", "adapter_placement": lambda p: p.method == "adapter",
-    "top_k": lambda p: p.method == "top",
-    "use_reentrant": lambda p: p.grad_checkpointing,
 }
 # trace's option names where they differ from Plan's field names
 FLAGS = {"use_dora": "dora"}
