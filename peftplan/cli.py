@@ -186,6 +186,14 @@ def compare(
                    for m in ("full", "top", "adapter", "lora", "qlora")]
     except PlanError as e:
         fail(str(e))
+    seen: dict[str, list[str]] = {}  # each warning once, with the methods it concerns
+    for est in results:
+        for w in est.warnings:
+            if not w.startswith("options this plan does not use"):  # compare sets every method's options
+                seen.setdefault(w, []).append(est.plan.method)
+    for w, methods in seen.items():
+        typer.echo(f"peftplan: warning: {'/'.join(methods)}: {w}" if len(methods) < len(results)
+                   else f"peftplan: warning: {w}", err=True)
     if json_out:
         typer.echo(json.dumps([e.to_dict() for e in results], indent=2))
         return

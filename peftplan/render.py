@@ -145,6 +145,10 @@ def render_compare(results: list[Estimate], console: Console | None = None) -> N
         if first.gpu:
             row += ["yes" if est.fits else "no", f"{est.time.tokens_per_s:,.0f}"]
         t.add_row(*row)
+    p = first.plan
+    t.caption = (f"every method: {p.dtype} weights, autocast {p.autocast}, {p.optimizer}, {p.attention} attention, "
+                 f"gradient checkpointing {'on' if p.grad_checkpointing else 'off'}, grad-accum {p.grad_accum}")
+    t.caption_justify = "left"
     console.print(t)
 
 

@@ -144,3 +144,19 @@ def test_hub_id_of_a_shipped_card_is_that_card_and_others_are_refused():
     bad = subprocess.run([sys.executable, "-m", "peftplan", "estimate", "--model", "someone/not-a-card"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "local files only" in bad.stderr
+
+
+def test_compare_states_its_shared_plan_and_each_methods_warnings():
+    """compare runs one plan for every method: its caption says which, and a warning that concerns some methods
+    only (peft's k-bit preparation turning checkpointing on, for QLoRA) is printed once, naming them."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "peftplan", "compare", "-m", "llama-3.1-8b", "-b", "4", "-s", "1024",
+                          "--r", "32"], capture_output=True, text=True, env={**__import__("os").environ,
+                                                                              "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    assert "gradient checkpointing off" in res.stdout and "adamw" in res.stdout
+    kbit = [ln for ln in res.stderr.splitlines() if "prepare_model_for_kbit_training" in ln]
+    assert len(kbit) == 1 and kbit[0].startswith("peftplan: warning: qlora: "), res.stderr
+    assert "does not use" not in res.stderr  # --r is every LoRA row's, not an error of the full row
