@@ -142,3 +142,30 @@ def test_unknown_names_are_plan_errors(models, gpus, methods):
 def test_bad_sequence_length_is_a_plan_error():
     with pytest.raises(PlanError):
         fit_matrix(["opt-125m"], ["t4"], ["lora"], seq_len=0)
+
+
+def test_fit_cli_applies_grad_checkpointing_and_says_so():
+    """`fit --grad-checkpointing` plans with checkpointing (it was dropped outside --cluster): QLoRA on a 24 GB
+    card at s = 2048 holds a larger batch, as the estimate says, and the footnote names the shared plan."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from peftplan.planning import estimate
+
+    def run(*extra):
+        res = subprocess.run([sys.executable, "-m", "peftplan", "fit", "-m", "llama-3.1-8b", "--gpus", "rtx4090",
+                              "--methods", "qlora", "-s", "2048", *extra], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    off, on = (json.loads(run("--json", *x)) for x in ((), ("--grad-checkpointing",)))
+    b_off, b_on = off["cells"][0]["largest_batch"], on["cells"][0]["largest_batch"]
+    assert on["base"]["grad_checkpointing"] and not off["base"]["grad_checkpointing"]
+    assert b_on > b_off
+    est = estimate("llama-3.1-8b", method="qlora", seq_len=2048, batch_size=b_on, grad_checkpointing=True,
+                   gpu="rtx4090")
+    assert est.fits
+    assert "gradient checkpointing on" in run("--grad-checkpointing")

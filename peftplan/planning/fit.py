@@ -139,6 +139,7 @@ class FitMatrix:
     methods: tuple[str, ...]
     seq_len: int
     cells: tuple[FitCell, ...]  # models × methods × gpus, in that nesting order
+    base: Plan | None = None  # the plan fields every cell shares (dtype, optimizer, checkpointing, ...)
 
     def cell(self, model: str, gpu: str, method: str) -> FitCell:
         i = (self.models.index(model) * len(self.methods) + self.methods.index(method)) * len(self.gpus)
@@ -201,5 +202,5 @@ def fit_matrix(models: Sequence[str | ModelCard], gpus: Sequence, methods: Seque
     base = base or Plan()
     plans = [base.with_method(m, seq_len=seq_len) for m in methods]  # validates methods and seq_len
     cells = [c for card in cards for plan in plans for c in _method_cells(card, plan, gpu_cards, max_batch)]
-    return FitMatrix(models=tuple(c.name for c in cards), gpus=tuple(g.name for g in gpu_cards),
+    return FitMatrix(base=base, models=tuple(c.name for c in cards), gpus=tuple(g.name for g in gpu_cards),
                      methods=tuple(p.method for p in plans), seq_len=seq_len, cells=tuple(cells))

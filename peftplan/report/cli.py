@@ -81,7 +81,8 @@ def report(
         stack = dict(adapter_dtype=adapter_dtype, use_dora=dora, autocast=autocast, grad_accum=grad_accum,
                      max_grad_norm=max_grad_norm, use_reentrant=use_reentrant, logits_shift_copy=logits_shift_copy)
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
-                                                              attention, **stack), model)
+                                                              attention, grad_checkpointing=grad_checkpointing,
+                                                              **stack), model)
         page = build_report(
             need_models(model), split(gpus, "--gpus"), methods=split(methods, "--methods"), seq_len=seq_len,
             batch_size=batch_size, tokens=check_tokens(tokens), base=base,
@@ -140,7 +141,8 @@ def fit(
                            json_out)
     try:
         model, base = models_with_files(from_files, base_plan(r, targets, adapter_size, top_k, dtype, optimizer,
-                                                              attention, **stack), model)
+                                                              attention, grad_checkpointing=grad_checkpointing,
+                                                              **stack), model)
         fm = fit_matrix(need_models(model), split(gpus, "--gpus"), split(methods, "--methods"), seq_len, base=base)
     except PlanError as e:
         fail(str(e))
@@ -220,6 +222,12 @@ def render_fit(fm, console=None) -> None:
                     for c in ranked))
     console.print("✗: not even 1 fits · *: every position of the model fits · $: roofline time × the card's "
                   "indicative price", style="dim")
+    if fm.base is not None:
+        p = fm.base
+        kbit = "" if p.grad_checkpointing else " (peft's k-bit preparation turns it on for QLoRA: --grad-checkpointing)"
+        console.print(f"every cell: {p.dtype} weights, autocast {p.autocast}, {p.optimizer}, {p.attention} attention, "
+                      f"gradient checkpointing {'on' if p.grad_checkpointing else 'off'}{kbit}, grad-accum "
+                      f"{p.grad_accum}", style="dim")
 
 
 def register(app: typer.Typer) -> None:
