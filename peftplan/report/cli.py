@@ -71,7 +71,7 @@ def report(
     optimizer: Optim = "adamw", attention: Attention = "sdpa", measured_dir: MeasuredDir = None,
     from_files: From = None, adapter_dtype: AdapterDtype = "fp32", dora: Dora = False, autocast: Autocast = "none",
     grad_accum: GradAccum = 1, max_grad_norm: MaxGradNorm = 1.0, use_reentrant: Reentrant = False,
-    logits_shift_copy: ShiftCopy = False,
+    logits_shift_copy: ShiftCopy = False, grad_checkpointing: GradCkpt = False,
 ) -> None:
     """One self-contained HTML page: what fits where, why, and what it costs."""
     from peftplan.report import build_report
