@@ -48,8 +48,19 @@ def _params_table(est: Estimate) -> Table:
     if p.quantized:
         t.add_row("stored in NF4", f"{count(p.quantized)} in {p.quantized_tensors} tensors")
     if est.plan.uses_lora:
-        t.add_row("LoRA targets", safe(", ".join(p.targets)))
+        t.add_row("LoRA targets", safe(", ".join(target_groups(p.targets))))
     return t
+
+
+def target_groups(targets) -> list[str]:
+    """Target names with a repeated stack's index as '*' and the count: 48 names of T5's encoder read as
+    'encoder.block.*.layer.0.SelfAttention.q (×24)', ...; block-relative names stay as they are."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for name in targets:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name, count=1), []).append(name)
+    return [names[0] if len(names) == 1 else f"{key} (×{len(names)})" for key, names in groups.items()]
 
 
 def _stack_summary(plan) -> str:

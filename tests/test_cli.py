@@ -160,3 +160,13 @@ def test_compare_states_its_shared_plan_and_each_methods_warnings():
     kbit = [ln for ln in res.stderr.splitlines() if "prepare_model_for_kbit_training" in ln]
     assert len(kbit) == 1 and kbit[0].startswith("peftplan: warning: qlora: "), res.stderr
     assert "does not use" not in res.stderr  # --r is every LoRA row's, not an error of the full row
+
+
+def test_target_groups_collapse_a_repeated_stack_only():
+    from peftplan.render import target_groups
+
+    names = ["layer.0.SelfAttention.q", "layer.1.EncDecAttention.q"] + [
+        f"encoder.block.{i}.layer.0.SelfAttention.q" for i in range(24)]
+    assert target_groups(names) == ["layer.0.SelfAttention.q", "layer.1.EncDecAttention.q",
+                                    "encoder.block.*.layer.0.SelfAttention.q (×24)"]
+    assert target_groups(["self_attn.q_proj", "fc1"]) == ["self_attn.q_proj", "fc1"]
