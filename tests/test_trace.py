@@ -109,3 +109,14 @@ def test_full_size_cards_trace(name, attn, method, gc):
     plan = Plan(method=method, batch_size=1, seq_len=256, attention=attn, grad_checkpointing=gc)
     tr = trace(card, plan)
     assert tr.peak_bytes > 0 and {p.phase for p in tr.phases} == {"forward", "backward", "optimizer"}
+
+
+def test_trace_title_says_when_the_card_is_cut():
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "peftplan", "trace", "-m", "opt-125m", "--n-layers", "1", "-b", "1",
+                          "-s", "16"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    assert "trace: opt-125m (first 1 of 12 blocks) · lora" in res.stdout

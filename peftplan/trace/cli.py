@@ -59,9 +59,11 @@ def trace_cmd(
         if steps < 1:
             raise PlanError(f"steps must be at least 1, got {steps}")
         card = load_card(model)
+        blocks = ""
         if n_layers is not None:
             from peftplan.trace.random_check import cut
 
+            blocks = f" (first {min(n_layers, card.n_layers)} of {card.n_layers} blocks)"
             card = cut(card, n_layers)
         est = estimate(card, plan)
         check_work(f"the predicted trace ({card.n_layers} blocks × {steps} steps, in ops)",
@@ -107,7 +109,7 @@ def trace_cmd(
     console = Console()
     from peftplan.render import safe
 
-    t = Table(title=f"trace: {safe(card.name)} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
+    t = Table(title=f"trace: {safe(card.name)}{blocks} · {plan.method} · b={plan.batch_size} s={plan.seq_len} "
                     f"({tr.ops:,} ops, {tr.seconds:.2f} s)", title_justify="left")
     t.add_column("category")
     by_phase = {m.phase: m for m in est.phases} if est is not None else {}
