@@ -222,6 +222,8 @@ def phase_seconds(card: ModelCard, plan: Plan, peak_tflops: float, bandwidth_gbs
             small += t
         else:
             gemm += t
+    small += sf.fixed[-1] / rate_small  # peft's merged expert stacks (batched products of whole stacks)
+    gemm += (sum(sf.fixed[:4]) - sf.fixed[-1]) / rate
     af, ab, ar = attention_flops(card, plan, sf)
     attn = (af + ab + ar) / (eff.attention * P)
     if plan.attention == "eager":  # scores and probabilities are materialised: b·h·s² elements, several passes
