@@ -128,9 +128,9 @@ def grad_flow(card: ModelCard, plan: Plan) -> GradFlow:
         return GradFlow(0, _ALL, False)
     stages = {stage(lin) for lin, in_block, _ in targets if in_block}
     if not stages:  # targets only in blocks outside the repeated one (DeepSeek-V2's MoE layers): the lowest
-        layers = {int(m.group(1)): lin for lin, in_block, _ in targets if (m := _LAYER.search(lin.name))}
-        low = min((i for i in layers if i < card.n_layers), default=card.n_layers)
-        stages = {stage(lin) for i, lin in layers.items() if i == low}
+        layers = [(int(m.group(1)), lin) for lin, in_block, _ in targets if (m := _LAYER.search(lin.name))]
+        low = min((i for i, _ in layers if i < card.n_layers), default=card.n_layers)
+        stages = {stage(lin) for i, lin in layers if i == low}
         return GradFlow(low, tuple(any(s < k for s in stages) for k in range(4)), False)
     return GradFlow(0, tuple(any(s < k for s in stages) for k in range(4)), False)
 
@@ -200,12 +200,14 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
         if count > 0:
             out.append(_Pass(k, n, count, small, kind))
 
+    # MLA (DeepSeek-V2): kv_b_proj reads kv_a_proj's normed output, which requires grad when kv_a_proj trains
+    latent_trains = any(lora.get(x.name) and x.role == "attn_in" and "kv_a_proj" in x.name for x in lay.block_linears)
     last = lay.block_linears[-1]
     early_stop = ck and not stack.reentrant and not _saves_after_last(card)
     skip_last = early_stop and not card.moe  # a MoE block ends in its MLP, not in the repeated block's Linears
     for lin in lay.block_linears:
         s = stage(lin)
-        rg_low = low and flow.stage_rg[s]
+        rg_low = low and (flow.stage_rg[s] or (lin.role == "attn_latent" and latent_trains))
         n_dx = n_above + (1 if rg_low else 0)
         trainable_w = L if full else (plan.top_k if plan.method == "top" else 0)
         has_lora = lin.name in lora and lora[lin.name]
@@ -239,11 +241,14 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
                 add(d, m, n_bwd, True, "recompute")
                 add(m, d, n_bwd if not (skip_last and lin is last) else 0, True, "recompute")
     layered = _layered_other_linears(card)
+    lay_role = {x.name: x.role for x in lay.other_linears}
     for lin in lay.other_linears:
         if lin.name in layered:
             i = layered[lin.name]
+            shared_in = any(lora.get(x) is False and j == i and lay_role[x] == "shared_ffn_in"
+                            for x, j in layered.items())
             out += _layer_linear_passes(lin, i, card, plan, flow, lora.get(lin.name) is False,
-                                        early_stop and lin.role in _LAYER_LAST)
+                                        early_stop and lin.role in _LAYER_LAST, shared_in)
             continue
         before = "project_in" in lin.name
         rg = flow.before_rg if before else True
@@ -280,9 +285,15 @@ def _layered_other_linears(card: ModelCard) -> dict[str, int]:
     return out
 
 
-def _input_grads(i: int, s: int, card: ModelCard, flow: GradFlow) -> int:
-    """1 when the input of a stage-s Linear of block i requires grad, else 0."""
-    return int(i > flow.first or (i == flow.first and i < card.n_layers and flow.stage_rg[s]))
+def _input_grads(i: int, s: int, card: ModelCard, flow: GradFlow, branch_trains: bool | None = None) -> int:
+    """1 when the input of a stage-s Linear of block i requires grad, else 0. `branch_trains`, for an MLP output
+    Linear of a MoE block (routed or shared experts, parallel branches of one stage): whether its own branch's
+    input Linears train, which with the MLP input decides it (a trained router or other branch does not)."""
+    if i != flow.first:
+        return int(i > flow.first)
+    if branch_trains is not None and s == 3:
+        return int(flow.stage_rg[2] or branch_trains)
+    return int(i < card.n_layers and flow.stage_rg[s])
 
 
 def _trains(i: int, card: ModelCard, plan: Plan) -> int:
@@ -291,11 +302,12 @@ def _trains(i: int, card: ModelCard, plan: Plan) -> int:
 
 
 def _layer_linear_passes(lin: Linear, i: int, card: ModelCard, plan: Plan, flow: GradFlow, has_lora: bool,
-                         final: bool) -> list[_Pass]:
+                         final: bool, branch_trains: bool = False) -> list[_Pass]:
     """The GEMMs of a Linear of block i that lies outside the repeated block, by the block rules: a backward
     only from block flow.first up; `final`: the layer's last product, not re-run by non-reentrant early stop."""
     out: list[_Pass] = []
-    bwd, dx, r = int(i >= flow.first), _input_grads(i, stage(lin), card, flow), plan.r
+    branch = branch_trains if lin.role == "shared_ffn_out" else None
+    bwd, dx, r = int(i >= flow.first), _input_grads(i, stage(lin), card, flow, branch), plan.r
     ck = plan.grad_checkpointing
 
     def add(k: int, n: int, count: int, small: bool, kind: str) -> None:
@@ -357,8 +369,10 @@ def moe_passes(card: ModelCard, plan: Plan, flow: GradFlow) -> list[_Pass]:
             k, n, per_token = a, b, k_top
         wrap = p.name in wrapped
         bwd = sum(1 for i in blocks if i >= flow.first)
+        up = any(q.name in wrapped and q.expert and not q.name.endswith("down_proj") for q in params)
+        branch = (lambda i: bool(up or _trains(i, card, plan))) if s == 3 else (lambda i: None)
         add(k, n, per_token * len(blocks), False, "forward")
-        add(n, k, per_token * sum(_input_grads(i, s, card, flow) for i in blocks), False, "input_grad")
+        add(n, k, per_token * sum(_input_grads(i, s, card, flow, branch(i)) for i in blocks), False, "input_grad")
         add(k, n, per_token * sum(max(_trains(i, card, plan), int(wrap and i >= flow.first)) for i in blocks),
             False, "weight_grad")
         add(k, n, per_token * bwd * ck, False, "recompute")
