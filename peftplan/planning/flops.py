@@ -180,6 +180,7 @@ class _Pass:
     small: bool  # LoRA / adapter product
     kind: str  # forward | input_grad | weight_grad | recompute
     fixed: bool = False  # 2·k·n·count FLOPs per step, not per token (peft's merged expert stacks)
+    experts: int = 0  # E: one grouped GEMM over a stack of E experts' (k×n) weights, k products per token
 
 
 def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
@@ -355,27 +356,28 @@ def moe_passes(card: ModelCard, plan: Plan, flow: GradFlow) -> list[_Pass]:
     wrapped = {p.name for p in moe.lora_wrapped(card, plan)}
     out: list[_Pass] = []
 
-    def add(k: int, n: int, count: int, small: bool, kind: str, fixed: bool = False) -> None:
+    def add(k: int, n: int, count: int, small: bool, kind: str, fixed: bool = False, experts: int = 0) -> None:
         if count > 0:
-            out.append(_Pass(k, n, count, small, kind, fixed))
+            out.append(_Pass(k, n, count, small, kind, fixed, experts))
 
     for p in params:
         s = 3 if p.name.endswith("down_proj") else 2
         if p.role == "router":
             E, d = p.shape
-            k, n, per_token = d, E, 1
+            k, n, per_token, grouped = d, E, 1, 0
         else:
             E, a, b = p.shape
-            k, n, per_token = a, b, k_top
+            k, n, per_token, grouped = a, b, k_top, E
         wrap = p.name in wrapped
         bwd = sum(1 for i in blocks if i >= flow.first)
         up = any(q.name in wrapped and q.expert and not q.name.endswith("down_proj") for q in params)
         branch = (lambda i: bool(up or _trains(i, card, plan))) if s == 3 else (lambda i: None)
-        add(k, n, per_token * len(blocks), False, "forward")
-        add(n, k, per_token * sum(_input_grads(i, s, card, flow, branch(i)) for i in blocks), False, "input_grad")
+        add(k, n, per_token * len(blocks), False, "forward", experts=grouped)
+        add(n, k, per_token * sum(_input_grads(i, s, card, flow, branch(i)) for i in blocks), False, "input_grad",
+            experts=grouped)
         add(k, n, per_token * sum(max(_trains(i, card, plan), int(wrap and i >= flow.first)) for i in blocks),
-            False, "weight_grad")
-        add(k, n, per_token * bwd * ck, False, "recompute")
+            False, "weight_grad", experts=grouped)
+        add(k, n, per_token * bwd * ck, False, "recompute", experts=grouped)
         if not wrap:
             continue
         if p.role == "router":  # _LoraParameterProxy: delta = B·A (E×r·r×d) per forward, dA and dB in backward
@@ -439,6 +441,7 @@ class ShapeFree:
     per_token: tuple[int, int, int, int, int]  # forward, input_grad, weight_grad, recompute, small: FLOPs / token
     fixed: tuple[int, int, int, int, int]  # the same kinds, FLOPs per step that do not scale with b·s
     groups: tuple[tuple[int, int, bool, int], ...]  # (k, n, small, count) of every GEMM shape
+    expert_groups: tuple[tuple[int, int, int, int], ...]  # (k, n, E, count): grouped GEMMs over E experts' k×n
     n_bwd: int  # blocks with a backward
     eager_low: int  # eager attention products the lowest such block runs in backward (dP, dV, dQ, dK as needed)
 
@@ -446,7 +449,7 @@ class ShapeFree:
 def _shape_free_of(card: ModelCard, plan: Plan, stack: Stack) -> ShapeFree:
     kinds = ("forward", "input_grad", "weight_grad", "recompute")
     sums, fixed = dict.fromkeys(kinds, 0), dict.fromkeys((*kinds, "small"), 0)
-    small, groups = 0, {}
+    small, groups, expert_groups = 0, {}, {}
     for p in _block_passes(card, plan, stack):
         f = 2 * p.k * p.n * p.count
         if p.fixed:
@@ -455,11 +458,15 @@ def _shape_free_of(card: ModelCard, plan: Plan, stack: Stack) -> ShapeFree:
             continue
         sums[p.kind] += f
         small += f if p.small else 0
-        groups[(p.k, p.n, p.small)] = groups.get((p.k, p.n, p.small), 0) + p.count
+        if p.experts:
+            expert_groups[(p.k, p.n, p.experts)] = expert_groups.get((p.k, p.n, p.experts), 0) + p.count
+        else:
+            groups[(p.k, p.n, p.small)] = groups.get((p.k, p.n, p.small), 0) + p.count
     flow = grad_flow(card, plan)
     q, k, v = _qkv_rg(card, plan, flow)
     return ShapeFree(per_token=(*(sums[x] for x in kinds), small), fixed=tuple(fixed.values()),
                       groups=tuple((k_, n_, sm, c) for (k_, n_, sm), c in groups.items()),
+                      expert_groups=tuple((k_, n_, E, c) for (k_, n_, E), c in expert_groups.items()),
                       n_bwd=card.n_layers - flow.first, eager_low=int(q or k) + int(v) + int(q) + int(k))
 
 

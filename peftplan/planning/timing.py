@@ -222,6 +222,11 @@ def phase_seconds(card: ModelCard, plan: Plan, peak_tflops: float, bandwidth_gbs
             small += t
         else:
             gemm += t
+    # grouped GEMMs over E experts: S = k·T pair rows, the weights of the experts that get tokens read once
+    S = card.experts_per_token * T if card.moe else 0
+    for k, n, E, n_calls in sf.expert_groups:
+        gemm += max(2.0 * S * k * n / rate, (min(E, S) * k * n + S * (k + n)) * e / bw) * n_calls \
+            / card.experts_per_token
     small += sf.fixed[-1] / rate_small  # peft's merged expert stacks (batched products of whole stacks)
     gemm += (sum(sf.fixed[:4]) - sf.fixed[-1]) / rate
     af, ab, ar = attention_flops(card, plan, sf)
