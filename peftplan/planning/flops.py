@@ -130,6 +130,8 @@ def grad_flow(card: ModelCard, plan: Plan) -> GradFlow:
     if not stages:  # targets only in blocks outside the repeated one (DeepSeek-V2's MoE layers): the lowest
         layers = [(int(m.group(1)), lin) for lin, in_block, _ in targets if (m := _LAYER.search(lin.name))]
         low = min((i for i, _ in layers if i < card.n_layers), default=card.n_layers)
+        if low == card.n_layers:
+            return GradFlow(card.n_layers, _ALL, False)
         stages = {stage(lin) for i, lin in layers if i == low}
         return GradFlow(low, tuple(any(s < k for s in stages) for k in range(4)), False)
     return GradFlow(0, tuple(any(s < k for s in stages) for k in range(4)), False)
