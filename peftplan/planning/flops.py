@@ -373,10 +373,11 @@ def moe_passes(card: ModelCard, plan: Plan, flow: GradFlow) -> list[_Pass]:
         wrap = p.name in wrapped
         bwd = sum(1 for i in blocks if i >= flow.first)
         up = any(q.name in wrapped and q.expert and not q.name.endswith("down_proj") for q in params)
-        branch = (lambda i: bool(up or _trains(i, card, plan))) if s == 3 else (lambda i: None)
+        # down_proj's input: from gate_up alone (the router's output joins after it)
+        dx = sum(_input_grads(i, s, card, flow, bool(up or _trains(i, card, plan)) if s == 3 else None)
+                 for i in blocks)
         add(k, n, per_token * len(blocks), False, "forward", experts=grouped)
-        add(n, k, per_token * sum(_input_grads(i, s, card, flow, branch(i)) for i in blocks), False, "input_grad",
-            experts=grouped)
+        add(n, k, per_token * dx, False, "input_grad", experts=grouped)
         add(k, n, per_token * sum(max(_trains(i, card, plan), int(wrap and i >= flow.first)) for i in blocks),
             False, "weight_grad", experts=grouped)
         add(k, n, per_token * bwd * ck, False, "recompute", experts=grouped)
