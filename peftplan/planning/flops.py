@@ -14,6 +14,15 @@ FLOPs (`step_flops`): every matrix product of one training step, as autograd run
     attention        QKᵀ and P·V, 2·T·s·d_q each per block without masking; causal flash/SDPA kernels skip the
                      masked blocks: s(s+1)/2 pairs (FlashAttention-2, Dao 2023 §3.1.1); the flash backward is
                      2.5× its forward (recomputes QKᵀ: Dao 2023 §4.1); eager backward runs dP, dV, dQ, dK as bmm
+    experts          a MoE block (Mixtral, Qwen3-MoE, DeepSeek-V2, gpt-oss; transformers 5's grouped-GEMM experts,
+                     integrations/moe.py) runs the router x·W_rᵀ (2·T·d·E) and, for the S = k·T (token, expert)
+                     pairs, gate_up and down as torch._grouped_mm: 2·S·a·b per (E, a, b) stack for the forward,
+                     the input gradient (by the stage rule above) and the weight gradient (trained, or merged by
+                     peft's LoRA); shared experts and dense first blocks (DeepSeek-V2) are Linears of their layer.
+                     peft's ParamWrapper (peft/tuners/lora/layer.py) folds W + s·lhs@rhs into one baddbmm
+                     (2·E·a·R·b, R = r or 2r on gate_up), run twice per forward (torch's register_parametrization
+                     evaluates it once to check the shape), two bmm for the factors' gradients; a 2-D router's
+                     delta B·A is one mm (2·E·r·d), two in backward: FLOPs that do not scale with T (`fixed`)
     checkpointing    each checkpointed block's forward runs again in backward (Chen et al. 2016), and transformers
                      makes the embedding output require grad (modeling_utils `_activation_checkpointing_enable`:
                      enable_input_require_grads), so every block computes input gradients. Non-reentrant
@@ -23,6 +32,7 @@ FLOPs (`step_flops`): every matrix product of one training step, as autograd run
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from operator import attrgetter
@@ -48,6 +58,7 @@ class Stack:
 
 
 DEFAULT_STACK = Stack()
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 # ---------------------------------------------------------------- which inputs need gradients
 
@@ -76,6 +87,8 @@ def stage(lin: Linear) -> int:
     """
     if lin.role in _STAGE_BY_ROLE:
         return _STAGE_BY_ROLE[lin.role]
+    if lin.role == "param_lora":  # peft's ParamWrapper on a router or fused expert stack: the MoE MLP
+        return 3 if lin.name.endswith("down_proj") else 2
     if lin.name in _STAGES:
         return _STAGES[lin.name]
     return _STAGE_BY_LEAF.get(lin.name.rsplit(".", 1)[-1], 0)
@@ -114,8 +127,13 @@ def grad_flow(card: ModelCard, plan: Plan) -> GradFlow:
     if any(not in_block and "project_in" in lin.name for lin, in_block, _ in targets):
         return GradFlow(0, _ALL, False)
     stages = {stage(lin) for lin, in_block, _ in targets if in_block}
-    if not stages:
-        return GradFlow(card.n_layers, _ALL, False)
+    if not stages:  # targets only in blocks outside the repeated one (DeepSeek-V2's MoE layers): the lowest
+        layers = [(int(m.group(1)), lin) for lin, in_block, _ in targets if (m := _LAYER.search(lin.name))]
+        low = min((i for i, _ in layers if i < card.n_layers), default=card.n_layers)
+        if low == card.n_layers:
+            return GradFlow(card.n_layers, _ALL, False)
+        stages = {stage(lin) for i, lin in layers if i == low}
+        return GradFlow(low, tuple(any(s < k for s in stages) for k in range(4)), False)
     return GradFlow(0, tuple(any(s < k for s in stages) for k in range(4)), False)
 
 
@@ -163,6 +181,8 @@ class _Pass:
     count: int
     small: bool  # LoRA / adapter product
     kind: str  # forward | input_grad | weight_grad | recompute
+    fixed: bool = False  # 2·k·n·count FLOPs per step, not per token (peft's merged expert stacks)
+    experts: int = 0  # E: one grouped GEMM over a stack of E experts' (k×n) weights, k products per token
 
 
 def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
@@ -183,11 +203,14 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
         if count > 0:
             out.append(_Pass(k, n, count, small, kind))
 
+    # MLA (DeepSeek-V2): kv_b_proj reads kv_a_proj's normed output, which requires grad when kv_a_proj trains
+    latent_trains = any(lora.get(x.name) and x.role == "attn_in" and "kv_a_proj" in x.name for x in lay.block_linears)
     last = lay.block_linears[-1]
-    skip_last = ck and not stack.reentrant and not _saves_after_last(card)
+    early_stop = ck and not stack.reentrant and not _saves_after_last(card)
+    skip_last = early_stop and not card.moe  # a MoE block ends in its MLP, not in the repeated block's Linears
     for lin in lay.block_linears:
         s = stage(lin)
-        rg_low = low and flow.stage_rg[s]
+        rg_low = low and (flow.stage_rg[s] or (lin.role == "attn_latent" and latent_trains))
         n_dx = n_above + (1 if rg_low else 0)
         trainable_w = L if full else (plan.top_k if plan.method == "top" else 0)
         has_lora = lin.name in lora and lora[lin.name]
@@ -220,7 +243,16 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
             if ck:
                 add(d, m, n_bwd, True, "recompute")
                 add(m, d, n_bwd if not (skip_last and lin is last) else 0, True, "recompute")
+    layered = _layered_other_linears(card)
+    lay_role = {x.name: x.role for x in lay.other_linears}
     for lin in lay.other_linears:
+        if lin.name in layered:
+            i = layered[lin.name]
+            shared_in = any(lora.get(x) is False and j == i and lay_role[x] == "shared_ffn_in"
+                            for x, j in layered.items())
+            out += _layer_linear_passes(lin, i, card, plan, flow, lora.get(lin.name) is False,
+                                        early_stop and lin.role in _LAYER_LAST, shared_in)
+            continue
         before = "project_in" in lin.name
         rg = flow.before_rg if before else True
         add(lin.d_in, lin.d_out, 1, False, "forward")
@@ -232,10 +264,134 @@ def _block_passes(card: ModelCard, plan: Plan, stack: Stack) -> list[_Pass]:
                 add(k, n, 1, True, "weight_grad")
             add(lin.d_out, r, 1, True, "input_grad")
             add(r, lin.d_in, 1 if rg else 0, True, "input_grad")
+    out += moe_passes(card, plan, flow)
     # the output head (tied or not): its dW only when the embedding/head trains
     add(lay.head_cols, lay.head_rows, 1, False, "forward")
     add(lay.head_rows, lay.head_cols, 1, False, "input_grad")
     add(lay.head_cols, lay.head_rows, 1 if full else 0, False, "weight_grad")
+    return out
+
+
+_LAYER_LAST = frozenset({"ffn_out", "shared_ffn_out"})  # a layer's final product (DeepSeek-V2: shared experts last)
+
+
+def _layered_other_linears(card: ModelCard) -> dict[str, int]:
+    """Linears outside the repeated block that belong to one block (DeepSeek-V2's dense first MLPs and shared
+    experts, named model.layers.i.…) of a MoE card: {name: i}, blocks below n_layers only."""
+    if not card.moe:
+        return {}
+    out = {}
+    for lin in layout(card).other_linears:
+        m = _LAYER.search(lin.name)
+        if m and int(m.group(1)) < card.n_layers:
+            out[lin.name] = int(m.group(1))
+    return out
+
+
+def _input_grads(i: int, s: int, card: ModelCard, flow: GradFlow, branch_trains: bool | None = None) -> int:
+    """1 when the input of a stage-s Linear of block i requires grad, else 0. `branch_trains`, for an MLP output
+    Linear of a MoE block (routed or shared experts, parallel branches of one stage): whether its own branch's
+    input Linears train, which with the MLP input decides it (a trained router or other branch does not)."""
+    if i != flow.first:
+        return int(i > flow.first)
+    if branch_trains is not None and s == 3:
+        return int(flow.stage_rg[2] or branch_trains)
+    return int(i < card.n_layers and flow.stage_rg[s])
+
+
+def _trains(i: int, card: ModelCard, plan: Plan) -> int:
+    """1 when block i's own weights train (full; top-k: the top k blocks)."""
+    return int(plan.method == "full" or (plan.method == "top" and i >= card.n_layers - plan.top_k))
+
+
+def _layer_linear_passes(lin: Linear, i: int, card: ModelCard, plan: Plan, flow: GradFlow, has_lora: bool,
+                         final: bool, branch_trains: bool = False) -> list[_Pass]:
+    """The GEMMs of a Linear of block i that lies outside the repeated block, by the block rules: a backward
+    only from block flow.first up; `final`: the layer's last product, not re-run by non-reentrant early stop."""
+    out: list[_Pass] = []
+    branch = branch_trains if lin.role == "shared_ffn_out" else None
+    bwd, dx, r = int(i >= flow.first), _input_grads(i, stage(lin), card, flow, branch), plan.r
+    ck = plan.grad_checkpointing
+
+    def add(k: int, n: int, count: int, small: bool, kind: str) -> None:
+        if count > 0:
+            out.append(_Pass(k, n, count, small, kind))
+
+    add(lin.d_in, lin.d_out, 1, False, "forward")
+    add(lin.d_out, lin.d_in, dx, False, "input_grad")
+    add(lin.d_in, lin.d_out, _trains(i, card, plan), False, "weight_grad")
+    add(lin.d_in, lin.d_out, bwd * ck * (not (final and not has_lora)), False, "recompute")
+    if has_lora:
+        for k, n in ((lin.d_in, r), (r, lin.d_out)):
+            add(k, n, 1, True, "forward")
+            add(k, n, 1, True, "weight_grad")
+        add(lin.d_out, r, bwd, True, "input_grad")
+        add(r, lin.d_in, dx, True, "input_grad")
+        add(lin.d_in, r, bwd * ck, True, "recompute")
+        add(r, lin.d_out, bwd * ck * (not final), True, "recompute")
+    return out
+
+
+def moe_blocks(card: ModelCard) -> tuple[int, ...]:
+    """Indices of the blocks whose MLP is the routed experts: every block when the repeated block holds them,
+    else the layers of the expert Params outside it (DeepSeek-V2: all but first_k_dense_replace)."""
+    if not card.moe:
+        return ()
+    lay = layout(card)
+    if any(p.expert for p in lay.block_params):
+        return tuple(range(card.n_layers))
+    idx = {int(m.group(1)) for p in lay.other_params if p.expert and (m := _LAYER.search(p.name))}
+    return tuple(sorted(i for i in idx if i < card.n_layers))
+
+
+def moe_passes(card: ModelCard, plan: Plan, flow: GradFlow) -> list[_Pass]:
+    """The router's and the routed experts' GEMMs of every MoE block (module docstring, "experts"), with peft's
+    merged-stack products (ParamWrapper) as `fixed` passes. Shapes from the card's Params (planning/moe.py)."""
+    from peftplan.planning import moe
+
+    blocks = moe_blocks(card)
+    if not blocks:
+        return []
+    k_top, r, ck = card.experts_per_token, plan.r, plan.grad_checkpointing
+    params = [p for p in moe.moe_block_params(card) if (p.role == "router" and len(p.shape) == 2)
+              or (p.expert and len(p.shape) == 3)]
+    wrapped = {p.name for p in moe.lora_wrapped(card, plan)}
+    out: list[_Pass] = []
+
+    def add(k: int, n: int, count: int, small: bool, kind: str, fixed: bool = False, experts: int = 0) -> None:
+        if count > 0:
+            out.append(_Pass(k, n, count, small, kind, fixed, experts))
+
+    for p in params:
+        s = 3 if p.name.endswith("down_proj") else 2
+        if p.role == "router":
+            E, d = p.shape
+            k, n, per_token, grouped = d, E, 1, 0
+        else:
+            E, a, b = p.shape
+            k, n, per_token, grouped = a, b, k_top, E
+        wrap = p.name in wrapped
+        bwd = sum(1 for i in blocks if i >= flow.first)
+        up = any(q.name in wrapped and q.expert and not q.name.endswith("down_proj") for q in params)
+        # down_proj's input: from gate_up alone (the router's output joins after it)
+        dx = sum(_input_grads(i, s, card, flow, bool(up or _trains(i, card, plan)) if s == 3 else None)
+                 for i in blocks)
+        add(k, n, per_token * len(blocks), False, "forward", experts=grouped)
+        add(n, k, per_token * dx, False, "input_grad", experts=grouped)
+        add(k, n, per_token * sum(max(_trains(i, card, plan), int(wrap and i >= flow.first)) for i in blocks),
+            False, "weight_grad", experts=grouped)
+        add(k, n, per_token * bwd * ck, False, "recompute", experts=grouped)
+        if not wrap:
+            continue
+        if p.role == "router":  # _LoraParameterProxy: delta = B·A (E×r·r×d) per forward, dA and dB in backward
+            add(E * r, d, len(blocks), True, "forward", True)
+            add(E * r, d, 2 * bwd, True, "weight_grad", True)
+            add(E * r, d, bwd * ck, True, "recompute", True)
+        else:  # _LoraFactorsProxy: baddbmm(W, lhs (E, a, R), rhs (E, R, b)), twice per forward; two bmm back
+            R = r * (2 if p.name.endswith("gate_up_proj") else 1)
+            add(E * a * R, b, 2 * len(blocks), True, "forward", True)
+            add(E * a * R, b, 2 * bwd, True, "weight_grad", True)
+            add(E * a * R, b, 2 * bwd * ck, True, "recompute", True)
     return out
 
 
@@ -286,24 +442,34 @@ class ShapeFree:
     """What does not depend on b and s, computed once per card, plan (less its shape) and stack."""
 
     per_token: tuple[int, int, int, int, int]  # forward, input_grad, weight_grad, recompute, small: FLOPs / token
+    fixed: tuple[int, int, int, int, int]  # the same kinds, FLOPs per step that do not scale with b·s
     groups: tuple[tuple[int, int, bool, int], ...]  # (k, n, small, count) of every GEMM shape
+    expert_groups: tuple[tuple[int, int, int, int], ...]  # (k, n, E, count): grouped GEMMs over E experts' k×n
     n_bwd: int  # blocks with a backward
     eager_low: int  # eager attention products the lowest such block runs in backward (dP, dV, dQ, dK as needed)
 
 
 def _shape_free_of(card: ModelCard, plan: Plan, stack: Stack) -> ShapeFree:
     kinds = ("forward", "input_grad", "weight_grad", "recompute")
-    sums = dict.fromkeys(kinds, 0)
-    small, groups = 0, {}
+    sums, fixed = dict.fromkeys(kinds, 0), dict.fromkeys((*kinds, "small"), 0)
+    small, groups, expert_groups = 0, {}, {}
     for p in _block_passes(card, plan, stack):
         f = 2 * p.k * p.n * p.count
+        if p.fixed:
+            fixed[p.kind] += f
+            fixed["small"] += f if p.small else 0
+            continue
         sums[p.kind] += f
         small += f if p.small else 0
-        groups[(p.k, p.n, p.small)] = groups.get((p.k, p.n, p.small), 0) + p.count
+        if p.experts:
+            expert_groups[(p.k, p.n, p.experts)] = expert_groups.get((p.k, p.n, p.experts), 0) + p.count
+        else:
+            groups[(p.k, p.n, p.small)] = groups.get((p.k, p.n, p.small), 0) + p.count
     flow = grad_flow(card, plan)
     q, k, v = _qkv_rg(card, plan, flow)
-    return ShapeFree(per_token=(*(sums[x] for x in kinds), small),
+    return ShapeFree(per_token=(*(sums[x] for x in kinds), small), fixed=tuple(fixed.values()),
                       groups=tuple((k_, n_, sm, c) for (k_, n_, sm), c in groups.items()),
+                      expert_groups=tuple((k_, n_, E, c) for (k_, n_, E), c in expert_groups.items()),
                       n_bwd=card.n_layers - flow.first, eager_low=int(q or k) + int(v) + int(q) + int(k))
 
 
@@ -333,7 +499,7 @@ def step_flops(card: ModelCard, plan: Plan, stack: Stack = DEFAULT_STACK) -> Ste
     """
     T = plan.tokens
     sf = shape_free(card, plan, stack)
-    fwd, dx, dw, rec, small = (T * x for x in sf.per_token)
+    fwd, dx, dw, rec, small = (T * x + c for x, c in zip(sf.per_token, sf.fixed))
     af, ab, ar = attention_flops(card, plan, sf)
     return StepFlops(tokens=T, forward=fwd, input_grad=dx, weight_grad=dw, recompute=rec, attention_forward=af,
                      attention_backward=ab, attention_recompute=ar, small=small)

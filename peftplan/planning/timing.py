@@ -85,6 +85,24 @@ def _norm_bytes(card: ModelCard, es: int) -> int:
     return 2 * es
 
 
+def _moe_elementwise(card: ModelCard, e: int) -> float:
+    """Bytes per token a MoE block's memory-bound kernels move in the forward (transformers/integrations/moe.py
+    `grouped_mm_experts_forward`), in place of a dense MLP's activation: the router's softmax over E in fp32 and
+    its top-k; per (token, expert) pair, k per token: the gathered input (read, write d), act(gate)·up (5f), the
+    routing-weight product (read d and the weight, write d in the weights' dtype w), the un-permuting gather
+    (read, write d·w), then the sum over k (k reads, one write) and the cast back; shared experts (DeepSeek-V2):
+    a gated MLP of width f_s and its add to the routed output."""
+    from peftplan.planning import moe
+
+    k, d, f, E = card.experts_per_token, card.d_model, card.expert_d_ff, card.n_experts
+    w = max(moe.weights_bytes(card, e), e)
+    router = E * (e + 3 * FP32) + k * 3 * FP32
+    pairs = k * (2 * e * d + 5 * e * f + d * (e + w) + w + 2 * d * w)
+    combine = (k + 1) * d * w + (d * (w + e) if w != e else 0)
+    shared = moe._shared_linears(card, ("shared_ffn_in",))
+    return router + pairs + combine + (5 * e * shared[0].d_out + 3 * e * d if shared else 0)
+
+
 def _block_elementwise(card: ModelCard, plan: Plan, stack: Stack) -> float:
     """Bytes per token one block's memory-bound kernels move in the forward."""
     e, es = _act_bytes(plan)
@@ -95,7 +113,10 @@ def _block_elementwise(card: ModelCard, plan: Plan, stack: Stack) -> float:
     if card.positions == "rotary":  # q·cos + rotate_half(q)·sin on q and k (slices, cat, two muls, an add)
         total += 12 * e * (card.d_q + card.d_kv)
     total += 2 * e * card.d_q  # attention output back to (b, s, h·d_h): one copy
-    total += (5 if card.gated_mlp else 2) * e * card.d_ff  # act(gate)·up or act(x)
+    if card.moe:
+        total += _moe_elementwise(card, e)
+    else:
+        total += (5 if card.gated_mlp else 2) * e * card.d_ff  # act(gate)·up or act(x)
     if hidden_dropout(card) > 0:
         total += 2 * (2 * e + 1) * d
     if es != e:  # the fp32 stream is cast to the compute dtype at every Linear4bit input
@@ -222,6 +243,13 @@ def phase_seconds(card: ModelCard, plan: Plan, peak_tflops: float, bandwidth_gbs
             small += t
         else:
             gemm += t
+    # grouped GEMMs over E experts: S = k·T pair rows, the weights of the experts that get tokens read once
+    S = card.experts_per_token * T if card.moe else 0
+    for k, n, E, n_calls in sf.expert_groups:
+        gemm += max(2.0 * S * k * n / rate, (min(E, S) * k * n + S * (k + n)) * e / bw) * n_calls \
+            / card.experts_per_token
+    small += sf.fixed[-1] / rate_small  # peft's merged expert stacks (batched products of whole stacks)
+    gemm += (sum(sf.fixed[:4]) - sf.fixed[-1]) / rate
     af, ab, ar = attention_flops(card, plan, sf)
     attn = (af + ab + ar) / (eff.attention * P)
     if plan.attention == "eager":  # scores and probabilities are materialised: b·h·s² elements, several passes

@@ -8,6 +8,14 @@ are all there. Each matrix product counts 2·m·n·k FLOPs:
     aten.addmm(c, a[m,k], b[k,n])           2·m·n·k   (the bias add is not a matmul)
     aten.bmm(a[B,m,k], b[B,k,n])            2·B·m·n·k
     aten.baddbmm(c, a[B,m,k], b[B,k,n])     2·B·m·n·k
+    aten._grouped_mm(a, b, offs)            the grouped-GEMM experts (transformers/integrations/moe.py,
+                                            `grouped_mm_experts_forward`), with offs splitting one dimension
+                                            into the E experts' groups, so the FLOPs do not depend on routing:
+                                            a[S,k]·b[E,k,n] 2·S·k·n (forward, input gradient);
+                                            a[k,S]·b[S,n] → [E,k,n] 2·k·S·n (weight gradient);
+                                            a[E,m,k]·b[k,N] 2·m·k·N; a[E,m,k]·b[E,k,n] 2·E·m·k·n
+    transformers.grouped_mm_fallback(x[S,k], w[E,k,n], offs)        2·S·k·n (its loop of mm runs inside
+                                            the custom op, unseen); its backward op computes dX and dW: 4·S·k·n
     bitsandbytes.gemm_4bit(A[...,k], B, [n,k], ...)  2·(A.numel()/k)·n·k: bitsandbytes ≥ 0.48 runs a Linear4bit
                                             whose input needs no gradient as one fused dequantize-and-GEMM op
                                             (bitsandbytes/autograd/_functions.py matmul_4bit); with a gradient it
@@ -30,16 +38,34 @@ from peftplan.plan import Plan
 
 _aten = torch.ops.aten
 MATMULS = {_aten.mm.default: "mm", _aten.addmm.default: "addmm", _aten.bmm.default: "bmm",
-           _aten.baddbmm.default: "baddbmm"}
+           _aten.baddbmm.default: "baddbmm", _aten._grouped_mm.default: "grouped_mm"}
+
+
+def grouped_mm_flops(a, b) -> int:
+    """2·m·n·k of torch._grouped_mm(a, b, offs) for each of its four layouts (offs splits the 2-D operand)."""
+    if a.dim() == 2 and b.dim() == 3:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if a.dim() == 3 and b.dim() == 2:
+        return 2 * a.shape[1] * a.shape[2] * b.shape[1]
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
 
 
 def matmul_flops(op, args) -> int:
     """2·m·n·k (times the batch for bmm) of one aten matmul call; 0 for any other op."""
     kind = MATMULS.get(op)
     if kind is None:
-        if "gemm_4bit" in str(op):
+        name = str(op)
+        if "gemm_4bit" in name:
             return 2 * args[0].numel() * int(args[2][0])
+        if "grouped_mm_fallback_backward" in name:
+            return 2 * grouped_mm_flops(args[0], args[1])
+        if "grouped_mm_fallback" in name:
+            return grouped_mm_flops(args[0], args[1])
         return 0
+    if kind == "grouped_mm":
+        return grouped_mm_flops(args[0], args[1])
     a, b = (args[0], args[1]) if kind in ("mm", "bmm") else (args[1], args[2])
     if kind == "mm" or kind == "addmm":
         (m, k), n = a.shape, b.shape[1]
@@ -77,8 +103,9 @@ class TracedFlops:
         return self.forward + self.backward + self.optimizer
 
 
-def trace_flops(card: ModelCard, plan: Plan, steps: int = 1) -> TracedFlops:
-    """Matmul FLOPs of the last of `steps` training steps of the plan, run on fake tensors (CPU, no memory)."""
+def trace_flops(card: ModelCard, plan: Plan, steps: int = 1, impl: str = "ours") -> TracedFlops:
+    """Matmul FLOPs of the last of `steps` training steps of the plan, run on fake tensors (CPU, no memory).
+    impl: the LoRA implementation (measure.step.build_model): "peft" for LoRA on fused expert parameters."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from peftplan.measure.step import build_model, make_batch, make_optimizer, train_step
@@ -87,7 +114,7 @@ def trace_flops(card: ModelCard, plan: Plan, steps: int = 1) -> TracedFlops:
     t0 = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        model, _ = build_model(card, plan, "cpu")
+        model, _ = build_model(card, plan, "cpu", impl=impl)
         batch = make_batch(card, plan, "cpu")
         optimizer = make_optimizer(model, plan)
     counter = MatmulCounter()
