@@ -9,6 +9,9 @@ benchmarks/results/check_random.json.
     python benchmarks/check_random.py --n 100 --seed 3
     python benchmarks/check_random.py --shard 0/3 & ... --shard 2/3; python benchmarks/check_random.py --merge 3
         # the same 1,000 draws in 3 processes (draw i goes to shard i mod 3), then one summary
+    python benchmarks/check_random.py --recheck flan-t5
+        # after a fix to one family: trace again the draws of the same seed whose card name contains flan-t5,
+        # replace their rows in the results file, summarise all again
 """
 from __future__ import annotations
 
@@ -35,9 +38,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--shard", default="", help="K/N: trace only draws i with i mod N == K, into a shard file")
     ap.add_argument("--merge", type=int, default=0, help="N: summarise the N shard files of a sharded run")
+    ap.add_argument("--recheck", default="", help="comma list of card-name substrings: re-trace those draws only")
     args = ap.parse_args()
     if args.merge:
         return merge(args)
+    if args.recheck:
+        return recheck(args)
     t0 = time.perf_counter()
 
     done: list = []
@@ -69,12 +75,36 @@ def main() -> None:
         args.out = shard_path(args.out, k)
     results, failures = check(configs, progress)
     seconds = time.perf_counter() - t0
-    rows = sorted(({"command": command(card, c.plan), "peak_error": c.peak_error, "trace_phase": c.trace_phase,
-                    "estimate_phase": c.estimate_phase, "trace_peak_bytes": c.trace_peak_bytes,
-                    "estimate_peak_bytes": c.estimate_peak_bytes, "trace_seconds": round(c.trace_seconds, 2),
-                    "method": c.plan.method, "grad_checkpointing": c.plan.grad_checkpointing}
-                   for card, c in results), key=lambda r: -abs(r["peak_error"]))
+    rows = sorted(_rows(results), key=lambda r: -abs(r["peak_error"]))
     report(rows, failures, args.seed, seconds, args.out)
+
+
+def _rows(results) -> list[dict]:
+    return [{"command": command(card, c.plan), "peak_error": c.peak_error, "trace_phase": c.trace_phase,
+             "estimate_phase": c.estimate_phase, "trace_peak_bytes": c.trace_peak_bytes,
+             "estimate_peak_bytes": c.estimate_peak_bytes, "trace_seconds": round(c.trace_seconds, 2),
+             "method": c.plan.method, "grad_checkpointing": c.plan.grad_checkpointing} for card, c in results]
+
+
+def _card_of(row: dict) -> str:
+    words = row["command"].split()
+    return words[words.index("--model") + 1]
+
+
+def recheck(args) -> None:
+    """Re-trace the draws (same n, seed) whose card name contains one of `args.recheck`, replacing their rows."""
+    names = [x for x in args.recheck.split(",") if x]
+    data = json.loads(args.out.read_text())
+    if data["summary"].get("partial") or data["summary"]["seed"] != args.seed:
+        raise SystemExit(f"{args.out} is not a finished run of seed {args.seed}")
+    t0 = time.perf_counter()
+    configs = [(card, plan) for card, plan in draws(args.n, args.seed) if any(x in card.name for x in names)]
+    results, failures = check(configs)
+    kept = [r for r in data["results"] if not any(x in _card_of(r) for x in names)]
+    failures += [f for f in data["failures"] if not any(x in f.split(":")[0] for x in names)]
+    print(f"re-traced {len(configs)} draws of {', '.join(names)} in {time.perf_counter() - t0:.0f} s")
+    report(sorted(kept + _rows(results), key=lambda r: -abs(r["peak_error"])), failures, args.seed,
+           data["summary"]["seconds"], args.out)
 
 
 def shard_path(out: Path, k: int) -> Path:
