@@ -67,6 +67,8 @@ class _Sizes:
     ac: int  # the autocast dtype's bytes (0: no autocast)
     sb: int  # residual stream and norm output bytes (fp32 under mixed precision)
     la: int  # LoRA A/B element bytes (peft's fp32 by default)
+    drop: bool  # LoRA dropout (lora_dropout > 0)
+    qlora: bool  # peft's bnb Linear4bit: no cast to A's dtype under autocast
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -85,7 +87,22 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
                   eager=plan.attention == "eager", s=plan.seq_len,
                   ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
-                  la=DTYPES[plan.adapter_dtype])
+                  la=DTYPES[plan.adapter_dtype], drop=bool(plan.dropout), qlora=plan.method == "qlora")
+
+
+def _lora_reads(z: _Sizes, x_b: int) -> tuple[float, bool]:
+    """(bytes per input element one wrapped Linear's LoRA branch keeps beyond x, whether it keeps x itself).
+    peft's LoRA Linear casts x to A's dtype (`_cast_input_dtype`; bnb's Linear4bit skips the cast under
+    autocast), then A reads dropout(x) — autocast casts it to the autocast dtype. A keeps what it reads; a
+    dropout (lora_dropout > 0) keeps its 1-byte mask (CUDA's fused dropout) and not its input, so A's input is
+    a copy of its own. Without dropout and with no cast on the way, A keeps x itself (shared)."""
+    conv = x_b if (z.qlora and z.ac) else z.la
+    saved = z.ac or conv
+    if z.drop:
+        return float(saved + MASK), False
+    if conv == x_b and saved == x_b:
+        return 0.0, True
+    return float(saved), False
 
 
 @dataclass(frozen=True)
@@ -128,11 +145,9 @@ def _group(z: _Sizes, t: _Trains, names: tuple[str, ...], d_in: int, x_b: int,
     for w in wrapped:
         if not w:
             continue
-        if x_b == z.la and (not z.ac or z.la == z.ac):
-            shared = True
-        else:
-            per += a_reads * d_in
-        per += a_reads * z.r
+        copy, keeps_x = _lora_reads(z, x_b)
+        shared |= keeps_x
+        per += copy * d_in + a_reads * z.r
     return per + (x_b * d_in if shared and not counted else 0.0), [t.weights or w for w in wrapped]
 
 
@@ -351,7 +366,7 @@ def encoder_kv_kept(card: ModelCard, plan: Plan) -> bool:
     kv = {"EncDecAttention.k", "EncDecAttention.v"}
     if plan.method == "full":
         return not z.ac or z.sb == z.ac
-    return bool(kv & _wrapped_all(card, plan)) and z.sb == z.la and (not z.ac or z.la == z.ac)
+    return bool(kv & _wrapped_all(card, plan)) and _lora_reads(z, z.sb)[1]
 
 
 def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
