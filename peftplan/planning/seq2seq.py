@@ -69,6 +69,7 @@ class _Sizes:
     la: int  # LoRA A/B element bytes (peft's fp32 by default)
     drop: bool  # LoRA dropout (lora_dropout > 0)
     qlora: bool  # peft's bnb Linear4bit: no cast to A's dtype under autocast
+    clamp: bool  # an fp16 residual stream: T5Block clamps each sublayer's output
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -87,7 +88,8 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
                   eager=plan.attention == "eager", s=plan.seq_len,
                   ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
-                  la=DTYPES[plan.adapter_dtype], drop=bool(plan.dropout), qlora=plan.method == "qlora")
+                  la=DTYPES[plan.adapter_dtype], drop=bool(plan.dropout), qlora=plan.method == "qlora",
+                  clamp=plan.dtype == "fp16" and stream_element_bytes(plan, card) == 2)
 
 
 def _lora_reads(z: _Sizes, x_b: int) -> tuple[float, bool]:
@@ -226,12 +228,15 @@ def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, b
 
 
 def _block(z: _Sizes, t: _Trains, grad_in: bool, decoder: bool, enc_grad: bool, adapter_m: int) -> float:
+    """T5Block: its sublayers; on an fp16 stream each sublayer's output goes through torch.clamp(x, min, max)
+    with tensor bounds ("clamp inf values to enable fp16 training"), whose backward keeps its input."""
     total, g = _attention(z, t, "SelfAttention", grad_in, False, adapter_m)
+    total += z.e * z.d * (z.clamp and g)
     if decoder:
         x, g = _attention(z, t, "EncDecAttention", g, enc_grad, adapter_m)
-        total += x
-    x, _ = _ffn(z, t, g, adapter_m)
-    return total + x
+        total += x + z.e * z.d * (z.clamp and g)
+    x, g = _ffn(z, t, g, adapter_m)
+    return total + x + z.e * z.d * (z.clamp and g)
 
 
 def _short(name: str) -> str:
