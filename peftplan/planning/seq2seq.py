@@ -381,7 +381,9 @@ def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
     lm_head), so autograd sums its gradients in the engine's input buffer and accumulates them once, at the very
     end. When the decoder's backward is done, its embedding's gradient is added to the head's: the head's
     weight gradient, the embedding's and their sum (V×d each) live beside the encoder's saved tensors (its
-    backward has not begun), the decoder's gradients and the gradient of the encoder output."""
+    backward has not begun) — under mixed precision with them its Linears' autocast weight copies, saved for
+    their backward (not checkpointed: a checkpointed encoder recomputes them later) — the decoder's gradients
+    and the gradient of the encoder output."""
     if not applies(card) or plan.method != "full" or not card.tie_embeddings:
         return []
     from peftplan.planning.memory import block_gradients_bytes, rounded, stream_element_bytes
@@ -394,8 +396,15 @@ def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
              + rounded(int(cfg.get("relative_attention_num_buckets", 32)) * z.h * w))
     t = plan.tokens
     acts = int(encoder_saved_per_token(card, plan) * t)
+    copies = 0
+    if plan.autocast != "none" and plan.mixed_precision and not plan.grad_checkpointing:
+        from peftplan.planning.layout import layout
+        from peftplan.plan import DTYPES
+
+        copies = DTYPES[plan.autocast] * sum(x.weight_numel for x in layout(card).other_linears
+                                             if x.name.startswith("encoder.block."))
     return [dict(activations_bytes=acts, gradients_bytes=grads,
-                 temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t)]
+                 temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t + copies)]
 
 
 def unsaved_encoder_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
