@@ -44,6 +44,30 @@ def kept_in_fp32(card: ModelCard) -> tuple[str, ...]:
     return KEEP_IN_FP32 if applies(card) else ()
 
 
+def kept_fp32_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
+    """Elements of the autocast copies of QLoRA's unquantized wo (`KEEP_IN_FP32`), for
+    memory.autocast_cache_bytes (which counts no copies under QLoRA: 4-bit weights are dequantized, not cast).
+    k-bit preparation casts wo to fp32, so autocast casts its weight for each call and autograd saves the copy
+    when wo's input needs a gradient: encoder blocks from the lowest LoRA-wrapped one up, every decoder block
+    when the encoder (cross-attention's k/v input) or the decoder's lowest block trains. A checkpointed block
+    keeps none (`blocks=False`: the backward's count)."""
+    if not applies(card) or plan.method != "qlora" or not plan.kbit_prep or plan.autocast == "none" or not blocks:
+        return 0
+    if plan.grad_checkpointing:
+        return 0
+    from peftplan.planning.layout import layout
+    from peftplan.planning.memory import lowest_lora_block
+
+    lay = layout(card)
+    enc = _encoder_wrapped(card, plan)
+    low = next((i for i, w in enumerate(enc) if w), len(enc))
+    n = sum(x.weight_numel for x in lay.other_linears if x.name.startswith("encoder.block.")
+            and x.name.split(".")[-1] in KEEP_IN_FP32 and int(x.name.split(".")[2]) >= low)
+    per_block = sum(x.weight_numel for x in lay.block_linears if _short(x.name).split(".")[-1] in KEEP_IN_FP32)
+    dec_low = 0 if low < len(enc) else lowest_lora_block(card, plan)[0]
+    return n + per_block * (card.n_layers - dec_low)
+
+
 def applies(card: ModelCard) -> bool:
     """An encoder–decoder card whose blocks this module models (T5's module tree)."""
     return bool(card.cross_attention) and card.model_type in ("t5", "mt5", "umt5")
@@ -168,14 +192,15 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
         qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d, z.sb)
         total += qkv
     need = g or gq or gk or gv or (cross and kv_grad)
+    ce = z.ac or z.e  # autocast casts the attention's inputs (q, k, v and the mask) to its dtype
     if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
         # softmax's output, attention dropout's output and mask (b·h·s² each); o reads a contiguous copy
-        total += 3 * z.e * z.inner + 2 * z.e * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
+        total += 3 * ce * z.inner + 2 * ce * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
     elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
-        total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
+        total += 4 * ce * z.inner + FP32 * z.h + z.mask_per_token * ce / z.e
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
     # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
-    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, z.e, counted=need and not z.eager)
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, ce, counted=need and not z.eager)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -198,25 +223,26 @@ def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, b
     total = _norm(z, grad_in, t.norms)
     g = grad_in or t.norms
     gelu_new = z.act in ("gelu_new", "gelu_fast")
-    act_out = FP32 if (z.ac and gelu_new) else z.e
+    wi_out = z.sb if z.qlora else z.e  # bnb's Linear4bit returns its output in its input's dtype
+    act_out = FP32 if (z.ac and gelu_new) else wi_out
     if z.gated:
         a, (g0, g1) = _group(z, t, ("DenseReluDense.wi_0", "DenseReluDense.wi_1"), z.d, z.sb)
         g0, g1 = g0 or g, g1 or g
         total += a
         if gelu_new:  # x (its fp32 copy under autocast), tanh, 0.5·x, 1 + tanh
-            total += (3 * act_out + z.e) * z.f * g0
+            total += (3 * act_out + wi_out) * z.f * g0
         else:
-            total += z.e * z.f * g0
-        total += z.e * z.f * g0 + act_out * z.f * g1  # the product keeps wi_1's output and the activation's
+            total += wi_out * z.f * g0
+        total += wi_out * z.f * g0 + act_out * z.f * g1  # the product keeps wi_1's output and the activation's
         inner_grad = g0 or g1
     else:
         a, (g0,) = _group(z, t, ("DenseReluDense.wi",), z.d, z.sb)
         total += a
         inner_grad = g0 or g
-        total += ((3 * act_out + z.e) if gelu_new else z.e) * z.f * inner_grad
+        total += ((3 * act_out + wi_out) if gelu_new else wi_out) * z.f * inner_grad
     if inner_grad and z.p > 0:
         total += MASK * z.f
-    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f, act_out)
+    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f, max(act_out, wi_out))
     total += wo
     out = inner_grad or gwo
     if "DenseReluDense.wo" in t.adapters:
