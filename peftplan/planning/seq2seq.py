@@ -195,7 +195,10 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     ce = z.ac or z.e  # autocast casts the attention's inputs (q, k, v and the mask) to its dtype
     if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
         # softmax's output, attention dropout's output and mask (b·h·s² each); o reads a contiguous copy
-        total += 3 * ce * z.inner + 2 * ce * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
+        # (under autocast the fp32 position bias makes the scores fp32: softmax keeps fp32 probabilities, the
+        # matmul with v keeps its autocast-dtype copy of dropout's output)
+        probs = FP32 + z.ac if z.ac and z.norm_w == FP32 else 2 * ce
+        total += 3 * ce * z.inner + probs * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
     elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         total += 4 * ce * z.inner + FP32 * z.h + z.mask_per_token * ce / z.e
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
