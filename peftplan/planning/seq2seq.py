@@ -94,6 +94,7 @@ class _Sizes:
     drop: bool  # LoRA dropout (lora_dropout > 0)
     qlora: bool  # peft's bnb Linear4bit: no cast to A's dtype under autocast
     clamp: bool  # an fp16 residual stream: T5Block clamps each sublayer's output
+    bias_trained: bool  # the relative-attention embedding trains (full): the mask needs a gradient
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -113,7 +114,8 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
                   eager=plan.attention == "eager", s=plan.seq_len,
                   ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
                   la=DTYPES[plan.adapter_dtype], drop=bool(plan.dropout), qlora=plan.method == "qlora",
-                  clamp=plan.dtype == "fp16" and stream_element_bytes(plan, card) == 2)
+                  clamp=plan.dtype == "fp16" and stream_element_bytes(plan, card) == 2,
+                  bias_trained=plan.method == "full")
 
 
 def _lora_reads(z: _Sizes, x_b: int) -> tuple[float, bool]:
@@ -200,7 +202,10 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
         probs = FP32 + z.ac if z.ac and z.norm_w == FP32 else 2 * ce
         total += 3 * ce * z.inner + probs * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
     elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
-        total += 4 * ce * z.inner + FP32 * z.h + z.mask_per_token * ce / z.e
+        # (a mask that needs a gradient goes to the memory-efficient kernel as it is, in the bias embedding's
+        # dtype — trace.run.cuda_like; otherwise autocast casts it)
+        mask_b = (z.norm_w if z.norm_w == FP32 else z.e) if z.bias_trained else ce
+        total += 4 * ce * z.inner + FP32 * z.h + z.mask_per_token * mask_b / z.e
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
     # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
     o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, ce, counted=need and not z.eager)
