@@ -213,8 +213,8 @@ KINDS = {
     "T5 QLoRA k-bit prep autocast": ("flan-t5-base", 1, dict(method="qlora", r=8, dropout=0.05, double_quant=False,
                                                              batch_size=4, seq_len=64, attention="flash",
                                                              adapter_dtype="bf16", autocast="bf16")),
-    # T5 eager attention under autocast: the fp32 position bias makes the scores fp32, so softmax keeps fp32
-    # probabilities and the matmul with v an autocast copy (was -4.0%; the draw's 3-block row -5.7%)
+    # T5 eager attention under autocast: softmax (autocast's fp32 list) keeps fp32 probabilities and the matmul
+    # with v an autocast copy (was -4.0%; the draw's 3-block row -5.7%, bf16 adapters -2.5%)
     "T5 eager autocast, fp32 scores": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
                                                                dtype="fp32", optimizer="sgd", foreach=False,
                                                                attention="eager", autocast="bf16")),

@@ -197,9 +197,9 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
     ce = z.ac or z.e  # autocast casts the attention's inputs (q, k, v and the mask) to its dtype
     if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
         # softmax's output, attention dropout's output and mask (b·h·s² each); o reads a contiguous copy
-        # (under autocast the fp32 position bias makes the scores fp32: softmax keeps fp32 probabilities, the
-        # matmul with v keeps its autocast-dtype copy of dropout's output)
-        probs = FP32 + z.ac if z.ac and z.norm_w == FP32 else 2 * ce
+        # (under autocast softmax is an fp32-list op: it keeps fp32 probabilities, and the matmul with v keeps
+        # its autocast-dtype copy of dropout's output)
+        probs = FP32 + z.ac if z.ac else 2 * ce
         total += 3 * ce * z.inner + probs * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
     elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
         # (a mask that needs a gradient goes to the memory-efficient kernel as it is, in the bias embedding's
