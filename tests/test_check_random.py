@@ -193,6 +193,36 @@ KINDS = {
                                                                  dtype="fp32", optimizer="sgd",
                                                                  grad_checkpointing=True, autocast="bf16",
                                                                  grad_accum=4)),
+    # T5 LoRA dropout (planning/seq2seq.py): each wrapped Linear keeps its dropout output (cast as A reads it)
+    # and a 1-byte mask, not the shared input (was -8.3%; the draw's fp16 all-linear row -15.0%)
+    "T5 LoRA dropout": ("flan-t5-base", 1, dict(method="lora", r=8, dropout=0.05, targets="all-linear",
+                                                batch_size=2, seq_len=128, dtype="bf16", foreach=False,
+                                                attention="flash", adapter_dtype="bf16")),
+    # T5 on an fp16 stream: T5Block clamps each sublayer's output with tensor bounds; clamp keeps its input
+    # (was -2.2%)
+    "T5 fp16 clamps": ("flan-t5-base", 1, dict(method="lora", r=8, targets="all-linear", batch_size=2, seq_len=128,
+                                               dtype="fp16", foreach=False, attention="flash",
+                                               adapter_dtype="fp16")),
+    # full T5 under autocast: at the shared embedding's gradient moment the encoder's autocast weight copies are
+    # still saved (was -6.4%)
+    "T5 full autocast, encoder copies at the tied embedding": ("flan-t5-base", 1, dict(
+        method="full", batch_size=4, seq_len=64, dtype="fp32", optimizer="sgd", foreach=False, attention="eager",
+        autocast="bf16")),
+    # QLoRA on T5 with k-bit preparation under autocast: the unquantized wo, cast to fp32, is copied per call;
+    # SDPA saves autocast copies; Linear4bit returns the fp32 stream's dtype (was -2.6%; the draw's +6.0% row)
+    "T5 QLoRA k-bit prep autocast": ("flan-t5-base", 1, dict(method="qlora", r=8, dropout=0.05, double_quant=False,
+                                                             batch_size=4, seq_len=64, attention="flash",
+                                                             adapter_dtype="bf16", autocast="bf16")),
+    # T5 eager attention under autocast: softmax (autocast's fp32 list) keeps fp32 probabilities and the matmul
+    # with v an autocast copy (was -4.0%; the draw's 3-block row -5.7%, bf16 adapters -2.5%)
+    "T5 eager autocast, fp32 scores": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
+                                                               dtype="fp32", optimizer="sgd", foreach=False,
+                                                               attention="eager", autocast="bf16")),
+    # full T5 on SDPA under autocast: the trained bias reaches the memory-efficient kernel uncast, fp32
+    # (was -2.1%; the draw's row -2.4%)
+    "T5 SDPA autocast, fp32 trained bias": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
+                                                                    dtype="fp32", optimizer="sgd", foreach=False,
+                                                                    attention="sdpa", autocast="bf16")),
 }
 
 

@@ -562,6 +562,9 @@ def warnings(card: ModelCard, plan: Plan | None = None) -> list[str]:
     missing = []
     if card.cross_attention and plan is not None and plan.use_dora:  # planning/seq2seq.py, planning/dora.py
         missing.append("DoRA on an encoder-decoder (its encoder's weight-norm terms)")
+    if card.cross_attention and plan is not None and plan.method == "top" and plan.grad_checkpointing:
+        missing.append("checkpointed top-k on an encoder-decoder (the encoder's recomputed backward beside every "
+                       "gradient)")
     if card.model_type in NOT_MODELLED and not (card.model_type == "deberta-v2" and plan_eager):
         missing.append(NOT_MODELLED[card.model_type])
     latent = any(lin.role == "attn_latent" for lin in layout(card).block_linears)

@@ -91,6 +91,7 @@ def autocast_cache_bytes(card: ModelCard, plan: Plan, blocks: bool = True) -> in
     if plan.mixed_precision and plan.method != "qlora":  # outside the blocks (MLM dense, OPT's project_out)
         total += sum(x.weight_numel for x in lay.other_linears)
         total -= seq2seq.unsaved_encoder_copies(card, plan, blocks)  # T5's encoder Linears (planning/seq2seq.py)
+    total += seq2seq.kept_fp32_copies(card, plan, blocks)  # QLoRA's unquantized fp32 wo on T5 (planning/seq2seq.py)
     head_bytes = FP32 if plan.mixed_precision or (plan.method == "qlora" and plan.kbit_prep) else plan.bytes_per_element
     if head_bytes != e:
         total += lay.head_rows * lay.head_cols

@@ -44,6 +44,30 @@ def kept_in_fp32(card: ModelCard) -> tuple[str, ...]:
     return KEEP_IN_FP32 if applies(card) else ()
 
 
+def kept_fp32_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
+    """Elements of the autocast copies of QLoRA's unquantized wo (`KEEP_IN_FP32`), for
+    memory.autocast_cache_bytes (which counts no copies under QLoRA: 4-bit weights are dequantized, not cast).
+    k-bit preparation casts wo to fp32, so autocast casts its weight for each call and autograd saves the copy
+    when wo's input needs a gradient: encoder blocks from the lowest LoRA-wrapped one up, every decoder block
+    when the encoder (cross-attention's k/v input) or the decoder's lowest block trains. A checkpointed block
+    keeps none (`blocks=False`: the backward's count)."""
+    if not applies(card) or plan.method != "qlora" or not plan.kbit_prep or plan.autocast == "none" or not blocks:
+        return 0
+    if plan.grad_checkpointing:
+        return 0
+    from peftplan.planning.layout import layout
+    from peftplan.planning.memory import lowest_lora_block
+
+    lay = layout(card)
+    enc = _encoder_wrapped(card, plan)
+    low = next((i for i, w in enumerate(enc) if w), len(enc))
+    n = sum(x.weight_numel for x in lay.other_linears if x.name.startswith("encoder.block.")
+            and x.name.split(".")[-1] in KEEP_IN_FP32 and int(x.name.split(".")[2]) >= low)
+    per_block = sum(x.weight_numel for x in lay.block_linears if _short(x.name).split(".")[-1] in KEEP_IN_FP32)
+    dec_low = 0 if low < len(enc) else lowest_lora_block(card, plan)[0]
+    return n + per_block * (card.n_layers - dec_low)
+
+
 def applies(card: ModelCard) -> bool:
     """An encoder–decoder card whose blocks this module models (T5's module tree)."""
     return bool(card.cross_attention) and card.model_type in ("t5", "mt5", "umt5")
@@ -67,6 +91,10 @@ class _Sizes:
     ac: int  # the autocast dtype's bytes (0: no autocast)
     sb: int  # residual stream and norm output bytes (fp32 under mixed precision)
     la: int  # LoRA A/B element bytes (peft's fp32 by default)
+    drop: bool  # LoRA dropout (lora_dropout > 0)
+    qlora: bool  # peft's bnb Linear4bit: no cast to A's dtype under autocast
+    clamp: bool  # an fp16 residual stream: T5Block clamps each sublayer's output
+    bias_trained: bool  # the relative-attention embedding trains (full): the mask needs a gradient
 
 
 def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
@@ -85,7 +113,24 @@ def _sizes(card: ModelCard, plan: Plan) -> _Sizes:
                   norm_w=FP32 if weights_fp32 else plan.bytes_per_element,
                   eager=plan.attention == "eager", s=plan.seq_len,
                   ac=DTYPES[plan.autocast] if plan.autocast != "none" else 0, sb=stream_element_bytes(plan, card),
-                  la=DTYPES[plan.adapter_dtype])
+                  la=DTYPES[plan.adapter_dtype], drop=bool(plan.dropout), qlora=plan.method == "qlora",
+                  clamp=plan.dtype == "fp16" and stream_element_bytes(plan, card) == 2,
+                  bias_trained=plan.method == "full")
+
+
+def _lora_reads(z: _Sizes, x_b: int) -> tuple[float, bool]:
+    """(bytes per input element one wrapped Linear's LoRA branch keeps beyond x, whether it keeps x itself).
+    peft's LoRA Linear casts x to A's dtype (`_cast_input_dtype`; bnb's Linear4bit skips the cast under
+    autocast), then A reads dropout(x) — autocast casts it to the autocast dtype. A keeps what it reads; a
+    dropout (lora_dropout > 0) keeps its 1-byte mask (CUDA's fused dropout) and not its input, so A's input is
+    a copy of its own. Without dropout and with no cast on the way, A keeps x itself (shared)."""
+    conv = x_b if (z.qlora and z.ac) else z.la
+    saved = z.ac or conv
+    if z.drop:
+        return float(saved + MASK), False
+    if conv == x_b and saved == x_b:
+        return 0.0, True
+    return float(saved), False
 
 
 @dataclass(frozen=True)
@@ -128,11 +173,9 @@ def _group(z: _Sizes, t: _Trains, names: tuple[str, ...], d_in: int, x_b: int,
     for w in wrapped:
         if not w:
             continue
-        if x_b == z.la and (not z.ac or z.la == z.ac):
-            shared = True
-        else:
-            per += a_reads * d_in
-        per += a_reads * z.r
+        copy, keeps_x = _lora_reads(z, x_b)
+        shared |= keeps_x
+        per += copy * d_in + a_reads * z.r
     return per + (x_b * d_in if shared and not counted else 0.0), [t.weights or w for w in wrapped]
 
 
@@ -151,14 +194,21 @@ def _attention(z: _Sizes, t: _Trains, kind: str, grad_in: bool, kv_grad: bool, a
         qkv, (gq, gk, gv) = _group(z, t, (f"{kind}.q", f"{kind}.k", f"{kind}.v"), z.d, z.sb)
         total += qkv
     need = g or gq or gk or gv or (cross and kv_grad)
+    ce = z.ac or z.e  # autocast casts the attention's inputs (q, k, v and the mask) to its dtype
     if need and z.eager:  # T5's eager_attention_forward: matmuls on contiguous copies of q, kᵀ and v, the
         # softmax's output, attention dropout's output and mask (b·h·s² each); o reads a contiguous copy
-        total += 3 * z.e * z.inner + 2 * z.e * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
+        # (under autocast softmax is an fp32-list op: it keeps fp32 probabilities, and the matmul with v keeps
+        # its autocast-dtype copy of dropout's output)
+        probs = FP32 + z.ac if z.ac else 2 * ce
+        total += 3 * ce * z.inner + probs * z.h * z.s + (MASK * z.h * z.s if z.p > 0 else 0)
     elif need:  # SDPA: q, k, v, output, fp32 log-sum-exp, the float mask
-        total += 4 * z.e * z.inner + FP32 * z.h + z.mask_per_token
+        # (a mask that needs a gradient goes to the memory-efficient kernel as it is, in the bias embedding's
+        # dtype — trace.run.cuda_like; otherwise autocast casts it)
+        mask_b = (z.norm_w if z.norm_w == FP32 else z.e) if z.bias_trained else ce
+        total += 4 * ce * z.inner + FP32 * z.h + z.mask_per_token * mask_b / z.e
     # the fused kernels (CPU flash, CUDA memory-efficient) lay their output out as (b, s, h, d_kv): the
     # transpose(1, 2).contiguous() before o is a view, so o's kept input is the kernel's saved output
-    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, z.e, counted=need and not z.eager)
+    o, (go,) = _group(z, t, (f"{kind}.o",), z.inner, ce, counted=need and not z.eager)
     total += o
     a = need or go
     if f"{kind}.o" in t.adapters:  # Houlsby adapter on o's output: its input, down's output, activation
@@ -181,25 +231,26 @@ def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, b
     total = _norm(z, grad_in, t.norms)
     g = grad_in or t.norms
     gelu_new = z.act in ("gelu_new", "gelu_fast")
-    act_out = FP32 if (z.ac and gelu_new) else z.e
+    wi_out = z.sb if z.qlora else z.e  # bnb's Linear4bit returns its output in its input's dtype
+    act_out = FP32 if (z.ac and gelu_new) else wi_out
     if z.gated:
         a, (g0, g1) = _group(z, t, ("DenseReluDense.wi_0", "DenseReluDense.wi_1"), z.d, z.sb)
         g0, g1 = g0 or g, g1 or g
         total += a
         if gelu_new:  # x (its fp32 copy under autocast), tanh, 0.5·x, 1 + tanh
-            total += (3 * act_out + z.e) * z.f * g0
+            total += (3 * act_out + wi_out) * z.f * g0
         else:
-            total += z.e * z.f * g0
-        total += z.e * z.f * g0 + act_out * z.f * g1  # the product keeps wi_1's output and the activation's
+            total += wi_out * z.f * g0
+        total += wi_out * z.f * g0 + act_out * z.f * g1  # the product keeps wi_1's output and the activation's
         inner_grad = g0 or g1
     else:
         a, (g0,) = _group(z, t, ("DenseReluDense.wi",), z.d, z.sb)
         total += a
         inner_grad = g0 or g
-        total += ((3 * act_out + z.e) if gelu_new else z.e) * z.f * inner_grad
+        total += ((3 * act_out + wi_out) if gelu_new else wi_out) * z.f * inner_grad
     if inner_grad and z.p > 0:
         total += MASK * z.f
-    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f, act_out)
+    wo, (gwo,) = _group(z, t, ("DenseReluDense.wo",), z.f, max(act_out, wi_out))
     total += wo
     out = inner_grad or gwo
     if "DenseReluDense.wo" in t.adapters:
@@ -211,12 +262,15 @@ def _ffn(z: _Sizes, t: _Trains, grad_in: bool, adapter_m: int) -> tuple[float, b
 
 
 def _block(z: _Sizes, t: _Trains, grad_in: bool, decoder: bool, enc_grad: bool, adapter_m: int) -> float:
+    """T5Block: its sublayers; on an fp16 stream each sublayer's output goes through torch.clamp(x, min, max)
+    with tensor bounds ("clamp inf values to enable fp16 training"), whose backward keeps its input."""
     total, g = _attention(z, t, "SelfAttention", grad_in, False, adapter_m)
+    total += z.e * z.d * (z.clamp and g)
     if decoder:
         x, g = _attention(z, t, "EncDecAttention", g, enc_grad, adapter_m)
-        total += x
-    x, _ = _ffn(z, t, g, adapter_m)
-    return total + x
+        total += x + z.e * z.d * (z.clamp and g)
+    x, g = _ffn(z, t, g, adapter_m)
+    return total + x + z.e * z.d * (z.clamp and g)
 
 
 def _short(name: str) -> str:
@@ -351,7 +405,7 @@ def encoder_kv_kept(card: ModelCard, plan: Plan) -> bool:
     kv = {"EncDecAttention.k", "EncDecAttention.v"}
     if plan.method == "full":
         return not z.ac or z.sb == z.ac
-    return bool(kv & _wrapped_all(card, plan)) and z.sb == z.la and (not z.ac or z.la == z.ac)
+    return bool(kv & _wrapped_all(card, plan)) and _lora_reads(z, z.sb)[1]
 
 
 def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
@@ -361,7 +415,9 @@ def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
     lm_head), so autograd sums its gradients in the engine's input buffer and accumulates them once, at the very
     end. When the decoder's backward is done, its embedding's gradient is added to the head's: the head's
     weight gradient, the embedding's and their sum (V×d each) live beside the encoder's saved tensors (its
-    backward has not begun), the decoder's gradients and the gradient of the encoder output."""
+    backward has not begun) — under mixed precision with them its Linears' autocast weight copies, saved for
+    their backward (not checkpointed: a checkpointed encoder recomputes them later) — the decoder's gradients
+    and the gradient of the encoder output."""
     if not applies(card) or plan.method != "full" or not card.tie_embeddings:
         return []
     from peftplan.planning.memory import block_gradients_bytes, rounded, stream_element_bytes
@@ -374,8 +430,15 @@ def backward_moments(card: ModelCard, plan: Plan) -> list[dict[str, int]]:
              + rounded(int(cfg.get("relative_attention_num_buckets", 32)) * z.h * w))
     t = plan.tokens
     acts = int(encoder_saved_per_token(card, plan) * t)
+    copies = 0
+    if plan.autocast != "none" and plan.mixed_precision and not plan.grad_checkpointing:
+        from peftplan.planning.layout import layout
+        from peftplan.plan import DTYPES
+
+        copies = DTYPES[plan.autocast] * sum(x.weight_numel for x in layout(card).other_linears
+                                             if x.name.startswith("encoder.block."))
     return [dict(activations_bytes=acts, gradients_bytes=grads,
-                 temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t)]
+                 temporaries_bytes=3 * vd + stream_element_bytes(plan, card) * card.d_model * t + copies)]
 
 
 def unsaved_encoder_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:

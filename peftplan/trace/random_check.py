@@ -174,6 +174,8 @@ def _skip(draw: Callable, default, *args):
 
 def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
     """Every Plan field from its domain (bools: a coin). Raises PlanError for a field with no domain."""
+    from peftplan.planning.families import warnings as fam_warnings
+
     for _ in range(DRAW_TRIES):
         values = {}
         for f in dataclasses.fields(Plan):
@@ -191,6 +193,8 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
                                                 if f in values and not keep(plan)})
             moe.refuse(card, plan)  # what the estimate refuses on this card (QLoRA's k-bit prep on fused experts)
             count(card, plan)  # and its parameter checks (regex targets on the MoE types peft rewrites)
+            if fam_warnings(card, plan):  # a plan the estimate calls approximate (T5's checkpointed top-k)
+                continue
             if plan.method == "adapter":  # the trace refuses adapters where no FFN output Linear exists (Qwen3-MoE)
                 from peftplan.inject import adapter_sites  # torch: imported only when drawing
 
