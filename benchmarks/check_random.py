@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from peftplan.trace.random_check import check, command, draws
+from peftplan.trace.random_check import check, command, draws, indexed_draws
 
 OUT = Path(__file__).resolve().parent / "results" / "check_random.json"
 
@@ -98,7 +98,9 @@ def recheck(args) -> None:
     if data["summary"].get("partial") or data["summary"]["seed"] != args.seed:
         raise SystemExit(f"{args.out} is not a finished run of seed {args.seed}")
     t0 = time.perf_counter()
-    configs = [(card, plan) for card, plan in draws(args.n, args.seed) if any(x in card.name for x in names)]
+    old_n = data["summary"]["n"] + data["summary"]["failed"]  # that run's draws: indices 0 .. old_n - 1
+    configs = [(card, plan) for i, card, plan in indexed_draws(args.n, args.seed)
+               if any(x in card.name for x in names) or i >= old_n]  # and any drawn in place of a skipped one
     results, failures = check(configs)
     kept = [r for r in data["results"] if not any(x in _card_of(r) for x in names)]
     failures += [f for f in data["failures"] if not any(x in f.split(":")[0] for x in names)]

@@ -223,6 +223,10 @@ KINDS = {
     "T5 SDPA autocast, fp32 trained bias": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
                                                                     dtype="fp32", optimizer="sgd", foreach=False,
                                                                     attention="sdpa", autocast="bf16")),
+    # LoRA on a layer that differs from the block (DeepSeek-V2's dense first layer, its fused expert stacks):
+    # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
+    "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",
+                                                                    batch_size=1, seq_len=128)),
 }
 
 

@@ -158,8 +158,10 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     e, lb = activation_element_bytes(plan, card), trainable_element_bytes(plan)
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     total = 0.0
+    stack = layout(card).block_prefix + "."  # Linears of layers that differ from the block (DeepSeek-V2's dense
+    # first layer, its fused expert stacks) lie in the layer list: planning/moe.py counts them
     for lin, in_block, copies in lora_targets(card, plan.targets):
-        if in_block:
+        if in_block or lin.name.startswith(stack):
             continue
         conv = e if (plan.method == "qlora" and ac) else lb
         saved = ac or conv

@@ -174,8 +174,6 @@ def _skip(draw: Callable, default, *args):
 
 def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
     """Every Plan field from its domain (bools: a coin). Raises PlanError for a field with no domain."""
-    from peftplan.planning.families import warnings as fam_warnings
-
     for _ in range(DRAW_TRIES):
         values = {}
         for f in dataclasses.fields(Plan):
@@ -193,8 +191,6 @@ def draw_plan(rng: random.Random, card: ModelCard) -> Plan:
                                                 if f in values and not keep(plan)})
             moe.refuse(card, plan)  # what the estimate refuses on this card (QLoRA's k-bit prep on fused experts)
             count(card, plan)  # and its parameter checks (regex targets on the MoE types peft rewrites)
-            if fam_warnings(card, plan):  # a plan the estimate calls approximate (T5's checkpointed top-k)
-                continue
             if plan.method == "adapter":  # the trace refuses adapters where no FFN output Linear exists (Qwen3-MoE)
                 from peftplan.inject import adapter_sites  # torch: imported only when drawing
 
@@ -220,8 +216,22 @@ def draw(rng: random.Random) -> tuple[ModelCard, Plan]:
 
 def draws(n: int, seed: int) -> list[tuple[ModelCard, Plan]]:
     """n configurations from one seed (the same seed gives the same list)."""
-    rng = random.Random(seed)
-    return [draw(rng) for _ in range(n)]
+    return [(card, plan) for _, card, plan in indexed_draws(n, seed)]
+
+
+def indexed_draws(n: int, seed: int) -> list[tuple[int, ModelCard, Plan]]:
+    """n (i, card, plan) from one seed: i counts every draw, those skipped too. A plan the estimate itself calls
+    approximate (families.warnings: T5's checkpointed top-k) is skipped after it is drawn, so skipping changes
+    none of the other draws of the seed."""
+    from peftplan.planning.families import warnings as family_warnings
+
+    rng, out, i = random.Random(seed), [], 0
+    while len(out) < n:
+        card, plan = draw(rng)
+        if not any("approximate" in w for w in family_warnings(card, plan)):
+            out.append((i, card, plan))
+        i += 1
+    return out
 
 
 def blocks_of(card: ModelCard) -> int:
