@@ -50,6 +50,9 @@ k = h_kv·d_h key/value width, e bytes per element.
                          memory-efficient kernel; the latent norms are kv_lora_rank (q_lora_rank) wide.
     sink_eager_correction  eager attention with sinks (gpt-oss): a bf16 softmax over s + 1 columns and the row
                          max's int64 indices, in place of the fp32 softmax and its cast.
+    eager_fp32_qk_correction  GPT-J's (and CodeGen's) eager attention: q @ kᵀ on fp32 copies of q and k, saved
+                         in place of the compute-dtype ones. BLOOM's ALiBi (a (b·h, 1, s) bias, baddbmm into the
+                         scores, fp32 softmax cast back) is the generic eager count; its class is eager only.
 
     encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert), an encoder of
                          bias-free LayerNorms (the card's norm "layernorm", its tree norms without bias) in
