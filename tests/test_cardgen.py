@@ -24,7 +24,7 @@ CONFIGS = Path(__file__).parent / "data" / "configs"
 SOURCES = json.loads((CONFIGS / "sources.json").read_text())
 GENERATED = sorted(n for n, c in registry().items() if c.generated)
 FAST = ["smollm2-135m", "qwen3-0.6b", "gemma-3-1b", "pythia-1b", "gpt-oss-20b", "flan-t5-base", "modernbert-base",
-        "deberta-v3-base", "falcon-7b"]
+        "deberta-v3-base", "falcon-7b", "bloom-560m"]
 
 
 @pytest.fixture(autouse=True)

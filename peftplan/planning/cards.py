@@ -461,6 +461,8 @@ def to_hf_config(card: ModelCard) -> dict:
         cfg = dict(hidden_size=c.d_model, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                    vocab_size=c.vocab_size, max_position_embeddings=c.max_positions,
                    tie_word_embeddings=c.tie_embeddings)
+        if not c.max_positions:  # no position table, no limit (BLOOM's ALiBi)
+            del cfg["max_position_embeddings"]
         if c.model_type == "opt":
             cfg.update(ffn_dim=c.d_ff, word_embed_proj_dim=c.d_embed, activation_function=c.activation,
                        enable_bias=c.attention_bias, do_layer_norm_before=c.final_norm,

@@ -50,6 +50,9 @@ k = h_kv·d_h key/value width, e bytes per element.
                          memory-efficient kernel; the latent norms are kv_lora_rank (q_lora_rank) wide.
     sink_eager_correction  eager attention with sinks (gpt-oss): a bf16 softmax over s + 1 columns and the row
                          max's int64 indices, in place of the fp32 softmax and its cast.
+    eager_fp32_qk_correction  GPT-J's (and CodeGen's) eager attention: q @ kᵀ on fp32 copies of q and k, saved
+                         in place of the compute-dtype ones. BLOOM's ALiBi (a (b·h, 1, s) bias, baddbmm into the
+                         scores, fp32 softmax cast back) is the generic eager count; its class is eager only.
 
     encoder_block_correction, outside_correction  ModernBERT (transformers' models/modernbert), an encoder of
                          bias-free LayerNorms (the card's norm "layernorm", its tree norms without bias) in
@@ -373,6 +376,23 @@ def sink_eager_correction(card: ModelCard, plan: Plan, ce: int) -> float:
     return ce * h * (s + 1) + 8 * h - (FP32 + (ce if ce != FP32 else 0)) * h * s
 
 
+# model types whose eager attention upcasts q and k to fp32 before q @ kᵀ (transformers 5.24 models/gptj and
+# models/codegen eager_attention_forward: `torch.matmul(query.to(torch.float32), key.to(torch.float32)...)`)
+EAGER_FP32_QK_TYPES = ("gptj", "codegen")
+
+
+def eager_fp32_qk_correction(card: ModelCard, plan: Plan, ce: int) -> float:
+    """Bytes per token GPT-J's eager attention saves beyond the generic eager count (memory.py: q, k and v at
+    ce, the fp32 softmax output and its cast back to ce): q @ kᵀ reads fp32 copies of q and k, which the matmul
+    saves in place of the ce ones, (4 − ce)·(q + k) per token. Under autocast the matmul casts them back to the
+    autocast dtype (what it saves), and with fp32 weights the copies are the tensors themselves: 0 there.
+    Source: transformers 5.24 models/gptj/modeling_gptj.py eager_attention_forward."""
+    if (plan.attention != "eager" or card.model_type not in EAGER_FP32_QK_TYPES or plan.autocast != "none"
+            or ce >= FP32):
+        return 0.0
+    return (FP32 - ce) * (card.d_q + card.d_kv)
+
+
 def block_key(card: ModelCard, plan: Plan) -> tuple:
     """What the terms here read beyond memory's per-block cache key: (s, b > 1) where a term depends on them."""
     if deberta_correction(card, plan, 2):
@@ -396,6 +416,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input)
             + sdpa_math_correction(card, plan, ce, out_proj_saves_input)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
+            + eager_fp32_qk_correction(card, plan, ce)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
             + encoder_block_correction(card, plan, e, generic_norm, counted_norms) + deberta_correction(card, plan, ce))
 
@@ -589,7 +610,7 @@ def mlm_loss_upcasts(card: ModelCard) -> bool:
 
 # Classes with no SDPA / flash path in transformers 5.24 (`_supports_sdpa` false or refused): a trait of the class,
 # named by family. The estimate warns for another attention; the random draw gives them eager.
-EAGER_ONLY_FAMILIES = ("gemma2", "gpt_oss", "deberta-v2")
+EAGER_ONLY_FAMILIES = ("gemma2", "gpt_oss", "deberta-v2", "bloom")
 
 
 def eager_only(card: ModelCard) -> bool:

@@ -17,6 +17,10 @@ The families and what each exercises (peftplan/planning/families.py):
     ModernBERT                  masked LM: fp32-logit loss, bias-free LayerNorms, chunked GLU, no attention norm
                                 in block 0, bidirectional sliding-window masks (s >= 64)
     DeBERTa-v3                  masked LM, eager disentangled attention (c2p/p2c against P relative positions)
+    BLOOM                       ALiBi (a (b·h, 1, s) bias per batch, baddbmm into the scores), fused qkv, a fp32
+                                softmax; eager only (BloomForCausalLM has no SDPA path in transformers 5.24)
+    GPT-J                       parallel attention + MLP reading one LayerNorm, interleaved partial rotary (q, k
+                                cut and concatenated), eager attention on fp32 copies of q and k
     Flan-T5                     encoder-decoder (planning/seq2seq.py): the whole encoder on decoder cuts,
                                 cross-attention, relative position bias, dropout masks, QLoRA with wo unquantized
 """
@@ -127,3 +131,22 @@ SEQ2SEQ = (
 )
 
 CONFIGS += list(SEQ2SEQ)
+
+# BLOOM (ALiBi, eager only) and GPT-J (parallel block, one norm, interleaved rotary; SDPA and eager): every method
+# × checkpointing on 1–2 block cuts, peft's default targets (BLOOM: query_key_value; GPT-J: q_proj, v_proj) and
+# all-linear, fp32 weights and the Trainer's bf16 autocast over them (b ≤ 2, s ≤ 256)
+ALIBI_PARALLEL = (
+    _product(["bloom-560m"], n_layers=2, attention="eager")
+    + _product(["gpt-j-6b"], n_layers=1)
+    + _product(["gpt-j-6b"], n_layers=1, methods=("lora", "qlora", "adapter"), gcs=(False,), attention="eager")
+    + [Config(c, 2, dict(method="lora", r=8, batch_size=2, seq_len=256, grad_checkpointing=gc, **extra))
+       for c, extra in (("bloom-560m", dict(attention="eager")), ("gpt-j-6b", {})) for gc in (False, True)]
+    + _product(["bloom-560m"], n_layers=1, methods=("lora", "full"), gcs=(False,), shapes=((1, 128),),
+               attention="eager", dtype="fp32")
+    + _product(["bloom-560m", "gpt-j-6b"], n_layers=1, methods=("lora", "full"), gcs=(False,), shapes=((2, 128),),
+               attention="eager", dtype="fp32", autocast="bf16")
+    + _product(["gpt-j-6b"], n_layers=1, methods=("lora",), gcs=(False, True), shapes=((2, 128),), dtype="fp32",
+               autocast="bf16")
+)
+
+CONFIGS += list(ALIBI_PARALLEL)

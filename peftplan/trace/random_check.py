@@ -107,8 +107,9 @@ def _fused_moe(card: ModelCard) -> bool:
 
 
 def _seq(rng: random.Random, card: ModelCard) -> int:
-    """Log-uniform in 8..1024 (odd lengths included), within the card's positions."""
-    top = min(MAX_SEQ if not card.moe else MOE_MAX_SEQ, card.max_positions)
+    """Log-uniform in 8..1024 (odd lengths included), within the card's positions (max_positions 0: no table,
+    no limit, as BLOOM's ALiBi)."""
+    top = min(MAX_SEQ if not card.moe else MOE_MAX_SEQ, card.max_positions or MAX_SEQ)
     return min(top, int(round(2 ** rng.uniform(3, 10))))
 
 
