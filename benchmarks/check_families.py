@@ -13,15 +13,13 @@ traced is a FAIL row (one line) and the others go on.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 from peftplan.errors import PlanError
-from peftplan.trace.check import one_line, run_grid, summarize
+from peftplan.trace.check import one_line, run_grid, save_grid, summarize
 from peftplan.trace.family_grid import CONFIGS, resolve
 
 
@@ -76,13 +74,7 @@ def main() -> None:
     s = summarize(results, failures)
     families = {f: {"n": len(v), "median_abs_error": statistics.median(v), "max_abs_error": max(v)}
                 for f, v in sorted(by_family.items())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"summary": asdict(s), "families": families, "results": rows}, indent=1))
-    tmp.replace(args.out)
-    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| "
-          f"{100 * s.median_abs_error:.2f}%, p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
-          f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    print(save_grid(args.out, s, rows, time.perf_counter() - t0, families=families))
     for f, v in families.items():
         print(f"  {f:12s} {v['n']:3d} configurations, median {100 * v['median_abs_error']:.2f}%, "
               f"max {100 * v['max_abs_error']:.2f}%")

@@ -10,13 +10,11 @@ others: it is listed with its reason.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from peftplan.planning.cards import registry
-from peftplan.trace.check import grid, run_grid, summarize
+from peftplan.trace.check import grid, run_grid, save_grid, summarize
 
 OUT = Path(__file__).resolve().parent / "results" / "check_grid.json"
 
@@ -57,11 +55,7 @@ def main() -> None:
     run = run_grid(labelled)
     results, failures, rows = run.results, run.failures, run.rows
     s = summarize(results, failures)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))
-    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| {100 * s.median_abs_error:.2f}%, "
-          f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; {s.within_2pct} within 2%; "
-          f"{len(s.failures)} failed")
+    print(save_grid(args.out, s, rows, time.perf_counter() - t0))
     worst = sorted(rows, key=lambda r: -abs(r["peak_error"]))[:10]
     for r in worst:
         print(f"  {100 * r['peak_error']:+.2f}%  {r['config']}")

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftplan.plan import Plan  # noqa: E402
 from peftplan.planning.cards import registry  # noqa: E402
-from peftplan.trace.check import run_grid, summarize  # noqa: E402
+from peftplan.trace.check import run_grid, save_grid, summarize  # noqa: E402
 from peftplan.trace.random_check import cut  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "check_moe.json"
@@ -89,11 +87,7 @@ def main() -> None:
     run = run_grid([(label(card, plan), card, plan) for card, plan in configs])
     results, failures, rows = run.results, run.failures, run.rows
     s = summarize(results, failures)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))
-    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| "
-          f"{100 * s.median_abs_error:.2f}%, p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; "
-          f"{s.within_2pct} within 2%; {len(s.failures)} failed")
+    print(save_grid(args.out, s, rows, time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from peftplan.errors import PlanError
 from peftplan.plan import Plan
 from peftplan.planning import estimate
 from peftplan.planning.cards import registry
-from peftplan.trace.check import compare, summarize
+from peftplan.trace.check import compare, save_grid, summarize
 from peftplan.trace.run import trace
 
 OUT = Path(__file__).resolve().parent / "results" / "check_stack_grid.json"
@@ -106,13 +104,7 @@ def main() -> None:
         print(f"[{i}/{len(configs)}] {'ok ' if abs(c.peak_error) <= 0.02 else 'OUT'} {label} ({tr.impl}): "
               f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_seconds:.1f} s)", flush=True)
     s = summarize(results, failures)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"summary": asdict(s), "results": rows}, indent=1))
-    tmp.replace(args.out)
-    print(f"\n{s.n} configurations in {time.perf_counter() - t0:.0f} s: median |error| {100 * s.median_abs_error:.2f}%, "
-          f"p90 {100 * s.p90_abs_error:.2f}%, max {100 * s.max_abs_error:.2f}%; {s.within_2pct} within 2%; "
-          f"{len(s.failures)} failed")
+    print(save_grid(args.out, s, rows, time.perf_counter() - t0))
     for r in sorted(rows, key=lambda r: -abs(r["peak_error"]))[:8]:
         print(f"  {100 * r['peak_error']:+.2f}%  {r['config']}")
 

@@ -130,3 +130,17 @@ def run_grid(configs: list[tuple[str, ModelCard, Plan]], extra=None, echo=print)
              f"{100 * c.peak_error:+.2f}% ({c.trace_phase}, {c.trace_peak_bytes / 2**30:.2f} GiB traced, "
              f"{c.trace_seconds:.1f} s)", flush=True)
     return GridRun(results, failures, rows)
+
+
+def save_grid(out, summary: Summary, rows: list[dict], seconds: float, **extra) -> str:
+    """Write a grid benchmark's results file atomically ({"summary", **extra, "results"}) and return its summary
+    line ("N configurations in T s: median |error| ..., p90 ..., max ...; K within 2%; F failed")."""
+    import json
+    from dataclasses import asdict
+
+    from peftplan.profile.store import write_atomic
+
+    write_atomic(out, json.dumps({"summary": asdict(summary), **extra, "results": rows}, indent=1))
+    return (f"\n{summary.n} configurations in {seconds:.0f} s: median |error| {100 * summary.median_abs_error:.2f}%, "
+            f"p90 {100 * summary.p90_abs_error:.2f}%, max {100 * summary.max_abs_error:.2f}%; {summary.within_2pct} "
+            f"within 2%; {len(summary.failures)} failed")
