@@ -238,8 +238,9 @@ def test_eager_only_classes_warn_and_are_drawn_eager(name):
     ("bloom-560m", dict(method="lora", targets="all-linear", r=16, attention="eager")),  # ALiBi baddbmm, fp32 softmax
     ("gpt-j-6b", dict(method="lora", targets="all-linear", r=16, attention="eager")),  # fp32 q, k copies
     ("gpt-j-6b", dict(method="lora", r=8)),  # SDPA, parallel block on one LayerNorm, interleaved rotary
+    ("gemma-2-2b", dict(method="lora", attention="eager", dtype="fp32")),  # attention logits soft-capped: tanh
 ])
-def test_one_block_of_bloom_and_gptj_matches_the_trace(name, options):
+def test_one_block_of_bloom_gptj_gemma2_matches_the_trace(name, options):
     """What one more block adds at the peak, estimate against trace (2-block cut minus 1-block cut, b = 2,
     s = 256): the whole-step error of a 1-block cut is diluted by the embeddings and the head (GPT-J's eager q/k
     upcast was −0.3% of the step but −1.6% of the block before its term)."""

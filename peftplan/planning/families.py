@@ -416,7 +416,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input)
             + sdpa_math_correction(card, plan, ce, out_proj_saves_input)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
-            + eager_fp32_qk_correction(card, plan, ce)
+            + eager_fp32_qk_correction(card, plan, ce) + attn_softcap_correction(card, plan, ce, qk_grad)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
             + encoder_block_correction(card, plan, e, generic_norm, counted_norms) + deberta_correction(card, plan, ce))
 
@@ -428,6 +428,24 @@ def _wrapped_roles(card: ModelCard, plan: Plan) -> frozenset[str]:
     from peftplan.planning.params import lora_targets
 
     return frozenset(lin.role for lin, in_block, _ in lora_targets(card, plan.targets) if in_block)
+
+
+def attn_logit_softcap(card: ModelCard) -> float:
+    """The attention-logit soft-cap (0: none), from the hand-written card's fields or the generated card's config."""
+    cap = card.hf.get("attn_logit_softcapping") or card.config.get("attn_logit_softcapping")
+    if not cap and isinstance(card.config.get("text_config"), dict):
+        cap = card.config["text_config"].get("attn_logit_softcapping")
+    return float(cap or 0.0)
+
+
+def attn_softcap_correction(card: ModelCard, plan: Plan, ce: int, qk_grad: tuple[bool, bool]) -> float:
+    """Bytes per token Gemma-2's eager attention saves beyond the generic eager count: the logits are soft-capped,
+    cap·tanh(q·kᵀ·scaling / cap), before the mask; tanh saves its b·h·s·s output (ce) for its backward while the
+    scaling and the two scalar ops save nothing, so ce·h·s per token, when q or k needs a gradient.
+    Source: transformers 5.24 models/gemma2/modeling_gemma2.py eager_attention_forward (`softcap`)."""
+    if plan.attention != "eager" or not (qk_grad[0] or qk_grad[1]) or not attn_logit_softcap(card):
+        return 0.0
+    return ce * card.n_heads * plan.seq_len
 
 
 def logit_softcap(card: ModelCard) -> float:
