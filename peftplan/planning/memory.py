@@ -794,6 +794,14 @@ def _after_ffn_bytes(card: ModelCard, plan: Plan, ae: int, trainable_block: bool
     return int((ae * (card.d_model + width) - freed) * plan.tokens)
 
 
+def gelu_new_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
+    """Bytes beyond the generic frozen FFN working set while a recomputed frozen block runs GPT-2/GPT-J's
+    "gelu_new" backward: y = (0.5·x)·(1 + tanh(·)) is a product of two saved tensors, so its mul backward makes
+    both factors' gradients (2 f-wide tensors) beside the incoming one, as a gated MLP's product does.
+    Source: transformers activations.py NewGELUActivation; torch's mul backward (derivatives.yaml)."""
+    return 2 * ae * card.d_ff * plan.tokens if card.activation == "gelu_new" and not card.gated_mlp else 0
+
+
 def dequantized_weight_bytes(card: ModelCard, plan: Plan, numel: int | None = None) -> int:
     """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
     (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
@@ -938,7 +946,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                             + low_copies))
         if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
             moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
-                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
+                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies
+                                + gelu_new_product_grads(card, plan, ae)))
         if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
