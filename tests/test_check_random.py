@@ -234,6 +234,12 @@ KINDS = {
     "gelu_new frozen block, reentrant": ("gpt-j-6b", 2, dict(method="top", top_k=1, batch_size=2, seq_len=256,
                                                              optimizer="sgd", grad_checkpointing=True,
                                                              use_reentrant=True)),
+    # frozen blocks below the trained ones (checkpointed): the highest runs its eager softmax backward beside every
+    # frozen block's kept input, the residual and FFN-branch gradients and v's (this cut was -2.7%; the draw's
+    # llama-33b top-2 row -2.4%)
+    "frozen block eager backward": ("mistral-7b-v0.1", 3, dict(method="top", top_k=1, batch_size=2, seq_len=1024,
+                                                               optimizer="sgd", grad_checkpointing=True,
+                                                               attention="eager", use_reentrant=True)),
     # Gemma-2 eager attention: the soft-capped logits' tanh output is saved (this cut was -1.1%; the draw's
     # gemma-2-9b 4-block row -2.6%)
     "Gemma-2 eager, soft-capped logits": ("gemma-2-2b", 2, dict(method="lora", batch_size=2, seq_len=1024,

@@ -794,12 +794,31 @@ def _after_ffn_bytes(card: ModelCard, plan: Plan, ae: int, trainable_block: bool
     return int((ae * (card.d_model + width) - freed) * plan.tokens)
 
 
-def gelu_new_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
-    """Bytes beyond the generic frozen FFN working set while a recomputed frozen block runs GPT-2/GPT-J's
-    "gelu_new" backward: y = (0.5·x)·(1 + tanh(·)) is a product of two saved tensors, so its mul backward makes
-    both factors' gradients (2 f-wide tensors) beside the incoming one, as a gated MLP's product does.
-    Source: transformers activations.py NewGELUActivation; torch's mul backward (derivatives.yaml)."""
-    return 2 * ae * card.d_ff * plan.tokens if card.activation == "gelu_new" and not card.gated_mlp else 0
+def frozen_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
+    """Bytes beyond the generic frozen FFN working set (`ffn_bwd_frozen`) while a recomputed frozen block below
+    the trained ones runs its FFN's backward (reentrant checkpointing makes the blocks' inputs require grad): the
+    FFN's product of two saved tensors — the gated MLP's act(gate)·up, GPT-2/GPT-J's "gelu_new"
+    (0.5·x)·(1 + tanh(·)) — has its mul backward make both factors' gradients while the incoming gradient (the
+    down projection's input gradient) is still alive: 3 f-wide tensors where the generic set has 2 (gated) or 1.
+    Dense FFNs only (MoE's working set is moe.py's). Source: transformers activations.py NewGELUActivation, the
+    Llama-family MLP; torch's mul backward (derivatives.yaml); autograd's engine frees a node's input buffer
+    after the node ran."""
+    if card.moe:
+        return 0
+    extra = 1 if card.gated_mlp else 2 if card.activation == "gelu_new" else 0
+    return extra * ae * card.d_ff * plan.tokens
+
+
+def frozen_attention_grads(card: ModelCard, plan: Plan, ae: int) -> int:
+    """Gradients in flight while a recomputed frozen block (below the trained ones, checkpointed) runs its eager
+    softmax's backward, beyond what `block_saved_per_token(part="attention")` counts: the block output's
+    gradient (the residual's), the FFN branch's input gradient and their sum (the attention sublayer's output
+    gradient), d-wide each, and v's gradient from the A·V matmul's backward at h heads (d_q wide).
+    Source: autograd's engine (a residual add passes one gradient to both branches; the branches' input
+    gradients are summed in its input buffer); torch's bmm backward (derivatives.yaml)."""
+    if plan.attention != "eager" or card.moe:
+        return 0
+    return (3 * ae * card.d_model + ae * card.d_q) * plan.tokens
 
 
 def dequantized_weight_bytes(card: ModelCard, plan: Plan, numel: int | None = None) -> int:
@@ -944,10 +963,13 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
                             temporaries_bytes=act.first_block_bytes + low_ckpt
                             + low_copies))
-        if act.frozen_below:  # the lowest frozen block's recomputation and backward, every gradient made
-            moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
+        # the frozen blocks' recomputation and backward, every gradient made; the highest frozen one runs with
+        # the kept inputs of every frozen block (its own and those below)
+        if act.frozen_below:
+            moments.append(dict(activations_bytes=act.checkpoint_bytes * act.frozen_below,
+                                gradients_bytes=st.gradients_bytes,
                                 temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies
-                                + gelu_new_product_grads(card, plan, ae)))
+                                + frozen_product_grads(card, plan, ae)))
         if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
@@ -955,8 +977,10 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                                 gradients_bytes=late + ffn_grads,
                                 temporaries_bytes=act.first_attention_bytes + max(0, low_copies - ffn_copies)))
             if act.frozen_below:
-                moments.append(dict(activations_bytes=act.checkpoint_bytes, gradients_bytes=st.gradients_bytes,
-                                    temporaries_bytes=act.frozen_attention_bytes + top_copies - ffn_copies))
+                moments.append(dict(activations_bytes=act.checkpoint_bytes * act.frozen_below,
+                                    gradients_bytes=st.gradients_bytes,
+                                    temporaries_bytes=act.frozen_attention_bytes + top_copies - ffn_copies
+                                    + frozen_attention_grads(card, plan, ae)))
     else:
         blocks_cache = bwd_cache - autocast_cache_bytes(card, plan, blocks=False)
         moments.append(dict(activations_bytes=act.saved_bytes - act.outside_bytes,
