@@ -805,8 +805,7 @@ def frozen_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     after the node ran."""
     if card.moe:
         return 0
-    extra = 1 if card.gated_mlp else 2 if card.activation == "gelu_new" else 0
-    return extra * ae * card.d_ff * plan.tokens
+    return ae * card.d_ff * plan.tokens if card.gated_mlp else 0  # gelu_new's: in `phases` (ffn_bwd_frozen)
 
 
 def frozen_attention_grads(card: ModelCard, plan: Plan, ae: int) -> int:
@@ -893,6 +892,15 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         # a trained down projection's saved input (the gated product) is freed by its backward, before the
         # product's two factor gradients are made
         ffn_bwd_top = ffn_bwd - ae * f * t
+    if card.activation == "gelu_new" and not card.gated_mlp and not card.moe:
+        # GPT-2/GPT-J's gelu_new is a product, (0.5·x)·(1 + tanh(·)) (fp32 under autocast: tanh is computed on
+        # pow's fp32 output): its mul backward makes both factors' gradients beside the incoming one
+        # (a trained down projection's saved input, or its autocast copy, is freed by its backward before)
+        pe = FP32 if plan.autocast != "none" else ae
+        ffn_bwd = max(ffn_bwd, (3 * pe * f - (DTYPES[plan.autocast] if plan.autocast != "none" else ae) * f
+                                + 2 * ae * d) * t)
+        ffn_bwd_frozen = max(ffn_bwd_frozen, (3 * pe * f + ae * d) * t)
+        ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
     if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
         ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
