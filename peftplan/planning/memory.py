@@ -820,6 +820,23 @@ def frozen_attention_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     return (3 * ae * card.d_model + ae * card.d_q) * plan.tokens
 
 
+def top_end_in_flight(card: ModelCard, plan: Plan, ae: int, kept: int) -> int:
+    """Top-k, the end of backward (every gradient made): what the lowest trained block still holds besides.
+    At its first Linear's weight gradient: the input norm's two saved d-wide tensors (its output, read by the
+    q/k/v projections, and the normalised input its trained weight's gradient reads), the norm output's gradient
+    being accumulated, the projection's input gradient and the query's gradient (d_q wide). Checkpointed with no
+    frozen block below, the block's input needs a gradient (`enable_input_require_grads`): its kept input stays,
+    and an RMSNorm (Python ops in fp32) then runs its backward: six fp32 d-wide tensors, with the incoming
+    gradient in the stream dtype. Not modelled under mixed precision (the copies' moment above) or for MoE.
+    Source: transformers' LlamaRMSNorm / nn.LayerNorm; autograd's mm backward (derivatives.yaml)."""
+    if plan.mixed_precision or card.moe or card.encoder:
+        return 0
+    d, t = card.d_model, plan.tokens
+    first_linear = (4 * ae * d + ae * card.d_q) * t
+    norm_bwd = (6 * FP32 + (ae if ae != FP32 else 0)) * d * t if kept and card.norm == "rmsnorm" else 0
+    return kept + max(first_linear, norm_bwd)
+
+
 def dequantized_weight_bytes(card: ModelCard, plan: Plan, numel: int | None = None) -> int:
     """QLoRA: the largest block Linear4bit's weight dequantized in the compute dtype during its backward
     (bitsandbytes MatMul4Bit.backward: dequantize_4bit(B).to(grad.dtype), a copy for fp32 models), plus the fp32
@@ -1007,7 +1024,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         n = layout(card).block_linears[0].weight_numel
         mixed = plan.mixed_precision
         moments.append(dict(gradients_bytes=st.gradients_bytes,
-                            temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed))
+                            temporaries_bytes=(rounded(ae * n) + (rounded(FP32 * n) if accum else 0)) * mixed
+                            + top_end_in_flight(card, plan, ae, act.checkpoint_bytes * (act.frozen_below == 0))))
     moments += head_gradient_moments(card, plan, act.saved_bytes, bwd_cache)
     emb = embedding_backward_bytes(card, plan)
     if plan.method == "full":  # untied too: every gradient but the embedding's, which is then written
