@@ -808,6 +808,16 @@ def frozen_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     return ae * card.d_ff * plan.tokens if card.gated_mlp else 0  # gelu_new's: in `phases` (ffn_bwd_frozen)
 
 
+def attention_grads_in_flight(card: ModelCard, plan: Plan, ae: int) -> int:
+    """Gradients in flight while the lowest trained block runs its eager softmax's backward, beyond what
+    `block_saved_per_token(part="attention")` counts: the attention output's gradient (d-wide, o_proj's input
+    gradient reshaped) and v's gradient from the A·V matmul's backward at h heads (d_q wide).
+    Source: torch's bmm backward (derivatives.yaml); transformers' eager_attention_forward."""
+    if plan.attention != "eager" or card.moe:
+        return 0
+    return (ae * card.d_model + ae * card.d_q) * plan.tokens
+
+
 def frozen_attention_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     """Gradients in flight while a recomputed frozen block (below the trained ones, checkpointed) runs its eager
     softmax's backward, beyond what `block_saved_per_token(part="attention")` counts: the block output's
@@ -1000,7 +1010,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
             moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1),
                                 gradients_bytes=late + ffn_grads,
-                                temporaries_bytes=act.first_attention_bytes + max(0, low_copies - ffn_copies)))
+                                temporaries_bytes=act.first_attention_bytes + max(0, low_copies - ffn_copies)
+                                + attention_grads_in_flight(card, plan, ae)))
             if act.frozen_below:
                 moments.append(dict(activations_bytes=act.checkpoint_bytes * act.frozen_below,
                                     gradients_bytes=st.gradients_bytes,
@@ -1017,7 +1028,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
             moments.append(dict(activations_bytes=below + act.top_attention_bytes,
                                 gradients_bytes=ffn_grads + head_grads, temporaries_bytes=blocks_cache - ffn_copies))
             moments.append(dict(activations_bytes=act.first_attention_bytes, gradients_bytes=late + ffn_grads,
-                                temporaries_bytes=max(0, low_copies - ffn_copies)))
+                                temporaries_bytes=max(0, low_copies - ffn_copies)
+                                + attention_grads_in_flight(card, plan, ae)))
     if plan.method == "top":
         # the end of backward: every gradient; mixed precision, the last one (the lowest block's first Linear)
         # still also in the autocast dtype (and, accumulating, its fp32 cast before the in-place add)
