@@ -251,6 +251,12 @@ KINDS = {
     "top-k end of backward, RMSNorm": ("mistral-7b-v0.1", 2, dict(method="top", top_k=2, batch_size=2, seq_len=256,
                                                                   optimizer="sgd", foreach=False, max_grad_norm=0.0,
                                                                   grad_checkpointing=True)),
+    # LoRA dropout on the FFN output projection with fp32 adapters: its backward's adapter-dtype f-wide gradients
+    # (lora_A's input gradient, the dropout backward's output) beside the recomputed block (this cut was -4.1%;
+    # the draw's llama-33b reentrant row -2.9%)
+    "LoRA dropout on down_proj, fp32 adapters": ("mistral-7b-v0.1", 2, dict(method="lora", targets="all-linear",
+                                                                          dropout=0.1, batch_size=2, seq_len=512,
+                                                                          grad_checkpointing=True)),
     # Gemma-2 eager attention: the soft-capped logits' tanh output is saved (this cut was -1.1%; the draw's
     # gemma-2-9b 4-block row -2.6%)
     "Gemma-2 eager, soft-capped logits": ("gemma-2-2b", 2, dict(method="lora", batch_size=2, seq_len=1024,

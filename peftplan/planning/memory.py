@@ -808,6 +808,25 @@ def frozen_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     return ae * card.d_ff * plan.tokens if card.gated_mlp else 0  # gelu_new's: in `phases` (ffn_bwd_frozen)
 
 
+def lora_down_proj_grads(card: ModelCard, plan: Plan, ae: int) -> int:
+    """Bytes beyond the generic frozen FFN working set while LoRA on the FFN output projection runs its backward
+    with LoRA dropout and adapter weights wider than the activations (peft's fp32 default, no autocast): the
+    output gradient cast to the adapter dtype and scaled (d-wide; reentrant recomputation holds both), lora_A's input gradient and the dropout
+    backward's output, f-wide each in the adapter dtype, where the generic set has two f-wide activation-dtype
+    gradients. (Without dropout the generic set holds: measured.)
+    Source: peft tuners/lora/layer.py Linear.forward (`_cast_input_dtype`, `lora_dropout`); torch's mm and
+    native_dropout backward (derivatives.yaml)."""
+    lb = trainable_element_bytes(plan)
+    if not plan.uses_lora or not plan.dropout or plan.mixed_precision or card.moe or lb <= ae \
+            or plan.method == "qlora":
+        return 0
+    if _groups(card)[3] not in _lora_wrapped(card, plan):
+        return 0
+    f, d = card.d_ff, card.d_model
+    held = 2 if plan.grad_checkpointing and plan.use_reentrant else 1  # reentrant: the unscaled cast still held
+    return max(0, 2 * lb * f + held * lb * d - 2 * ae * f) * plan.tokens
+
+
 def attention_grads_in_flight(card: ModelCard, plan: Plan, ae: int) -> int:
     """Gradients in flight while the lowest trained block runs its eager softmax's backward, beyond what
     `block_saved_per_token(part="attention")` counts: the attention output's gradient (d-wide, o_proj's input
@@ -928,6 +947,9 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
                                 + 2 * ae * d) * t)
         ffn_bwd_frozen = max(ffn_bwd_frozen, (3 * pe * f + ae * d) * t)
         ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
+    ffn_bwd_frozen += lora_down_proj_grads(card, plan, ae)
+    if not trained_base:
+        ffn_bwd_top = ffn_bwd_frozen
     if card.moe:  # the experts' working set in place of the MLP's (planning/moe.py)
         ffn_fwd, ffn_bwd, ffn_bwd_top = moe.working_bytes(card, plan, ae, trained_base)
         ffn_bwd_frozen = moe.working_bytes(card, plan, ae, False)[2]
