@@ -272,11 +272,14 @@ def sdpa_math(card: ModelCard, plan: Plan) -> bool:
             and card.n_kv_heads < card.n_heads)
 
 
-def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool = False) -> float:
+def sdpa_math_correction(card: ModelCard, plan: Plan, ce: int, out_proj_saves_input: bool = False,
+                         qk_grad: tuple[bool, bool] = (True, True)) -> float:
     """Bytes per token the math path saves minus what the generic count gave the flash kernel. The math path's
     output is (b, h, s, d_h), so Falcon's permute + reshape to (b, s, h·d_h) copies it: when the output
-    projection saves its input (full fine-tuning), that copy is saved, ce·q."""
-    if not sdpa_math(card, plan):
+    projection saves its input (full fine-tuning), that copy is saved, ce·q. Neither q nor k needing a gradient
+    (the lowest block of a frozen base, q/k/v not wrapped) the matmuls save nothing and the generic count gave
+    only the output projection's input: 0."""
+    if not sdpa_math(card, plan) or not (qk_grad[0] or qk_grad[1]):
         return 0.0
     q, k, h = card.d_q, card.d_kv, card.n_heads
     # k and v broadcast to h heads stay views for b = 1; for b > 1 the batched matmul materialises them
@@ -414,7 +417,7 @@ def block_correction(card: ModelCard, plan: Plan, e: int, ce: int, generic_norm:
             + fp32_scale_correction(card, e, weight_trains) + fused_qkv_correction(card, plan, ce)
             + sliding_block_bytes(card, plan, ce) + parallel_norm_correction(card, e, counted_norms >= 2)
             + rotary_cat_correction(card, plan, ce, out_proj_saves_input)
-            + sdpa_math_correction(card, plan, ce, out_proj_saves_input)
+            + sdpa_math_correction(card, plan, ce, out_proj_saves_input, qk_grad)
             + falcon_eager_correction(card, plan, ce) + sink_eager_correction(card, plan, ce)
             + eager_fp32_qk_correction(card, plan, ce) + attn_softcap_correction(card, plan, ce, qk_grad)
             + mla_correction(card, plan, e, ce, 0.0, weight_trains, _wrapped_roles(card, plan))
