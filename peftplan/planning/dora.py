@@ -125,8 +125,12 @@ ROLES = ("attn_in", "attn_out", "ffn_in", "ffn_out")  # a block's Linears in for
 
 def _input_has_grad(lin, wrapped: frozenset[str], card: ModelCard) -> bool:
     """In a block whose input needs no gradient: does `lin`'s input need one? Only once a wrapped Linear of an
-    earlier group ran (its LoRA output needs a gradient and flows on)."""
+    earlier group ran (its LoRA output needs a gradient and flows on). In a parallel block (GPT-J, GPT-NeoX,
+    Falcon) the FFN reads the block's input, so only a wrapped FFN input projection gives its output projection
+    a gradient (`families.ffn_input_grad`)."""
     order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    if card.parallel_block and lin.role in ("ffn_in", "ffn_out"):
+        wrapped = frozenset(n for n in wrapped if order.get(n, 0) >= ROLES.index("ffn_in"))
     first = min((order[n] for n in wrapped if n in order), default=len(ROLES))
     return order.get(lin.name, 0) > first
 
@@ -308,6 +312,65 @@ def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
                if x.name in wrapped and order.get(x.name, (0, 0)) > order.get(lin.name, (0, 0)))
 
 
+def _runs_after(card: ModelCard, lin, other) -> bool:
+    """Does the block Linear `other` run after `lin` in forward (groups in ROLES order, a group in the layout's
+    order: q, k, v)? A parallel block runs its attention, then its MLP (transformers models/gptj GPTJBlock,
+    models/falcon FalconDecoderLayer)."""
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i)
+             for i, x in enumerate(layout(card).block_linears)}
+    return order.get(other.name, (0, 0)) > order.get(lin.name, (0, 0))
+
+
+def lora_branch_per_token(card: ModelCard, plan: Plan, lin) -> float:
+    """Bytes per token the LoRA branch lora_B(lora_A(x)) of the wrapped Linear `lin` saves beyond its input x
+    as memory.py counts it (lora_A's cast copy of x, with dropout the dropout's output beside its mask, and A·x,
+    saved by lora_B), less what is already alive while DoRA computes the weight norm: peft's DoRA runs the
+    branch after the norm (`DoraLinearLayer.forward`), but the dropout ran before it (`DoraLinearVariant.forward`).
+    """
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lb, x = trainable_element_bytes(plan), _caller_x_bytes(card, plan, lin)
+    conv = x if (plan.method == "qlora" and ac) else lb
+    saved = ac or conv
+    if plan.dropout:  # the dropout's output (conv) and mask exist already; lora_A's autocast copy does not
+        copy = saved - conv
+    else:
+        copy = 0 if (conv == x and saved == x) else saved
+    return copy * lin.d_in + plan.r * (ac or lb)
+
+
+def _later_plain(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> float:
+    """Bytes the top block saves outside DoRA's own tensors (memory.block_saved_per_token) that do not exist
+    yet while `lin` computes its weight norm in forward: the LoRA branches of `lin` and of the wrapped Linears
+    after it, and for an attention input projection what the block saves from its attention kernel on, for the
+    attention output projection the MLP's (an FFN input projection: memory's part="mlp" holds both)."""
+    from peftplan.planning.memory import block_saved_per_token as plain
+
+    t, linears = plan.tokens, layout(card).block_linears
+    branches = sum(lora_branch_per_token(card, plan, x) for x in linears
+                   if x.name in wrapped and (x is lin or _runs_after(card, lin, x)))
+    if lin.role == "ffn_in":  # the FFN input projections' branches are in memory's MLP part
+        return plain(card, plan, False, first, wrapped, part="mlp") * t
+    if lin.role == "attn_in":
+        later = plain(card, plan, False, first, wrapped) - plain(card, plan, False, first, wrapped,
+                                                                 part="before_attention")
+        return (later + branches) * t
+    if lin.role == "attn_out":
+        return (plain(card, plan, False, first, wrapped, part="mlp") + branches) * t
+    return branches * t
+
+
+def _later_copies(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
+    """Mixed precision: the autocast copies of the top block's frozen Linears that run after `lin`, which
+    `_forward_cache_bytes` counts and which do not exist yet while `lin` computes its weight norm."""
+    if not plan.mixed_precision or plan.method == "qlora" or plan.grad_checkpointing:
+        return 0
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears
+                                       if _runs_after(card, lin, x)
+                                       and not (first and not _input_has_grad(x, wrapped, card)))
+
+
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     """(forward, backward) with the weight-norm working set's moments added where they are larger.
 
@@ -336,8 +399,10 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
         own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
                                  + _later_saved(card, plan, lin, first_top))
+        own += 0 if ckpt else int(_later_plain(card, plan, lin, top_wrapped, first_top))
         tr += in_flight_bytes(card, plan, lin, top_wrapped)
-        cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
+        cands.append(_memory("forward", st, activations_bytes=inputs - own,
+                             temporaries_bytes=tr + cache - _later_copies(card, plan, lin, top_wrapped, first_top),
                              gradients_bytes=accum))
     fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
     if ckpt:
