@@ -222,6 +222,15 @@ def _cast_copies(card: ModelCard, plan: Plan, lin) -> bool:
     return DTYPES[plan.adapter_dtype] != _caller_x_bytes(card, plan, lin)
 
 
+def _reads_as_is(card: ModelCard, plan: Plan, lin) -> bool:
+    """Does lora_A save the caller's x itself: no cast copy by peft (`_cast_copies`) and none by autocast
+    (lora_A's Linear casts to the autocast dtype; QLoRA under autocast: peft does not cast first)?"""
+    if plan.autocast == "none":
+        return not _cast_copies(card, plan, lin)
+    x = _caller_x_bytes(card, plan, lin)
+    return not _cast_copies(card, plan, lin) and x == DTYPES[plan.autocast]
+
+
 def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
     """Tensors alive while the wrapped Linear `lin` computes its weight norm that no block's saved tensors count
     (they are referenced by the running Python frames, not by autograd): the base layer's output `result`
@@ -232,7 +241,7 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     t = plan.tokens
     a, cast, copy = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin), _cast_copies(card, plan, lin)
     total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
-    if plan.dropout or copy:  # the caller's x is saved only when lora_A reads it as is
+    if plan.dropout or not _reads_as_is(card, plan, lin):  # the caller's x is saved only when lora_A reads it as is
         total += _rounded(cast * lin.d_in * t)
     if plan.dropout and copy:  # the cast copy feeds dropout, which saves its output, not its input
         total += _rounded(a * lin.d_in * t)
@@ -240,7 +249,7 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     if inputs:
         feeders = [x for x in layout(card).block_linears if x.role == inputs]
         saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
-                 and not _cast_copies(card, plan, feeders[0]))  # lora_A of an input projection keeps it
+                 and _reads_as_is(card, plan, feeders[0]))  # lora_A of an input projection keeps it
         if feeders and not saved:
             total += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
     return total
@@ -335,8 +344,10 @@ def lora_branch_per_token(card: ModelCard, plan: Plan, lin) -> float:
     saved = ac or conv
     if plan.dropout:  # the dropout's output (conv) and mask exist already; lora_A's autocast copy does not
         copy = saved - conv
-    else:
-        copy = 0 if (conv == x and saved == x) else saved
+    elif conv == x and saved == x:  # lora_A saves x itself
+        copy = 0
+    else:  # peft's cast copy (conv) exists already; lora_A's autocast copy does not
+        copy = saved - (conv if conv != x else 0)
     return copy * lin.d_in + plan.r * (ac or lb)
 
 
@@ -359,6 +370,36 @@ def _later_plain(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], firs
     if lin.role == "attn_out":
         return (plain(card, plan, False, first, wrapped, part="mlp") + branches) * t
     return branches * t
+
+
+def _out_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Element bytes of a block Linear's output as the block receives it: the base output's dtype (peft's
+    lora.Linear casts its sum back); a 4-bit DoRA module under autocast returns fp32 (the fp32 magnitude scale
+    promotes the sum, and peft's 4-bit twin casts nothing back under autocast)."""
+    if lin.name in wrapped and plan.use_dora and plan.method == "qlora" and plan.autocast != "none":
+        return FP32
+    return _base_out_bytes(card, plan, lin)
+
+
+def _block_locals(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
+    """Tensors of the running block that its forward's locals keep and no saved tensor counts while `lin`
+    computes its weight norm: the block's input, the residual, in the lowest block of a frozen base (`first`,
+    whose input no norm saves); for a separate q/k/v projection the outputs of those that ran before it (the
+    attention reads them later); in a parallel block (GPT-J, GPT-NeoX, Falcon: x + attn(ln(x)) + mlp(ln(x)))
+    while its MLP runs, the attention output waiting for the final sum (a sequential block adds it to the
+    residual at once, and the next norm saves the sum). Bytes over the step's tokens (transformers
+    models/gptj GPTJBlock.forward, GPTJAttention.forward)."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    t, linears = plan.tokens, layout(card).block_linears
+    total = first * _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    if lin.role == "attn_in":
+        total += sum(_rounded(_out_bytes(card, plan, x, wrapped) * x.d_out * t) for x in linears
+                     if x.role == "attn_in" and _runs_after(card, x, lin))
+    o = next((x for x in linears if x.role == "attn_out"), None)
+    if card.parallel_block and lin.role in ("ffn_in", "ffn_out") and o is not None:
+        total += _rounded(_out_bytes(card, plan, o, wrapped) * card.d_model * t)
+    return total
 
 
 def _later_copies(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
@@ -400,7 +441,8 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
                                  + _later_saved(card, plan, lin, first_top))
         own += 0 if ckpt else int(_later_plain(card, plan, lin, top_wrapped, first_top))
-        tr += in_flight_bytes(card, plan, lin, top_wrapped)
+        tr += (in_flight_bytes(card, plan, lin, top_wrapped)
+               + _block_locals(card, plan, lin, top_wrapped, first_top and not ckpt))
         cands.append(_memory("forward", st, activations_bytes=inputs - own,
                              temporaries_bytes=tr + cache - _later_copies(card, plan, lin, top_wrapped, first_top),
                              gradients_bytes=accum))
