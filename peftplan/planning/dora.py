@@ -196,7 +196,8 @@ def _transients(card: ModelCard, plan: Plan, eye: bool = True):
 
 def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """Element bytes of the input the wrapped Linear receives, before peft casts it to the adapter dtype: QLoRA
-    under autocast as `_x_bytes` (no cast); mixed precision: a norm's fp32 output for the Linears reading it,
+    under autocast as `_x_bytes` (no cast); mixed precision, or autocast over a LayerNorm: a norm's fp32 output
+    for the Linears reading it,
     the autocast dtype for the attention output and the FFN's product; else the activations' dtype."""
     from peftplan.planning.memory import activation_element_bytes
 
@@ -204,6 +205,8 @@ def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
         return _x_bytes(card, plan, lin)
     if plan.mixed_precision and lin.role in ("attn_in", "ffn_in"):
         return FP32
+    if plan.autocast != "none" and card.norm == "layernorm" and lin.role in ("attn_in", "ffn_in"):
+        return FP32  # autocast runs layer_norm in fp32: its output is fp32
     return activation_element_bytes(plan, card)
 
 
@@ -330,19 +333,21 @@ def _runs_after(card: ModelCard, lin, other) -> bool:
     return order.get(other.name, (0, 0)) > order.get(lin.name, (0, 0))
 
 
-def lora_branch_per_token(card: ModelCard, plan: Plan, lin) -> float:
+def lora_branch_per_token(card: ModelCard, plan: Plan, lin, made: bool = False) -> float:
     """Bytes per token the LoRA branch lora_B(lora_A(x)) of the wrapped Linear `lin` saves beyond its input x
     as memory.py counts it (lora_A's cast copy of x, with dropout the dropout's output beside its mask, and A·x,
     saved by lora_B), less what is already alive while DoRA computes the weight norm: peft's DoRA runs the
     branch after the norm (`DoraLinearLayer.forward`), but the dropout ran before it (`DoraLinearVariant.forward`).
-    """
+    made=True: the whole count (the branch of a Linear that ran before)."""
     from peftplan.planning.memory import trainable_element_bytes
 
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     lb, x = trainable_element_bytes(plan), _caller_x_bytes(card, plan, lin)
     conv = x if (plan.method == "qlora" and ac) else lb
     saved = ac or conv
-    if plan.dropout:  # the dropout's output (conv) and mask exist already; lora_A's autocast copy does not
+    if made:
+        copy = (saved + 1 if plan.dropout else 0 if (conv == x and saved == x) else saved)
+    elif plan.dropout:  # the dropout's output (conv) and mask exist already; lora_A's autocast copy does not
         copy = saved - conv
     elif conv == x and saved == x:  # lora_A saves x itself
         copy = 0
@@ -362,7 +367,13 @@ def _later_plain(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], firs
     branches = sum(lora_branch_per_token(card, plan, x) for x in linears
                    if x.name in wrapped and (x is lin or _runs_after(card, lin, x)))
     if lin.role == "ffn_in":  # the FFN input projections' branches are in memory's MLP part
-        return plain(card, plan, False, first, wrapped, part="mlp") * t
+        # a gated MLP's gate projection runs before the up projection: its output, its activation and its LoRA
+        # branch exist (transformers models/llama LlamaMLP.forward: down(act(gate(x)) * up(x)))
+        made = sum(2 * card.gated_mlp * _out_bytes(card, plan, x, wrapped) * x.d_out
+                   + (lora_branch_per_token(card, plan, x, made=True) if x.name in wrapped else 0)
+                   for x in linears if x.role == "ffn_in" and _runs_after(card, x, lin))
+        made += lora_branch_per_token(card, plan, lin, made=True) - lora_branch_per_token(card, plan, lin)
+        return (plain(card, plan, False, first, wrapped, part="mlp") - made) * t
     if lin.role == "attn_in":
         later = plain(card, plan, False, first, wrapped) - plain(card, plan, False, first, wrapped,
                                                                  part="before_attention")
@@ -383,16 +394,18 @@ def _out_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int
 
 def _block_locals(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
     """Tensors of the running block that its forward's locals keep and no saved tensor counts while `lin`
-    computes its weight norm: the block's input, the residual, in the lowest block of a frozen base (`first`,
-    whose input no norm saves); for a separate q/k/v projection the outputs of those that ran before it (the
+    computes its weight norm: the residual (the block's input, or after the attention), in the lowest block of a
+    frozen base (`first`, whose input no norm saves) or where the norms save an fp32 copy of it; for a separate q/k/v projection the outputs of those that ran before it (the
     attention reads them later); in a parallel block (GPT-J, GPT-NeoX, Falcon: x + attn(ln(x)) + mlp(ln(x)))
     while its MLP runs, the attention output waiting for the final sum (a sequential block adds it to the
     residual at once, and the next norm saves the sum). Bytes over the step's tokens (transformers
     models/gptj GPTJBlock.forward, GPTJAttention.forward)."""
     from peftplan.planning.memory import stream_element_bytes
 
-    t, linears = plan.tokens, layout(card).block_linears
-    total = first * _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    t, linears, e = plan.tokens, layout(card).block_linears, stream_element_bytes(plan, card)
+    # a norm saves an fp32 copy of a narrower stream (RMSNorm always, LayerNorm under autocast), not the residual
+    copied = e != FP32 and (card.norm == "rmsnorm" or plan.autocast != "none")
+    total = (first or copied) * _rounded(e * card.d_model * t)
     if lin.role == "attn_in":
         total += sum(_rounded(_out_bytes(card, plan, x, wrapped) * x.d_out * t) for x in linears
                      if x.role == "attn_in" and _runs_after(card, x, lin))
