@@ -48,27 +48,50 @@ def with_magnitudes(card: ModelCard, plan: Plan, p: ParamCounts) -> ParamCounts:
     return replace(p, added=p.added + n, trainable=p.trainable + n) if n else p
 
 
-def _x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+def _x_bytes(card: ModelCard, plan: Plan, lin, top: bool = False) -> int:
     """Element bytes of x as DoRA receives it in the Linear `lin`. peft's lora.Linear casts x to the adapter dtype;
     its bitsandbytes twin skips that cast under autocast, so x stays what reaches the Linear4bit: the norm's
     output for the Linears reading it (fp32 where autocast runs LayerNorm in fp32, or after k-bit preparation),
     the attention output (the autocast dtype) for the output projection, and for the FFN's output projection
-    what the FFN's input projections return (a Linear4bit returns its input's dtype)."""
+    what the FFN's input projections return (a Linear4bit returns its input's dtype); fp32 where a DoRA module
+    upstream promoted it (`_promoted`; `top`: in the top trained block)."""
     a = DTYPES[plan.adapter_dtype]
     if not (plan.method == "qlora" and plan.autocast != "none"):
         return a
     ac = DTYPES[plan.autocast]
+    if _promoted(card, plan, lin, top):
+        return FP32
     if lin.role == "attn_out":
         return ac
     normed = FP32 if card.norm == "layernorm" or plan.kbit_prep else plan.bytes_per_element
     return normed if lin.role in ("attn_in", "ffn_in", "ffn_out") else ac
 
 
-def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
+def _promoted(card: ModelCard, plan: Plan, lin, top: bool) -> bool:
+    """QLoRA under autocast with DoRA: is the Linear `lin`'s input fp32 because a DoRA module upstream returned
+    fp32? DoRA's fp32 magnitude scale promotes its sum, and peft's 4-bit twin casts nothing back under autocast
+    (`requires_conversion = not torch.is_autocast_enabled()`, peft tuners/lora/bnb.py); a Linear4bit returns its
+    input's dtype, so the promotion flows on: the FFN's output projection reads the product of promoted input
+    projections; in the top trained block (`top`, with a trained block below) the residual stream itself is
+    fp32 once an attention output or FFN Linear below was wrapped (the attention kernel casts q, k, v back to
+    the autocast dtype), and so is what its norm (RMSNorm returns its input's dtype) hands on."""
+    if not (plan.use_dora and plan.method == "qlora" and plan.autocast != "none"):
+        return False
+    sets = lora_block_sets(card, plan.targets)
+    roles = {x.role for x in layout(card).block_linears if x.name in (sets[-1] if sets else ())}
+    if lin.role == "ffn_out" and "ffn_in" in roles:
+        return True
+    if lin.role not in ("attn_in", "ffn_in"):
+        return False
+    below = top and sum(bool(w) for w in sets) > 1 and bool(roles & {"attn_out", "ffn_in", "ffn_out"})
+    return below or (lin.role == "ffn_in" and "attn_out" in roles and not card.parallel_block)
+
+
+def _dtypes(card: ModelCard, plan: Plan, lin, top: bool = False) -> tuple[int, int, int]:
     """(adapter element, DoRA input x element, base_result element) bytes for the wrapped Linear `lin`."""
     a = DTYPES[plan.adapter_dtype]
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    x = _x_bytes(card, plan, lin)
+    x = _x_bytes(card, plan, lin, top)
     if plan.method == "qlora":
         base = x if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)  # Linear4bit: its input's dtype
     else:
@@ -177,13 +200,13 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     return total
 
 
-def _transients(card: ModelCard, plan: Plan, eye: bool = True):
+def _transients(card: ModelCard, plan: Plan, eye: bool = True, top: bool = False):
     """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     for lin, in_block, _ in lora_targets(card, plan.targets):
         if not in_block:
             continue
-        a, x, _ = _dtypes(card, plan, lin)
+        a, x, _ = _dtypes(card, plan, lin, top)
         lw = ac or a  # lora_A(eye) and lora_B's output
         n, sq = lin.d_in * lin.d_out, lin.d_in * lin.d_in
         a_eye = _rounded(lw * plan.r * lin.d_in)
@@ -449,7 +472,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     top_wrapped = lora_block_sets(card, plan.targets)[-1]
     cache = _forward_cache_bytes(card, plan, act)
     cands = []
-    for tr, lin in _transients(card, plan, eye=not ckpt):
+    for tr, lin in _transients(card, plan, eye=not ckpt, top=True):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
         own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
                                  + _later_saved(card, plan, lin, first_top))
