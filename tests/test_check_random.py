@@ -249,6 +249,17 @@ KINDS = {
     "DoRA forward, GPT-J attention projection's norm": ("gpt-j-6b", 1, dict(
         r=2, alpha=32.0, targets="all-linear", batch_size=4, seq_len=29, dtype="fp32", optimizer="sgd",
         foreach=False, attention="flash", use_dora=True, autocast="bf16")),
+    # QLoRA under autocast with DoRA: a DoRA module returns fp32 (its magnitude scale promotes the sum, the 4-bit
+    # twin casts nothing back), so the FFN's output projection and the next block work in fp32: the weight norm's
+    # working set is fp32 (dora.py `_promoted`; the draw's Mistral-NeMo row was -14.1%, OLMo-2 -7.6%)
+    "DoRA QLoRA autocast, fp32 promotion across blocks": ("mistral-nemo-12b", 2, dict(
+        method="qlora", r=2, alpha=32.0,
+        targets="re:.*\\.(self_attn\\.q_proj|self_attn\\.k_proj|self_attn\\.v_proj|mlp\\.up_proj)",
+        kbit_prep=False, batch_size=8, seq_len=8, optimizer="sgd", foreach=False, attention="flash", use_dora=True,
+        autocast="bf16")),
+    "DoRA QLoRA autocast, fp32 product into down_proj": ("olmo-2-7b", 1, dict(
+        method="qlora", r=8, targets="all-linear", kbit_prep=False, batch_size=1, seq_len=32, dtype="fp16",
+        optimizer="sgd", foreach=False, use_dora=True, autocast="fp16")),
 }
 
 

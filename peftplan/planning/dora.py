@@ -418,8 +418,8 @@ def _out_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int
 def _block_locals(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
     """Tensors of the running block that its forward's locals keep and no saved tensor counts while `lin`
     computes its weight norm: the residual (the block's input, or after the attention), in the lowest block of a
-    frozen base (`first`, whose input no norm saves) or where the norms save an fp32 copy of it; for a separate q/k/v projection the outputs of those that ran before it (the
-    attention reads them later); in a parallel block (GPT-J, GPT-NeoX, Falcon: x + attn(ln(x)) + mlp(ln(x)))
+    frozen base (`first`, whose input no norm saves) or where the norms save an fp32 copy of it; for a separate
+    q/k/v projection the outputs of those that ran before it (the attention reads them later); in a parallel block (GPT-J, GPT-NeoX, Falcon: x + attn(ln(x)) + mlp(ln(x)))
     while its MLP runs, the attention output waiting for the final sum (a sequential block adds it to the
     residual at once, and the next norm saves the sum). Bytes over the step's tokens (transformers
     models/gptj GPTJBlock.forward, GPTJAttention.forward)."""
