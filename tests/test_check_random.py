@@ -266,6 +266,39 @@ KINDS = {
     "Gemma-2 eager, soft-capped logits": ("gemma-2-2b", 2, dict(method="lora", batch_size=2, seq_len=1024,
                                                                 dtype="fp32", attention="eager",
                                                                 optimizer="sgd")),
+    # DoRA in a parallel block (Falcon, GPT-J, GPT-NeoX): in the lowest block of a frozen base the FFN reads the
+    # block's input, which needs no gradient, so LoRA dropout's recomputed F.linear keeps no dequantized weight
+    # of dense_h_to_4h (planning/dora.py `_input_has_grad`; the draw's Falcon row +3.84%, this cut was +7.8%)
+    "DoRA parallel block, FFN input without gradient": ("falcon-7b", 1, dict(
+        method="qlora", r=2, dropout=0.1, targets="all-linear", kbit_prep=False, batch_size=1, seq_len=128,
+        optimizer="sgd", foreach=False, attention="eager", adapter_dtype="bf16", use_dora=True)),
+    # DoRA's forward peak at a fused projection's weight norm (Phi-4 gate_up_proj): the top block's down_proj
+    # has not run, so neither its autocast weight copy nor the MLP's saved tensors exist (dora.py
+    # `_later_copies`, `_later_plain`; the draw's Phi-4 row +2.05%, this cut was +2.4%)
+    "DoRA forward, fused FFN projection's norm": ("phi-4", 1, dict(
+        r=8, targets="re:.*\\.(mlp\\.gate_up_proj)", batch_size=1, seq_len=16, dtype="fp32", optimizer="sgd",
+        foreach=False, use_dora=True, autocast="bf16")),
+    # the same on every Linear of Phi-3-mini (the draw's row +1.76%, this cut was +2.6%)
+    "DoRA forward, all-linear Phi-3": ("phi-3-mini", 1, dict(
+        r=8, targets="all-linear", batch_size=1, seq_len=16, dtype="fp32", optimizer="sgd", foreach=False,
+        use_dora=True, autocast="bf16")),
+    # DoRA on GPT-J's attention: at a projection's weight norm the attention kernel and the MLP have not run,
+    # the earlier q/k outputs and the lowest block's input are alive as locals (dora.py `_block_locals`; GPT-J
+    # draws +2% to +7%, this cut was +2.9%)
+    "DoRA forward, GPT-J attention projection's norm": ("gpt-j-6b", 1, dict(
+        r=2, alpha=32.0, targets="all-linear", batch_size=4, seq_len=29, dtype="fp32", optimizer="sgd",
+        foreach=False, attention="flash", use_dora=True, autocast="bf16")),
+    # QLoRA under autocast with DoRA: a DoRA module returns fp32 (its magnitude scale promotes the sum, the 4-bit
+    # twin casts nothing back), so the FFN's output projection and the next block work in fp32: the weight norm's
+    # working set is fp32 (dora.py `_promoted`; the draw's Mistral-NeMo row was -14.1%, OLMo-2 -7.6%)
+    "DoRA QLoRA autocast, fp32 promotion across blocks": ("mistral-nemo-12b", 2, dict(
+        method="qlora", r=2, alpha=32.0,
+        targets="re:.*\\.(self_attn\\.q_proj|self_attn\\.k_proj|self_attn\\.v_proj|mlp\\.up_proj)",
+        kbit_prep=False, batch_size=8, seq_len=8, optimizer="sgd", foreach=False, attention="flash", use_dora=True,
+        autocast="bf16")),
+    "DoRA QLoRA autocast, fp32 product into down_proj": ("olmo-2-7b", 1, dict(
+        method="qlora", r=8, targets="all-linear", kbit_prep=False, batch_size=1, seq_len=32, dtype="fp16",
+        optimizer="sgd", foreach=False, use_dora=True, autocast="fp16")),
 }
 
 

@@ -48,27 +48,50 @@ def with_magnitudes(card: ModelCard, plan: Plan, p: ParamCounts) -> ParamCounts:
     return replace(p, added=p.added + n, trainable=p.trainable + n) if n else p
 
 
-def _x_bytes(card: ModelCard, plan: Plan, lin) -> int:
+def _x_bytes(card: ModelCard, plan: Plan, lin, top: bool = False) -> int:
     """Element bytes of x as DoRA receives it in the Linear `lin`. peft's lora.Linear casts x to the adapter dtype;
     its bitsandbytes twin skips that cast under autocast, so x stays what reaches the Linear4bit: the norm's
     output for the Linears reading it (fp32 where autocast runs LayerNorm in fp32, or after k-bit preparation),
     the attention output (the autocast dtype) for the output projection, and for the FFN's output projection
-    what the FFN's input projections return (a Linear4bit returns its input's dtype)."""
+    what the FFN's input projections return (a Linear4bit returns its input's dtype); fp32 where a DoRA module
+    upstream promoted it (`_promoted`; `top`: in the top trained block)."""
     a = DTYPES[plan.adapter_dtype]
     if not (plan.method == "qlora" and plan.autocast != "none"):
         return a
     ac = DTYPES[plan.autocast]
+    if _promoted(card, plan, lin, top):
+        return FP32
     if lin.role == "attn_out":
         return ac
     normed = FP32 if card.norm == "layernorm" or plan.kbit_prep else plan.bytes_per_element
     return normed if lin.role in ("attn_in", "ffn_in", "ffn_out") else ac
 
 
-def _dtypes(card: ModelCard, plan: Plan, lin) -> tuple[int, int, int]:
+def _promoted(card: ModelCard, plan: Plan, lin, top: bool) -> bool:
+    """QLoRA under autocast with DoRA: is the Linear `lin`'s input fp32 because a DoRA module upstream returned
+    fp32? DoRA's fp32 magnitude scale promotes its sum, and peft's 4-bit twin casts nothing back under autocast
+    (`requires_conversion = not torch.is_autocast_enabled()`, peft tuners/lora/bnb.py); a Linear4bit returns its
+    input's dtype, so the promotion flows on: the FFN's output projection reads the product of promoted input
+    projections; in the top trained block (`top`, with a trained block below) the residual stream itself is
+    fp32 once an attention output or FFN Linear below was wrapped (the attention kernel casts q, k, v back to
+    the autocast dtype), and so is what its norm (RMSNorm returns its input's dtype) hands on."""
+    if not (plan.use_dora and plan.method == "qlora" and plan.autocast != "none"):
+        return False
+    sets = lora_block_sets(card, plan.targets)
+    roles = {x.role for x in layout(card).block_linears if x.name in (sets[-1] if sets else ())}
+    if lin.role == "ffn_out" and "ffn_in" in roles:
+        return True
+    if lin.role not in ("attn_in", "ffn_in"):
+        return False
+    below = top and sum(bool(w) for w in sets) > 1 and bool(roles & {"attn_out", "ffn_in", "ffn_out"})
+    return below or (lin.role == "ffn_in" and "attn_out" in roles and not card.parallel_block)
+
+
+def _dtypes(card: ModelCard, plan: Plan, lin, top: bool = False) -> tuple[int, int, int]:
     """(adapter element, DoRA input x element, base_result element) bytes for the wrapped Linear `lin`."""
     a = DTYPES[plan.adapter_dtype]
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
-    x = _x_bytes(card, plan, lin)
+    x = _x_bytes(card, plan, lin, top)
     if plan.method == "qlora":
         base = x if ac else (FP32 if plan.kbit_prep else plan.bytes_per_element)  # Linear4bit: its input's dtype
     else:
@@ -125,8 +148,12 @@ ROLES = ("attn_in", "attn_out", "ffn_in", "ffn_out")  # a block's Linears in for
 
 def _input_has_grad(lin, wrapped: frozenset[str], card: ModelCard) -> bool:
     """In a block whose input needs no gradient: does `lin`'s input need one? Only once a wrapped Linear of an
-    earlier group ran (its LoRA output needs a gradient and flows on)."""
+    earlier group ran (its LoRA output needs a gradient and flows on). In a parallel block (GPT-J, GPT-NeoX,
+    Falcon) the FFN reads the block's input, so only a wrapped FFN input projection gives its output projection
+    a gradient (`families.ffn_input_grad`)."""
     order = {x.name: ROLES.index(x.role) if x.role in ROLES else 0 for x in layout(card).block_linears}
+    if card.parallel_block and lin.role in ("ffn_in", "ffn_out"):
+        wrapped = frozenset(n for n in wrapped if order.get(n, 0) >= ROLES.index("ffn_in"))
     first = min((order[n] for n in wrapped if n in order), default=len(ROLES))
     return order.get(lin.name, 0) > first
 
@@ -173,13 +200,13 @@ def outside_saved_per_token(card: ModelCard, plan: Plan) -> float:
     return total
 
 
-def _transients(card: ModelCard, plan: Plan, eye: bool = True):
+def _transients(card: ModelCard, plan: Plan, eye: bool = True, top: bool = False):
     """(bytes, Linear) of each wrapped block Linear's weight-norm working set (see `transient_bytes`)."""
     ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
     for lin, in_block, _ in lora_targets(card, plan.targets):
         if not in_block:
             continue
-        a, x, _ = _dtypes(card, plan, lin)
+        a, x, _ = _dtypes(card, plan, lin, top)
         lw = ac or a  # lora_A(eye) and lora_B's output
         n, sq = lin.d_in * lin.d_out, lin.d_in * lin.d_in
         a_eye = _rounded(lw * plan.r * lin.d_in)
@@ -192,7 +219,8 @@ def _transients(card: ModelCard, plan: Plan, eye: bool = True):
 
 def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """Element bytes of the input the wrapped Linear receives, before peft casts it to the adapter dtype: QLoRA
-    under autocast as `_x_bytes` (no cast); mixed precision: a norm's fp32 output for the Linears reading it,
+    under autocast as `_x_bytes` (no cast); mixed precision, or autocast over a LayerNorm: a norm's fp32 output
+    for the Linears reading it,
     the autocast dtype for the attention output and the FFN's product; else the activations' dtype."""
     from peftplan.planning.memory import activation_element_bytes
 
@@ -200,6 +228,8 @@ def _caller_x_bytes(card: ModelCard, plan: Plan, lin) -> int:
         return _x_bytes(card, plan, lin)
     if plan.mixed_precision and lin.role in ("attn_in", "ffn_in"):
         return FP32
+    if plan.autocast != "none" and card.norm == "layernorm" and lin.role in ("attn_in", "ffn_in"):
+        return FP32  # autocast runs layer_norm in fp32: its output is fp32
     return activation_element_bytes(plan, card)
 
 
@@ -218,6 +248,15 @@ def _cast_copies(card: ModelCard, plan: Plan, lin) -> bool:
     return DTYPES[plan.adapter_dtype] != _caller_x_bytes(card, plan, lin)
 
 
+def _reads_as_is(card: ModelCard, plan: Plan, lin) -> bool:
+    """Does lora_A save the caller's x itself: no cast copy by peft (`_cast_copies`) and none by autocast
+    (lora_A's Linear casts to the autocast dtype; QLoRA under autocast: peft does not cast first)?"""
+    if plan.autocast == "none":
+        return not _cast_copies(card, plan, lin)
+    x = _caller_x_bytes(card, plan, lin)
+    return not _cast_copies(card, plan, lin) and x == DTYPES[plan.autocast]
+
+
 def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
     """Tensors alive while the wrapped Linear `lin` computes its weight norm that no block's saved tensors count
     (they are referenced by the running Python frames, not by autograd): the base layer's output `result`
@@ -228,7 +267,7 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     t = plan.tokens
     a, cast, copy = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin), _cast_copies(card, plan, lin)
     total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
-    if plan.dropout or copy:  # the caller's x is saved only when lora_A reads it as is
+    if plan.dropout or not _reads_as_is(card, plan, lin):  # the caller's x is saved only when lora_A reads it as is
         total += _rounded(cast * lin.d_in * t)
     if plan.dropout and copy:  # the cast copy feeds dropout, which saves its output, not its input
         total += _rounded(a * lin.d_in * t)
@@ -236,7 +275,7 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     if inputs:
         feeders = [x for x in layout(card).block_linears if x.role == inputs]
         saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
-                 and not _cast_copies(card, plan, feeders[0]))  # lora_A of an input projection keeps it
+                 and _reads_as_is(card, plan, feeders[0]))  # lora_A of an input projection keeps it
         if feeders and not saved:
             total += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
     return total
@@ -308,6 +347,107 @@ def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
                if x.name in wrapped and order.get(x.name, (0, 0)) > order.get(lin.name, (0, 0)))
 
 
+def _runs_after(card: ModelCard, lin, other) -> bool:
+    """Does the block Linear `other` run after `lin` in forward (groups in ROLES order, a group in the layout's
+    order: q, k, v)? A parallel block runs its attention, then its MLP (transformers models/gptj GPTJBlock,
+    models/falcon FalconDecoderLayer)."""
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i)
+             for i, x in enumerate(layout(card).block_linears)}
+    return order.get(other.name, (0, 0)) > order.get(lin.name, (0, 0))
+
+
+def lora_branch_per_token(card: ModelCard, plan: Plan, lin, made: bool = False) -> float:
+    """Bytes per token the LoRA branch lora_B(lora_A(x)) of the wrapped Linear `lin` saves beyond its input x
+    as memory.py counts it (lora_A's cast copy of x, with dropout the dropout's output beside its mask, and A·x,
+    saved by lora_B), less what is already alive while DoRA computes the weight norm: peft's DoRA runs the
+    branch after the norm (`DoraLinearLayer.forward`), but the dropout ran before it (`DoraLinearVariant.forward`).
+    made=True: the whole count (the branch of a Linear that ran before)."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lb, x = trainable_element_bytes(plan), _caller_x_bytes(card, plan, lin)
+    conv = x if (plan.method == "qlora" and ac) else lb
+    saved = ac or conv
+    if made:
+        copy = (saved + 1 if plan.dropout else 0 if (conv == x and saved == x) else saved)
+    elif plan.dropout:  # the dropout's output (conv) and mask exist already; lora_A's autocast copy does not
+        copy = saved - conv
+    elif conv == x and saved == x:  # lora_A saves x itself
+        copy = 0
+    else:  # peft's cast copy (conv) exists already; lora_A's autocast copy does not
+        copy = saved - (conv if conv != x else 0)
+    return copy * lin.d_in + plan.r * (ac or lb)
+
+
+def _later_plain(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> float:
+    """Bytes the top block saves outside DoRA's own tensors (memory.block_saved_per_token) that do not exist
+    yet while `lin` computes its weight norm in forward: the LoRA branches of `lin` and of the wrapped Linears
+    after it, and for an attention input projection what the block saves from its attention kernel on, for the
+    attention output projection the MLP's (an FFN input projection: memory's part="mlp" holds both)."""
+    from peftplan.planning.memory import block_saved_per_token as plain
+
+    t, linears = plan.tokens, layout(card).block_linears
+    branches = sum(lora_branch_per_token(card, plan, x) for x in linears
+                   if x.name in wrapped and (x is lin or _runs_after(card, lin, x)))
+    if lin.role == "ffn_in":  # the FFN input projections' branches are in memory's MLP part
+        # a gated MLP's gate projection runs before the up projection: its output, its activation and its LoRA
+        # branch exist (transformers models/llama LlamaMLP.forward: down(act(gate(x)) * up(x)))
+        made = sum(2 * card.gated_mlp * _out_bytes(card, plan, x, wrapped) * x.d_out
+                   + (lora_branch_per_token(card, plan, x, made=True) if x.name in wrapped else 0)
+                   for x in linears if x.role == "ffn_in" and _runs_after(card, x, lin))
+        made += lora_branch_per_token(card, plan, lin, made=True) - lora_branch_per_token(card, plan, lin)
+        return (plain(card, plan, False, first, wrapped, part="mlp") - made) * t
+    if lin.role == "attn_in":
+        later = plain(card, plan, False, first, wrapped) - plain(card, plan, False, first, wrapped,
+                                                                 part="before_attention")
+        return (later + branches) * t
+    if lin.role == "attn_out":
+        return (plain(card, plan, False, first, wrapped, part="mlp") + branches) * t
+    return branches * t
+
+
+def _out_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Element bytes of a block Linear's output as the block receives it: the base output's dtype (peft's
+    lora.Linear casts its sum back); a 4-bit DoRA module under autocast returns fp32 (the fp32 magnitude scale
+    promotes the sum, and peft's 4-bit twin casts nothing back under autocast)."""
+    if lin.name in wrapped and plan.use_dora and plan.method == "qlora" and plan.autocast != "none":
+        return FP32
+    return _base_out_bytes(card, plan, lin)
+
+
+def _block_locals(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
+    """Tensors of the running block that its forward's locals keep and no saved tensor counts while `lin`
+    computes its weight norm: the residual (the block's input, or after the attention), in the lowest block of a
+    frozen base (`first`, whose input no norm saves) or where the norms save an fp32 copy of it; for a separate
+    q/k/v projection the outputs of those that ran before it (the attention reads them later); in a parallel block (GPT-J, GPT-NeoX, Falcon: x + attn(ln(x)) + mlp(ln(x)))
+    while its MLP runs, the attention output waiting for the final sum (a sequential block adds it to the
+    residual at once, and the next norm saves the sum). Bytes over the step's tokens (transformers
+    models/gptj GPTJBlock.forward, GPTJAttention.forward)."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    t, linears, e = plan.tokens, layout(card).block_linears, stream_element_bytes(plan, card)
+    # a norm saves an fp32 copy of a narrower stream (RMSNorm always, LayerNorm under autocast), not the residual
+    copied = e != FP32 and (card.norm == "rmsnorm" or plan.autocast != "none")
+    total = (first or copied) * _rounded(e * card.d_model * t)
+    if lin.role == "attn_in":
+        total += sum(_rounded(_out_bytes(card, plan, x, wrapped) * x.d_out * t) for x in linears
+                     if x.role == "attn_in" and _runs_after(card, x, lin))
+    o = next((x for x in linears if x.role == "attn_out"), None)
+    if card.parallel_block and lin.role in ("ffn_in", "ffn_out") and o is not None:
+        total += _rounded(_out_bytes(card, plan, o, wrapped) * card.d_model * t)
+    return total
+
+
+def _later_copies(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], first: bool) -> int:
+    """Mixed precision: the autocast copies of the top block's frozen Linears that run after `lin`, which
+    `_forward_cache_bytes` counts and which do not exist yet while `lin` computes its weight norm."""
+    if not plan.mixed_precision or plan.method == "qlora" or plan.grad_checkpointing:
+        return 0
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears
+                                       if _runs_after(card, lin, x)
+                                       and not (first and not _input_has_grad(x, wrapped, card)))
+
+
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     """(forward, backward) with the weight-norm working set's moments added where they are larger.
 
@@ -332,12 +472,15 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     top_wrapped = lora_block_sets(card, plan.targets)[-1]
     cache = _forward_cache_bytes(card, plan, act)
     cands = []
-    for tr, lin in _transients(card, plan, eye=not ckpt):
+    for tr, lin in _transients(card, plan, eye=not ckpt, top=True):
         first = first_top and not _input_has_grad(lin, top_wrapped, card)
         own = 0 if ckpt else int(module_saved_bytes(card, plan, lin, first)
                                  + _later_saved(card, plan, lin, first_top))
-        tr += in_flight_bytes(card, plan, lin, top_wrapped)
-        cands.append(_memory("forward", st, activations_bytes=inputs - own, temporaries_bytes=tr + cache,
+        own += 0 if ckpt else int(_later_plain(card, plan, lin, top_wrapped, first_top))
+        tr += (in_flight_bytes(card, plan, lin, top_wrapped)
+               + _block_locals(card, plan, lin, top_wrapped, first_top and not ckpt))
+        cands.append(_memory("forward", st, activations_bytes=inputs - own,
+                             temporaries_bytes=tr + cache - _later_copies(card, plan, lin, top_wrapped, first_top),
                              gradients_bytes=accum))
     fwd = max([fwd, *cands], key=lambda m: m.tensor_bytes)
     if ckpt:

@@ -376,6 +376,8 @@ def _block_saved_per_token(card: ModelCard, plan: Plan, trainable_block: bool, f
     # attention; o_proj's input is the kernel's output (SDPA) or a copy of it (eager, Phi-3)
     o_in = ce * q * saves(attn_out)
     before_attention = total
+    if part == "before_attention":  # saved before the attention kernel runs (planning/dora.py)
+        return before_attention
     if not (g.q or g.k or g.v):  # lowest block of a frozen base, q/k/v not wrapped: only o_proj's input
         late += o_in
     elif plan.attention in ("sdpa", "flash"):  # flash_attention_2 saves the same: q, k, v, output, fp32 lse
