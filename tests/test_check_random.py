@@ -227,6 +227,26 @@ KINDS = {
     # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
     "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",
                                                                     batch_size=1, seq_len=128)),
+    # DoRA, checkpointed, recomputing the lowest block's fused FFN input projection: the block's later Linears
+    # (their autocast weight copies, the MLP's saved tensors) are not yet recomputed at its weight norm
+    # (dora.recomputed_after_bytes; the draw's Falcon row: was +3.05%)
+    "DoRA recompute, later tensors not yet made": ("falcon-7b", 3, dict(
+        r=128, alpha=32.0, dropout=0.1,
+        targets=r"re:.*\.(self_attention\.query_key_value|self_attention\.dense|mlp\.dense_h_to_4h)",
+        batch_size=2, seq_len=126, dtype="fp32", optimizer="adamw8bit", grad_checkpointing=True,
+        attention="flash", use_dora=True, autocast="fp16")),
+    # DoRA, reentrant checkpointing: the recomputation runs beside the block output's gradient alone, and the
+    # residual sum after attention is held by the block's frame (the draw's Phi-3 row: was +2.47%)
+    "DoRA reentrant recompute, residual in flight": ("phi-3-mini", 4, dict(
+        r=4, alpha=32.0, targets=r"re:.*\.(self_attn\.qkv_proj|mlp\.gate_up_proj)", batch_size=5, seq_len=208,
+        dtype="fp16", optimizer="paged-adamw8bit", grad_checkpointing=True, attention="flash",
+        adapter_dtype="fp16", use_dora=True, use_reentrant=True)),
+    # DoRA, checkpointed, many tokens: the recomputed module's peak is where it combines its outputs (three
+    # d_out-wide products beside lora_weight and its graph), not its weight norm (dora.result_working_set); a gated
+    # MLP has run act(gate_proj(x)) before up_proj (was -0.66%, two misses cancelling; the draw's OPT-66B row -2.2%)
+    "DoRA recompute, combining the outputs": ("llama-65b", 2, dict(
+        r=1, alpha=8.0, targets="q_proj,v_proj,up_proj", batch_size=7, seq_len=744, dtype="fp16", optimizer="sgd",
+        grad_checkpointing=True, attention="flash", adapter_dtype="fp16", use_dora=True)),
 }
 
 

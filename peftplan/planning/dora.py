@@ -275,23 +275,25 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
 
 
 def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) -> int:
-    """Gradients alive while a checkpointed block is recomputed: the non-reentrant recomputation starts at the
-    first backward node that unpacks a saved tensor. Before it: the gradient of the block's output (stream
-    dtype) and, when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
-    save nothing: the residual sum's second stream-wide gradient, `result.to(dtype)`'s backward and the base
-    branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output,
-    and `· scaling`'s product in the magnitude's dtype."""
+    """Gradients alive while a checkpointed block is recomputed. Reentrant (torch.utils.checkpoint's
+    CheckpointFunction.backward): the recomputation runs first, beside the gradient of the block's output alone.
+    Non-reentrant: it starts at the first backward node that unpacks a saved tensor. Before it: the gradient of
+    the block's output (stream dtype) and, when DoRA wraps the FFN's output projection (its output is the block's
+    last op), the nodes that save nothing: the residual sum's gradient cast to the FFN output's dtype (a new
+    tensor only when that differs from the stream's), `result.to(dtype)`'s backward and the base branch's cast
+    back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output, and
+    `· scaling`'s product in the magnitude's dtype."""
     from peftplan.planning.memory import stream_element_bytes
 
-    t = plan.tokens
-    stream = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    t, s = plan.tokens, stream_element_bytes(plan, card)
+    stream = _rounded(s * card.d_model * t)
     last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
-    if not last:
+    if not last or plan.use_reentrant:
         return stream
     a, lin = DTYPES[plan.adapter_dtype], last[0]
     base = _base_out_bytes(card, plan, lin)
     wide = max(base, a)  # the dtype of result + result_dora
-    return (2 * stream + _rounded(a * lin.d_out * t)
+    return (stream + (_rounded(base * lin.d_out * t) if base != s else 0) + _rounded(a * lin.d_out * t)
             + (_rounded(wide * lin.d_out * t) + _rounded(base * lin.d_out * t) if wide != base else 0))
 
 
@@ -306,6 +308,153 @@ def _later_saved(card: ModelCard, plan: Plan, lin, first_block: bool) -> float:
     return sum(module_saved_bytes(card, plan, x, first_block and not _input_has_grad(x, wrapped, card))
                for x in layout(card).block_linears
                if x.name in wrapped and order.get(x.name, (0, 0)) > order.get(lin.name, (0, 0)))
+
+
+def _input_copy_per_token(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per token a wrapped input projection's lora_A keeps of its input beyond the input itself, in a
+    recomputed block (every input needs a gradient): with LoRA dropout the dropout output (cast as lora_A reads
+    it) and its 1-byte mask; else a copy only when a cast makes one, 0 when lora_A keeps the input itself
+    (memory._block_saved_per_token's `group_saved`)."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    x = _norm_out_bytes(card, plan)
+    conv = x if (plan.method == "qlora" and ac) else trainable_element_bytes(plan)
+    saved = ac or conv
+    if plan.dropout:
+        return (saved + 1) * lin.d_in
+    return 0 if conv == x and saved == x else saved * lin.d_in
+
+
+def _branch_per_token(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per token a wrapped input projection's LoRA branch saves: lora_A's input copy and A·x (lora_B)."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    return _input_copy_per_token(card, plan, lin) + plan.r * (ac or trainable_element_bytes(plan))
+
+
+def _copy_bytes(card: ModelCard, plan: Plan, names: set[str]) -> int:
+    """Mixed precision: the autocast weight copies the Linears `names` save in a recomputed block (every input
+    needs a gradient; memory.block_cache_bytes)."""
+    if not plan.mixed_precision or plan.method == "qlora":
+        return 0
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
+                                       for x in layout(card).block_linears if x.name in names)
+
+
+def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> tuple[int, int]:
+    """(saved activations, autocast weight copies) of a recomputed block that are not yet made while its
+    wrapped Linear `lin` computes the weight norm, over the step's tokens, beyond DoRA's own (`_later_saved`).
+
+    The recomputation replays the block's forward in order (peft's lora.Linear.forward: the base layer, its
+    weight copy saved, then the dropout and its mask, then DoRA's norm before lora_A runs): for an input
+    projection of the FFN, what the MLP and the output projection save (memory's part "mlp") except the LoRA
+    branches of the FFN input projections that ran before it; for the attention output projection, the whole
+    FFN side (its input as kept, the post-attention norm, the MLP); for an attention input projection,
+    everything but the block's first norm, the kept normed input and the earlier input projections' branches.
+    The sublayer-output dropout masks and the weight copies of the Linears after `lin` follow the same order."""
+    from peftplan.planning.memory import (_groups, _needs_grad, _norm_inputs_grad, _post_norm,
+                                          activation_element_bytes, block_saved_per_token, norm_saved)
+
+    if lin.role not in ROLES:
+        return 0, 0
+    t = plan.tokens
+    lins = layout(card).block_linears
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i) for i, x in enumerate(lins)}
+    pos = order[lin.name]
+    later = {x.name for x in lins if order[x.name] > pos}
+    earlier = [x for x in lins if order[x.name] < pos and x.role == lin.role and x.name in wrapped]
+    mask = lin.d_in if plan.dropout else 0  # lin's LoRA-dropout mask is made before the norm
+    masks = card.d_model * (card.hidden_dropout > 0)  # one bool mask per sublayer output
+    copies = _copy_bytes(card, plan, later)
+    if lin.role == "ffn_out":
+        return int(masks * t), copies
+    mlp = block_saved_per_token(card, plan, False, False, wrapped, part="mlp")
+    if lin.role == "ffn_in":
+        # a gated MLP runs act(gate_proj(x)) before up_proj(x): the gate's output and its activation are made
+        gate_ran = card.gated_mlp and any("gate" in x.name.rsplit(".", 1)[-1] for x in lins
+                                          if x.role == "ffn_in" and order[x.name] < pos)
+        made = 2 * activation_element_bytes(plan, card) * card.d_ff * gate_ran
+        after = mlp - sum(_branch_per_token(card, plan, x) for x in earlier) - mask + masks - made
+        return int(max(after, 0) * t), copies
+    block = block_saved_per_token(card, plan, False, False, wrapped)
+    attn_in, _, ffn_in, _ = _groups(card)
+    if lin.role == "attn_out":
+        norms = _norm_inputs_grad(card, _needs_grad(card, plan, False, False, wrapped))
+        post = 0 if _post_norm(card) or card.parallel_block else sum(norms[1:]) * norm_saved(card, plan, False)
+        kept_x = _shares_input(card, plan, ffn_in, wrapped) and not card.parallel_block
+        after = mlp + post + kept_x * _norm_out_bytes(card, plan) * card.d_model + 2 * masks
+        return int(min(after, block) * t), copies
+    first_norm = 0 if _post_norm(card) else norm_saved(card, plan, False)
+    kept_x = _shares_input(card, plan, attn_in, wrapped)
+    before = (first_norm + kept_x * _norm_out_bytes(card, plan) * card.d_model
+              + sum(_branch_per_token(card, plan, x) for x in earlier) + mask)
+    return int(max(block - before, 0) * t), copies
+
+
+def _norm_out_bytes(card: ModelCard, plan: Plan) -> int:
+    """Element bytes of a norm's output (autocast runs layer_norm in fp32; else the stream's dtype)."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    return FP32 if plan.autocast != "none" and card.norm == "layernorm" else stream_element_bytes(plan, card)
+
+
+def _shares_input(card: ModelCard, plan: Plan, names: list[str], wrapped: frozenset[str]) -> bool:
+    """Does a wrapped Linear of the group keep the group's input itself (no dropout, no cast copy)?"""
+    return any(x.name in names and x.name in wrapped and not plan.dropout
+               and _input_copy_per_token(card, plan, x) == 0 for x in layout(card).block_linears)
+
+
+def _promoted(x: tuple[int, str], y: tuple[int, str]) -> tuple[int, str]:
+    """torch's type promotion of two floating (bytes, name) dtypes: the wider; fp16 with bf16 gives fp32."""
+    if x[1] == y[1]:
+        return x
+    return max(x, y) if x[0] != y[0] else (FP32, "fp32")
+
+
+def result_working_set(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes alive in peft's DoraLinearLayer.forward while it combines the outputs, after the weight norm:
+    `(m_scale − 1)·base_result + m_scale·lora_result·scaling`. The locals lora_weight (in x's dtype) and its
+    autograd graph (lora_A saved the eye, or its autocast copy; lora_B saved A·eye), the base weight in x's dtype
+    when that is a copy, and three d_out-wide products per token: (m_scale − 1)·base_result, m_scale·lora_result
+    and its product by scaling (then the sum in their promoted dtype, with the second freed), each in the dtype
+    torch promotes the magnitude's and the operand's to. The module's saved tensors (base_result, lora_B's
+    output: `module_saved_bytes`) all exist by then. A recomputed block keeps the graph: the recomputation's
+    saved-tensor hook returns the tensor itself (torch.utils.checkpoint `_recomputation_hook`)."""
+    a, x, base = _dtypes(card, plan, lin)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lw = ac or a
+    n, sq, t = lin.d_in * lin.d_out, lin.d_in * lin.d_in, plan.tokens
+    graph = _rounded(lw * sq) + _rounded(lw * plan.r * lin.d_in) + _rounded(x * n)
+    weight = _rounded(x * n) if _weight_copied(card, plan, lin) else 0
+    mag = (a, plan.adapter_dtype)
+    base_name = "fp32" if base == FP32 else (plan.autocast if ac and base == ac else plan.dtype)
+    t1 = _promoted(mag, (base, base_name))
+    t2 = _promoted(mag, (lw, plan.autocast if ac else plan.adapter_dtype))
+    total = _promoted(t1, t2)
+    wide = [_rounded(b * lin.d_out * t) for b in (t1[0], t2[0], total[0])]
+    return graph + weight + max(wide[0] + 2 * wide[1], wide[0] + wide[1] + wide[2])
+
+
+def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
+    frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
+    post-attention norm saves that very tensor (LayerNorm without autocast, or an fp32 stream); in a parallel
+    block the attention output (transformers models/falcon, gpt_neox, gptj: `mlp_output + attention_output`).
+    Post-norm blocks feed the norm's output on, which the FFN's Linears read (`in_flight_bytes`)."""
+    from peftplan.planning.memory import _post_norm, stream_element_bytes
+
+    if lin.role not in ("ffn_in", "ffn_out") or _post_norm(card):
+        return 0
+    t, d = plan.tokens, card.d_model
+    if card.parallel_block:
+        out = next((x for x in layout(card).block_linears if x.role == "attn_out"), None)
+        return _rounded(_base_out_bytes(card, plan, out) * d * t) if out else 0
+    s = stream_element_bytes(plan, card)
+    if s == FP32 or (card.norm == "layernorm" and plan.autocast == "none"):
+        return 0
+    return _rounded(s * d * t)
 
 
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
@@ -346,12 +495,21 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         cands = []
         stream = output_gradient_bytes(card, plan, top_wrapped)
         shared = shared_input_bytes(card, plan)  # the top block's kept input, saved again by its first norm
-        for tr, lin in _transients(card, plan):
-            own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
-            tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
-            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own - shared,
-                              temporaries_bytes=tr + top_cache, gradients_bytes=accum),
-                      _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
-                              temporaries_bytes=tr + low_cache, gradients_bytes=max(accum, grads_late))]
+        for norm_set, lin in _transients(card, plan):
+            after, copies = recomputed_after_bytes(card, plan, lin, top_wrapped)
+            later = int(_later_saved(card, plan, lin, False)) + after
+            beside = in_flight_bytes(card, plan, lin, top_wrapped) + stream + residual_in_flight_bytes(card, plan, lin)
+            # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
+            # combination (they are)
+            # (without dropout or bias base_result is `result` itself, counted in flight)
+            same = 0 if plan.dropout or lin.bias else _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * plan.tokens)
+            for work, mine in ((norm_set, later + int(module_saved_bytes(card, plan, lin, False))),
+                               (result_working_set(card, plan, lin) - same, later)):
+                cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - mine - shared,
+                                  temporaries_bytes=work + beside + top_cache - copies, gradients_bytes=accum),
+                          _memory("backward", st,
+                                  activations_bytes=act.checkpoint_bytes + act.first_block_bytes - mine,
+                                  temporaries_bytes=work + beside + low_cache - copies,
+                                  gradients_bytes=max(accum, grads_late))]
         bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
     return fwd, bwd
