@@ -278,7 +278,8 @@ def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) 
     """Gradients alive while a checkpointed block is recomputed. Reentrant (torch.utils.checkpoint's
     CheckpointFunction.backward): the recomputation runs first, beside the gradient of the block's output alone.
     Non-reentrant: it starts at the first backward node that unpacks a saved tensor. Before it: the gradient of
-    the block's output (stream dtype) and, when DoRA wraps the FFN's output projection (its output is the block's
+    the block's output (stream dtype); QLoRA with the FFN's output projection unwrapped, that projection's input
+    gradient; when DoRA wraps the FFN's output projection (its output is the block's
     last op), the nodes that save nothing: the residual sum's gradient cast to the FFN output's dtype (a new
     tensor only when that differs from the stream's), `result.to(dtype)`'s backward and the base branch's cast
     back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output, and
@@ -288,7 +289,14 @@ def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) 
     t, s = plan.tokens, stream_element_bytes(plan, card)
     stream = _rounded(s * card.d_model * t)
     last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
-    if not last or plan.use_reentrant:
+    if plan.use_reentrant:
+        return stream
+    if not last:
+        # a frozen 4-bit output projection unpacks nothing (bitsandbytes MatMul4Bit keeps its weight in
+        # ctx.tensors): its input's gradient (its input's dtype, d_ff wide) is made before the recomputation
+        down = [x for x in layout(card).block_linears if x.role == "ffn_out"]
+        if plan.method == "qlora" and down:
+            return stream + _rounded(_base_out_bytes(card, plan, down[0]) * down[0].d_in * t)
         return stream
     a, lin = DTYPES[plan.adapter_dtype], last[0]
     base = _base_out_bytes(card, plan, lin)
@@ -437,6 +445,17 @@ def result_working_set(card: ModelCard, plan: Plan, lin) -> int:
     return graph + weight + max(wide[0] + 2 * wide[1], wide[0] + wide[1] + wide[2])
 
 
+def autocast_input_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """QLoRA under autocast without LoRA dropout: peft's 4-bit Linear skips its cast, so lora_A reads x as is,
+    and its F.linear saves autocast's copy of x, not x; the frozen Linear4bit keeps no input (bitsandbytes
+    MatMul4Bit). Unless x is already in the autocast dtype, x then lives only in the caller's frame while the
+    module runs (`in_flight_bytes` counts it only where peft's cast or the dropout copies it)."""
+    if plan.method != "qlora" or plan.autocast == "none" or plan.dropout:
+        return 0
+    x = _x_bytes(card, plan, lin)
+    return 0 if x == DTYPES[plan.autocast] else _rounded(x * lin.d_in * plan.tokens)
+
+
 def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
     frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
@@ -498,7 +517,8 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         for norm_set, lin in _transients(card, plan):
             after, copies = recomputed_after_bytes(card, plan, lin, top_wrapped)
             later = int(_later_saved(card, plan, lin, False)) + after
-            beside = in_flight_bytes(card, plan, lin, top_wrapped) + stream + residual_in_flight_bytes(card, plan, lin)
+            beside = (in_flight_bytes(card, plan, lin, top_wrapped) + stream + residual_in_flight_bytes(card, plan, lin)
+                      + autocast_input_in_flight_bytes(card, plan, lin))
             # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
             # combination (they are)
             # (without dropout or bias base_result is `result` itself, counted in flight)
