@@ -279,8 +279,8 @@ def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) 
     CheckpointFunction.backward): the recomputation runs first, beside the gradient of the block's output alone.
     Non-reentrant: it starts at the first backward node that unpacks a saved tensor. Before it: the gradient of
     the block's output (stream dtype); QLoRA with the FFN's output projection unwrapped, that projection's input
-    gradient; when DoRA wraps the FFN's output projection (its output is the block's
-    last op), the nodes that save nothing: the residual sum's gradient cast to the FFN output's dtype (a new
+    gradient; when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
+    save nothing: the residual sum's gradient cast to the FFN output's dtype (a new
     tensor only when that differs from the stream's), `result.to(dtype)`'s backward and the base branch's cast
     back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output, and
     `· scaling`'s product in the magnitude's dtype."""
@@ -485,7 +485,9 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
     that block's recomputed tensors beside it), each beside the gradient of the block's output and the block's own
     autocast copies (the head's copy died with the head's backward). Every moment also holds the module's
-    in-flight tensors (`in_flight_bytes`).
+    in-flight tensors (`in_flight_bytes`). Recomputed, the block holds only what it made before the module
+    (`recomputed_after_bytes`), the frame's residual (`residual_in_flight_bytes`), and each module has a second
+    moment after its norm, combining its outputs (`result_working_set`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
     from peftplan.planning.memory import _memory, block_cache_bytes, shared_input_bytes
@@ -511,7 +513,7 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     if ckpt:
         # the head's autocast copy died with its backward; the recomputed block saves its own copies again
         top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
-        cands = []
+        cands, t = [], plan.tokens
         stream = output_gradient_bytes(card, plan, top_wrapped)
         shared = shared_input_bytes(card, plan)  # the top block's kept input, saved again by its first norm
         for norm_set, lin in _transients(card, plan):
@@ -520,11 +522,10 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
             beside = (in_flight_bytes(card, plan, lin, top_wrapped) + stream + residual_in_flight_bytes(card, plan, lin)
                       + autocast_input_in_flight_bytes(card, plan, lin))
             # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
-            # combination (they are)
-            # (without dropout or bias base_result is `result` itself, counted in flight)
-            same = 0 if plan.dropout or lin.bias else _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * plan.tokens)
-            for work, mine in ((norm_set, later + int(module_saved_bytes(card, plan, lin, False))),
-                               (result_working_set(card, plan, lin) - same, later)):
+            # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
+            own = int(module_saved_bytes(card, plan, lin, False))
+            same = 0 if plan.dropout or lin.bias else _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
+            for work, mine in ((norm_set, later + own), (result_working_set(card, plan, lin) - same, later)):
                 cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - mine - shared,
                                   temporaries_bytes=work + beside + top_cache - copies, gradients_bytes=accum),
                           _memory("backward", st,
