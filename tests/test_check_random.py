@@ -247,6 +247,13 @@ KINDS = {
     "DoRA recompute, combining the outputs": ("llama-65b", 2, dict(
         r=1, alpha=8.0, targets="q_proj,v_proj,up_proj", batch_size=7, seq_len=744, dtype="fp16", optimizer="sgd",
         grad_checkpointing=True, attention="flash", adapter_dtype="fp16", use_dora=True)),
+    # DoRA recompute in OPT: the FFN output's dropout unpacks its mask before any DoRA node runs; ReLU saves the
+    # output projection's input; the block calls fc1 itself, so the norm's output is gone (was +2.12%)
+    "DoRA recompute, OPT's inline ReLU FFN": ("opt-6.7b", 4, dict(
+        r=4, alpha=32.0, dropout=0.05,
+        targets=r"re:.*\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|fc1|fc2)",
+        batch_size=7, seq_len=207, dtype="fp32", foreach=False, grad_checkpointing=True, use_dora=True,
+        grad_accum=4, logits_shift_copy=True)),
 }
 
 

@@ -277,19 +277,19 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
 def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) -> int:
     """Gradients alive while a checkpointed block is recomputed. Reentrant (torch.utils.checkpoint's
     CheckpointFunction.backward): the recomputation runs first, beside the gradient of the block's output alone.
-    Non-reentrant: it starts at the first backward node that unpacks a saved tensor. Before it: the gradient of
-    the block's output (stream dtype); QLoRA with the FFN's output projection unwrapped, that projection's input
-    gradient; when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
-    save nothing: the residual sum's gradient cast to the FFN output's dtype (a new
-    tensor only when that differs from the stream's), `result.to(dtype)`'s backward and the base branch's cast
-    back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output, and
-    `· scaling`'s product in the magnitude's dtype."""
+    Non-reentrant: it starts at the first backward node that unpacks a saved tensor (a dropout on the FFN's
+    output unpacks its mask at once). Before it: the gradient of the block's output (stream dtype); QLoRA with
+    the FFN's output projection unwrapped, that projection's input gradient; when DoRA wraps the FFN's output
+    projection (its output is the block's last op), the nodes that save nothing: the residual sum's gradient
+    cast to the FFN output's dtype (a new tensor only when that differs from the stream's), `result.to(dtype)`'s
+    backward and the base branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider
+    than the base output, and `· scaling`'s product in the magnitude's dtype."""
     from peftplan.planning.memory import stream_element_bytes
 
     t, s = plan.tokens, stream_element_bytes(plan, card)
     stream = _rounded(s * card.d_model * t)
     last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
-    if plan.use_reentrant:
+    if plan.use_reentrant or card.hidden_dropout > 0:  # the FFN output's dropout unpacks its mask first
         return stream
     if not last:
         # a frozen 4-bit output projection unpacks nothing (bitsandbytes MatMul4Bit keeps its weight in
@@ -456,6 +456,28 @@ def autocast_input_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     return 0 if x == DTYPES[plan.autocast] else _rounded(x * lin.d_in * plan.tokens)
 
 
+def in_flight_overcount_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """What `in_flight_bytes` counts for an FFN output projection that is not in flight beside the block's saved
+    tensors: its input when that is a ReLU's output (ReLU saves its output, counted among the block's saved
+    tensors; OPT), and the MLP's input where the block calls the FFN's Linears itself, rebinding one local
+    (transformers models/opt OPTDecoderLayer.forward: `hidden_states = self.fc1(hidden_states)`), so the norm's
+    output dies once the input projection returns. Bytes over the step's tokens."""
+    from peftplan.planning.memory import _post_norm
+
+    if lin.role != "ffn_out":
+        return 0
+    t, over = plan.tokens, 0
+    if card.activation == "relu" and not card.gated_mlp and (plan.dropout or _cast_copies(card, plan, lin)):
+        over += _rounded(_caller_x_bytes(card, plan, lin) * lin.d_in * t)
+    feeders = [x for x in layout(card).block_linears if x.role == "ffn_in"]
+    saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
+             and not (feeders and _cast_copies(card, plan, feeders[0])))
+    inline = feeders and "." not in feeders[0].name and not _post_norm(card)  # no MLP module; post-norm: the
+    if inline and not saved:  # FFN's input is the residual too
+        over += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
+    return over
+
+
 def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
     frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
@@ -519,7 +541,9 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
         for norm_set, lin in _transients(card, plan):
             after, copies = recomputed_after_bytes(card, plan, lin, top_wrapped)
             later = int(_later_saved(card, plan, lin, False)) + after
-            beside = (in_flight_bytes(card, plan, lin, top_wrapped) + stream + residual_in_flight_bytes(card, plan, lin)
+            flight = (in_flight_bytes(card, plan, lin, top_wrapped)
+                      - in_flight_overcount_bytes(card, plan, lin, top_wrapped))
+            beside = (flight + stream + residual_in_flight_bytes(card, plan, lin)
                       + autocast_input_in_flight_bytes(card, plan, lin))
             # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
             # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
