@@ -247,6 +247,13 @@ KINDS = {
     "DoRA recompute, combining the outputs": ("llama-65b", 2, dict(
         r=1, alpha=8.0, targets="q_proj,v_proj,up_proj", batch_size=7, seq_len=744, dtype="fp16", optimizer="sgd",
         grad_checkpointing=True, attention="flash", adapter_dtype="fp16", use_dora=True)),
+    # DoRA recompute, LoRA dropout under autocast: the dropout output (adapter dtype) lives from before the norm
+    # until DoRA returns, beside lora_A's autocast copy once made (dora.dropout_output_bytes; was -2.08%, the
+    # draw's 2-block row -3.31%)
+    "DoRA recompute, dropout output under autocast": ("falcon-7b", 1, dict(
+        r=2, dropout=0.05, targets=r"re:.*\.(self_attention\.query_key_value|mlp\.dense_4h_to_h)", batch_size=6,
+        seq_len=321, dtype="fp16", optimizer="sgd-momentum", grad_checkpointing=True, use_dora=True,
+        autocast="fp16", max_grad_norm=0.0)),
     # DoRA recompute in OPT: the FFN output's dropout unpacks its mask before any DoRA node runs; ReLU saves the
     # output projection's input; the block calls fc1 itself, so the norm's output is gone (was +2.12%)
     "DoRA recompute, OPT's inline ReLU FFN": ("opt-6.7b", 4, dict(

@@ -478,6 +478,24 @@ def in_flight_overcount_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozens
     return over
 
 
+def dropout_output_bytes(card: ModelCard, plan: Plan, lin) -> tuple[int, int]:
+    """(at the weight norm, at the outputs' combination): what the module's LoRA-dropout output adds beyond the
+    block's count of its LoRA branch, which holds lora_A's saved input. peft's DoraLinearVariant.forward runs
+    `x = dropout(x)` before the norm and keeps x until DoRA returns; under autocast lora_A's F.linear saves a cast
+    copy, not x. So at the norm x lives where the cast (not yet made) was counted, and while the outputs are
+    combined both live. 0 when lora_A saves x itself. Bytes over the step's tokens."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    if not plan.dropout or plan.autocast == "none":
+        return 0, 0
+    ac = DTYPES[plan.autocast]
+    conv = _x_bytes(card, plan, lin) if plan.method == "qlora" else trainable_element_bytes(plan)
+    if conv == ac:
+        return 0, 0
+    n = lin.d_in * plan.tokens
+    return _rounded(conv * n) - _rounded(ac * n), _rounded(conv * n)
+
+
 def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
     frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
@@ -549,7 +567,9 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
             # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
             own = int(module_saved_bytes(card, plan, lin, False))
             same = 0 if plan.dropout or lin.bias else _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
-            for work, mine in ((norm_set, later + own), (result_working_set(card, plan, lin) - same, later)):
+            at_norm, at_result = dropout_output_bytes(card, plan, lin)
+            for work, mine in ((norm_set + at_norm, later + own),
+                               (result_working_set(card, plan, lin) - same + at_result, later)):
                 cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - mine - shared,
                                   temporaries_bytes=work + beside + top_cache - copies, gradients_bytes=accum),
                           _memory("backward", st,
