@@ -254,6 +254,11 @@ KINDS = {
         r=2, dropout=0.05, targets=r"re:.*\.(self_attention\.query_key_value|mlp\.dense_4h_to_h)", batch_size=6,
         seq_len=321, dtype="fp16", optimizer="sgd-momentum", grad_checkpointing=True, use_dora=True,
         autocast="fp16", max_grad_norm=0.0)),
+    # DoRA recompute under autocast: the recomputation's own autocast region caches the LoRA factors' casts made
+    # so far in the block (dora.recompute_lora_cache_bytes; was -1.23%)
+    "DoRA recompute, LoRA factors in the autocast cache": ("modernbert-base", 2, dict(
+        r=128, alpha=8.0, dropout=0.1, targets="all-linear", batch_size=4, seq_len=12, optimizer="adamw8bit",
+        grad_checkpointing=True, use_dora=True, autocast="bf16", grad_accum=2)),
     # DoRA recompute in OPT: the FFN output's dropout unpacks its mask before any DoRA node runs; ReLU saves the
     # output projection's input; the block calls fc1 itself, so the norm's output is gone (was +2.12%)
     "DoRA recompute, OPT's inline ReLU FFN": ("opt-6.7b", 4, dict(

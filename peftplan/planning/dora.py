@@ -496,6 +496,20 @@ def dropout_output_bytes(card: ModelCard, plan: Plan, lin) -> tuple[int, int]:
     return _rounded(conv * n) - _rounded(ac * n), _rounded(conv * n)
 
 
+def recompute_lora_cache_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Under autocast the recomputation re-enters autocast (torch.utils.checkpoint restores the forward's
+    autocast state), whose cache keeps the autocast-dtype copies of the trainable LoRA factors cast so far: A
+    and B of each wrapped Linear of the block up to `lin` (its own cast for lora_weight = B(A(eye))); the cache
+    is cleared when that autocast region exits. 0 when the adapter already is in the autocast dtype."""
+    if plan.autocast == "none" or plan.adapter_dtype == plan.autocast:
+        return 0
+    ac, r = DTYPES[plan.autocast], plan.r
+    lins = layout(card).block_linears
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i) for i, x in enumerate(lins)}
+    return sum(_rounded(ac * r * x.d_in) + _rounded(ac * x.d_out * r) for x in lins
+               if x.name in wrapped and order[x.name] <= order[lin.name])
+
+
 def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
     frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
@@ -562,7 +576,8 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
             flight = (in_flight_bytes(card, plan, lin, top_wrapped)
                       - in_flight_overcount_bytes(card, plan, lin, top_wrapped))
             beside = (flight + stream + residual_in_flight_bytes(card, plan, lin)
-                      + autocast_input_in_flight_bytes(card, plan, lin))
+                      + autocast_input_in_flight_bytes(card, plan, lin)
+                      + recompute_lora_cache_bytes(card, plan, lin, top_wrapped))
             # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
             # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
             own = int(module_saved_bytes(card, plan, lin, False))
