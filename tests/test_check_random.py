@@ -299,6 +299,45 @@ KINDS = {
     "DoRA QLoRA autocast, fp32 product into down_proj": ("olmo-2-7b", 1, dict(
         method="qlora", r=8, targets="all-linear", kbit_prep=False, batch_size=1, seq_len=32, dtype="fp16",
         optimizer="sgd", foreach=False, use_dora=True, autocast="fp16")),
+    # DoRA, checkpointed, recomputing the lowest block's fused FFN input projection: the block's later Linears
+    # (their autocast weight copies, the MLP's saved tensors) are not yet recomputed at its weight norm
+    # (dora.recomputed_after_bytes; the draw's Falcon row: was +3.05%)
+    "DoRA recompute, later tensors not yet made": ("falcon-7b", 3, dict(
+        r=128, alpha=32.0, dropout=0.1,
+        targets=r"re:.*\.(self_attention\.query_key_value|self_attention\.dense|mlp\.dense_h_to_4h)",
+        batch_size=2, seq_len=126, dtype="fp32", optimizer="adamw8bit", grad_checkpointing=True,
+        attention="flash", use_dora=True, autocast="fp16")),
+    # DoRA, reentrant checkpointing: the recomputation runs beside the block output's gradient alone, and the
+    # residual sum after attention is held by the block's frame (the draw's Phi-3 row: was +2.47%)
+    "DoRA reentrant recompute, residual in flight": ("phi-3-mini", 4, dict(
+        r=4, alpha=32.0, targets=r"re:.*\.(self_attn\.qkv_proj|mlp\.gate_up_proj)", batch_size=5, seq_len=208,
+        dtype="fp16", optimizer="paged-adamw8bit", grad_checkpointing=True, attention="flash",
+        adapter_dtype="fp16", use_dora=True, use_reentrant=True)),
+    # DoRA, checkpointed, many tokens: the recomputed module's peak is where it combines its outputs (three
+    # d_out-wide products beside lora_weight and its graph), not its weight norm (dora.result_working_set); a gated
+    # MLP has run act(gate_proj(x)) before up_proj (was -0.66%, two misses cancelling; the draw's OPT-66B row -2.2%)
+    "DoRA recompute, combining the outputs": ("llama-65b", 2, dict(
+        r=1, alpha=8.0, targets="q_proj,v_proj,up_proj", batch_size=7, seq_len=744, dtype="fp16", optimizer="sgd",
+        grad_checkpointing=True, attention="flash", adapter_dtype="fp16", use_dora=True)),
+    # DoRA recompute, LoRA dropout under autocast: the dropout output (adapter dtype) lives from before the norm
+    # until DoRA returns, beside lora_A's autocast copy once made (dora.dropout_output_bytes; was -2.08%, the
+    # draw's 2-block row -3.31%)
+    "DoRA recompute, dropout output under autocast": ("falcon-7b", 1, dict(
+        r=2, dropout=0.05, targets=r"re:.*\.(self_attention\.query_key_value|mlp\.dense_4h_to_h)", batch_size=6,
+        seq_len=321, dtype="fp16", optimizer="sgd-momentum", grad_checkpointing=True, use_dora=True,
+        autocast="fp16", max_grad_norm=0.0)),
+    # DoRA recompute under autocast: the recomputation's own autocast region caches the LoRA factors' casts made
+    # so far in the block (dora.recompute_lora_cache_bytes; was -1.23%)
+    "DoRA recompute, LoRA factors in the autocast cache": ("modernbert-base", 2, dict(
+        r=128, alpha=8.0, dropout=0.1, targets="all-linear", batch_size=4, seq_len=12, optimizer="adamw8bit",
+        grad_checkpointing=True, use_dora=True, autocast="bf16", grad_accum=2)),
+    # DoRA recompute in OPT: the FFN output's dropout unpacks its mask before any DoRA node runs; ReLU saves the
+    # output projection's input; the block calls fc1 itself, so the norm's output is gone (was +2.12%)
+    "DoRA recompute, OPT's inline ReLU FFN": ("opt-6.7b", 4, dict(
+        r=4, alpha=32.0, dropout=0.05,
+        targets=r"re:.*\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|fc1|fc2)",
+        batch_size=7, seq_len=207, dtype="fp32", foreach=False, grad_checkpointing=True, use_dora=True,
+        grad_accum=4, logits_shift_copy=True)),
 }
 
 

@@ -314,23 +314,33 @@ def _forward_cache_bytes(card: ModelCard, plan: Plan, act) -> int:
 
 
 def output_gradient_bytes(card: ModelCard, plan: Plan, wrapped: frozenset[str]) -> int:
-    """Gradients alive while a checkpointed block is recomputed: the non-reentrant recomputation starts at the
-    first backward node that unpacks a saved tensor. Before it: the gradient of the block's output (stream
-    dtype) and, when DoRA wraps the FFN's output projection (its output is the block's last op), the nodes that
-    save nothing: the residual sum's second stream-wide gradient, `result.to(dtype)`'s backward and the base
-    branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider than the base output,
-    and `· scaling`'s product in the magnitude's dtype."""
+    """Gradients alive while a checkpointed block is recomputed. Reentrant (torch.utils.checkpoint's
+    CheckpointFunction.backward): the recomputation runs first, beside the gradient of the block's output alone.
+    Non-reentrant: it starts at the first backward node that unpacks a saved tensor (a dropout on the FFN's
+    output unpacks its mask at once). Before it: the gradient of the block's output (stream dtype); QLoRA with
+    the FFN's output projection unwrapped, that projection's input gradient; when DoRA wraps the FFN's output
+    projection (its output is the block's last op), the nodes that save nothing: the residual sum's gradient
+    cast to the FFN output's dtype (a new tensor only when that differs from the stream's), `result.to(dtype)`'s
+    backward and the base branch's cast back when peft's sum `result` (base output + DoRA's, promoted) is wider
+    than the base output, and `· scaling`'s product in the magnitude's dtype."""
     from peftplan.planning.memory import stream_element_bytes
 
-    t = plan.tokens
-    stream = _rounded(stream_element_bytes(plan, card) * card.d_model * t)
+    t, s = plan.tokens, stream_element_bytes(plan, card)
+    stream = _rounded(s * card.d_model * t)
     last = [x for x in layout(card).block_linears if x.role == "ffn_out" and x.name in wrapped]
+    if plan.use_reentrant or card.hidden_dropout > 0:  # the FFN output's dropout unpacks its mask first
+        return stream
     if not last:
+        # a frozen 4-bit output projection unpacks nothing (bitsandbytes MatMul4Bit keeps its weight in
+        # ctx.tensors): its input's gradient (its input's dtype, d_ff wide) is made before the recomputation
+        down = [x for x in layout(card).block_linears if x.role == "ffn_out"]
+        if plan.method == "qlora" and down:
+            return stream + _rounded(_base_out_bytes(card, plan, down[0]) * down[0].d_in * t)
         return stream
     a, lin = DTYPES[plan.adapter_dtype], last[0]
     base = _base_out_bytes(card, plan, lin)
     wide = max(base, a)  # the dtype of result + result_dora
-    return (2 * stream + _rounded(a * lin.d_out * t)
+    return (stream + (_rounded(base * lin.d_out * t) if base != s else 0) + _rounded(a * lin.d_out * t)
             + (_rounded(wide * lin.d_out * t) + _rounded(base * lin.d_out * t) if wide != base else 0))
 
 
@@ -446,6 +456,216 @@ def _later_copies(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str], fir
     return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0) for x in layout(card).block_linears
                                        if _runs_after(card, lin, x)
                                        and not (first and not _input_has_grad(x, wrapped, card)))
+def _input_copy_per_token(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per token a wrapped input projection's lora_A keeps of its input beyond the input itself, in a
+    recomputed block (every input needs a gradient): with LoRA dropout the dropout output (cast as lora_A reads
+    it) and its 1-byte mask; else a copy only when a cast makes one, 0 when lora_A keeps the input itself
+    (memory._block_saved_per_token's `group_saved`)."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    x = _norm_out_bytes(card, plan)
+    conv = x if (plan.method == "qlora" and ac) else trainable_element_bytes(plan)
+    saved = ac or conv
+    if plan.dropout:
+        return (saved + 1) * lin.d_in
+    return 0 if conv == x and saved == x else saved * lin.d_in
+
+
+def _branch_per_token(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes per token a wrapped input projection's LoRA branch saves: lora_A's input copy and A·x (lora_B)."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    return _input_copy_per_token(card, plan, lin) + plan.r * (ac or trainable_element_bytes(plan))
+
+
+def _copy_bytes(card: ModelCard, plan: Plan, names: set[str]) -> int:
+    """Mixed precision: the autocast weight copies the Linears `names` save in a recomputed block (every input
+    needs a gradient; memory.block_cache_bytes)."""
+    if not plan.mixed_precision or plan.method == "qlora":
+        return 0
+    return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
+                                       for x in layout(card).block_linears if x.name in names)
+
+
+def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> tuple[int, int]:
+    """(saved activations, autocast weight copies) of a recomputed block that are not yet made while its
+    wrapped Linear `lin` computes the weight norm, over the step's tokens, beyond DoRA's own (`_later_saved`).
+
+    The recomputation replays the block's forward in order (peft's lora.Linear.forward: the base layer, its
+    weight copy saved, then the dropout and its mask, then DoRA's norm before lora_A runs): for an input
+    projection of the FFN, what the MLP and the output projection save (memory's part "mlp") except the LoRA
+    branches of the FFN input projections that ran before it; for the attention output projection, the whole
+    FFN side (its input as kept, the post-attention norm, the MLP); for an attention input projection,
+    everything but the block's first norm, the kept normed input and the earlier input projections' branches.
+    The sublayer-output dropout masks and the weight copies of the Linears after `lin` follow the same order."""
+    from peftplan.planning.memory import (_groups, _needs_grad, _norm_inputs_grad, _post_norm,
+                                          activation_element_bytes, block_saved_per_token, norm_saved)
+
+    if lin.role not in ROLES:
+        return 0, 0
+    t = plan.tokens
+    lins = layout(card).block_linears
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i) for i, x in enumerate(lins)}
+    pos = order[lin.name]
+    later = {x.name for x in lins if order[x.name] > pos}
+    earlier = [x for x in lins if order[x.name] < pos and x.role == lin.role and x.name in wrapped]
+    mask = lin.d_in if plan.dropout else 0  # lin's LoRA-dropout mask is made before the norm
+    masks = card.d_model * (card.hidden_dropout > 0)  # one bool mask per sublayer output
+    copies = _copy_bytes(card, plan, later)
+    if lin.role == "ffn_out":
+        return int(masks * t), copies
+    mlp = block_saved_per_token(card, plan, False, False, wrapped, part="mlp")
+    if lin.role == "ffn_in":
+        # a gated MLP runs act(gate_proj(x)) before up_proj(x): the gate's output and its activation are made
+        gate_ran = card.gated_mlp and any("gate" in x.name.rsplit(".", 1)[-1] for x in lins
+                                          if x.role == "ffn_in" and order[x.name] < pos)
+        made = 2 * activation_element_bytes(plan, card) * card.d_ff * gate_ran
+        after = mlp - sum(_branch_per_token(card, plan, x) for x in earlier) - mask + masks - made
+        return int(max(after, 0) * t), copies
+    block = block_saved_per_token(card, plan, False, False, wrapped)
+    attn_in, _, ffn_in, _ = _groups(card)
+    if lin.role == "attn_out":
+        norms = _norm_inputs_grad(card, _needs_grad(card, plan, False, False, wrapped))
+        post = 0 if _post_norm(card) or card.parallel_block else sum(norms[1:]) * norm_saved(card, plan, False)
+        kept_x = _shares_input(card, plan, ffn_in, wrapped) and not card.parallel_block
+        after = mlp + post + kept_x * _norm_out_bytes(card, plan) * card.d_model + 2 * masks
+        return int(min(after, block) * t), copies
+    first_norm = 0 if _post_norm(card) else norm_saved(card, plan, False)
+    kept_x = _shares_input(card, plan, attn_in, wrapped)
+    before = (first_norm + kept_x * _norm_out_bytes(card, plan) * card.d_model
+              + sum(_branch_per_token(card, plan, x) for x in earlier) + mask)
+    return int(max(block - before, 0) * t), copies
+
+
+def _norm_out_bytes(card: ModelCard, plan: Plan) -> int:
+    """Element bytes of a norm's output (autocast runs layer_norm in fp32; else the stream's dtype)."""
+    from peftplan.planning.memory import stream_element_bytes
+
+    return FP32 if plan.autocast != "none" and card.norm == "layernorm" else stream_element_bytes(plan, card)
+
+
+def _shares_input(card: ModelCard, plan: Plan, names: list[str], wrapped: frozenset[str]) -> bool:
+    """Does a wrapped Linear of the group keep the group's input itself (no dropout, no cast copy)?"""
+    return any(x.name in names and x.name in wrapped and not plan.dropout
+               and _input_copy_per_token(card, plan, x) == 0 for x in layout(card).block_linears)
+
+
+def _promote_pair(x: tuple[int, str], y: tuple[int, str]) -> tuple[int, str]:
+    """torch's type promotion of two floating (bytes, name) dtypes: the wider; fp16 with bf16 gives fp32."""
+    if x[1] == y[1]:
+        return x
+    return max(x, y) if x[0] != y[0] else (FP32, "fp32")
+
+
+def result_working_set(card: ModelCard, plan: Plan, lin) -> int:
+    """Bytes alive in peft's DoraLinearLayer.forward while it combines the outputs, after the weight norm:
+    `(m_scale − 1)·base_result + m_scale·lora_result·scaling`. The locals lora_weight (in x's dtype) and its
+    autograd graph (lora_A saved the eye, or its autocast copy; lora_B saved A·eye), the base weight in x's dtype
+    when that is a copy, and three d_out-wide products per token: (m_scale − 1)·base_result, m_scale·lora_result
+    and its product by scaling (then the sum in their promoted dtype, with the second freed), each in the dtype
+    torch promotes the magnitude's and the operand's to. The module's saved tensors (base_result, lora_B's
+    output: `module_saved_bytes`) all exist by then. A recomputed block keeps the graph: the recomputation's
+    saved-tensor hook returns the tensor itself (torch.utils.checkpoint `_recomputation_hook`)."""
+    a, x, base = _dtypes(card, plan, lin)
+    ac = DTYPES[plan.autocast] if plan.autocast != "none" else 0
+    lw = ac or a
+    n, sq, t = lin.d_in * lin.d_out, lin.d_in * lin.d_in, plan.tokens
+    graph = _rounded(lw * sq) + _rounded(lw * plan.r * lin.d_in) + _rounded(x * n)
+    weight = _rounded(x * n) if _weight_copied(card, plan, lin) else 0
+    mag = (a, plan.adapter_dtype)
+    base_name = "fp32" if base == FP32 else (plan.autocast if ac and base == ac else plan.dtype)
+    t1 = _promote_pair(mag, (base, base_name))
+    t2 = _promote_pair(mag, (lw, plan.autocast if ac else plan.adapter_dtype))
+    total = _promote_pair(t1, t2)
+    wide = [_rounded(b * lin.d_out * t) for b in (t1[0], t2[0], total[0])]
+    return graph + weight + max(wide[0] + 2 * wide[1], wide[0] + wide[1] + wide[2])
+
+
+def autocast_input_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """QLoRA under autocast without LoRA dropout: peft's 4-bit Linear skips its cast, so lora_A reads x as is,
+    and its F.linear saves autocast's copy of x, not x; the frozen Linear4bit keeps no input (bitsandbytes
+    MatMul4Bit). Unless x is already in the autocast dtype, x then lives only in the caller's frame while the
+    module runs (`in_flight_bytes` counts it only where peft's cast or the dropout copies it)."""
+    if plan.method != "qlora" or plan.autocast == "none" or plan.dropout:
+        return 0
+    x = _x_bytes(card, plan, lin)
+    return 0 if x == DTYPES[plan.autocast] else _rounded(x * lin.d_in * plan.tokens)
+
+
+def in_flight_overcount_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """What `in_flight_bytes` counts for an FFN output projection that is not in flight beside the block's saved
+    tensors: its input when that is a ReLU's output (ReLU saves its output, counted among the block's saved
+    tensors; OPT), and the MLP's input where the block calls the FFN's Linears itself, rebinding one local
+    (transformers models/opt OPTDecoderLayer.forward: `hidden_states = self.fc1(hidden_states)`), so the norm's
+    output dies once the input projection returns. Bytes over the step's tokens."""
+    from peftplan.planning.memory import _post_norm
+
+    if lin.role != "ffn_out":
+        return 0
+    t, over = plan.tokens, 0
+    if card.activation == "relu" and not card.gated_mlp and (plan.dropout or _cast_copies(card, plan, lin)):
+        over += _rounded(_caller_x_bytes(card, plan, lin) * lin.d_in * t)
+    feeders = [x for x in layout(card).block_linears if x.role == "ffn_in"]
+    saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
+             and not (feeders and _cast_copies(card, plan, feeders[0])))
+    inline = feeders and "." not in feeders[0].name and not _post_norm(card)  # no MLP module; post-norm: the
+    if inline and not saved:  # FFN's input is the residual too
+        over += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
+    return over
+
+
+def dropout_output_bytes(card: ModelCard, plan: Plan, lin) -> tuple[int, int]:
+    """(at the weight norm, at the outputs' combination): what the module's LoRA-dropout output adds beyond the
+    block's count of its LoRA branch, which holds lora_A's saved input. peft's DoraLinearVariant.forward runs
+    `x = dropout(x)` before the norm and keeps x until DoRA returns; under autocast lora_A's F.linear saves a cast
+    copy, not x. So at the norm x lives where the cast (not yet made) was counted, and while the outputs are
+    combined both live. 0 when lora_A saves x itself. Bytes over the step's tokens."""
+    from peftplan.planning.memory import trainable_element_bytes
+
+    if not plan.dropout or plan.autocast == "none":
+        return 0, 0
+    ac = DTYPES[plan.autocast]
+    conv = _x_bytes(card, plan, lin) if plan.method == "qlora" else trainable_element_bytes(plan)
+    if conv == ac:
+        return 0, 0
+    n = lin.d_in * plan.tokens
+    return _rounded(conv * n) - _rounded(ac * n), _rounded(conv * n)
+
+
+def recompute_lora_cache_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
+    """Under autocast the recomputation re-enters autocast (torch.utils.checkpoint restores the forward's
+    autocast state), whose cache keeps the autocast-dtype copies of the trainable LoRA factors cast so far: A
+    and B of each wrapped Linear of the block up to `lin` (its own cast for lora_weight = B(A(eye))); the cache
+    is cleared when that autocast region exits. 0 when the adapter already is in the autocast dtype."""
+    if plan.autocast == "none" or plan.adapter_dtype == plan.autocast:
+        return 0
+    ac, r = DTYPES[plan.autocast], plan.r
+    lins = layout(card).block_linears
+    order = {x.name: (ROLES.index(x.role) if x.role in ROLES else 0, i) for i, x in enumerate(lins)}
+    return sum(_rounded(ac * r * x.d_in) + _rounded(ac * x.d_out * r) for x in lins
+               if x.name in wrapped and order[x.name] <= order[lin.name])
+
+
+def residual_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
+    """While an FFN Linear runs, the tensor the block adds the FFN's output to, held by the block's forward
+    frame and saved by nothing: in a sequential pre-norm block the residual sum after attention, unless the
+    post-attention norm saves that very tensor (LayerNorm without autocast, or an fp32 stream); in a parallel
+    block the attention output (transformers models/falcon, gpt_neox, gptj: `mlp_output + attention_output`).
+    Post-norm blocks feed the norm's output on, which the FFN's Linears read (`in_flight_bytes`)."""
+    from peftplan.planning.memory import _post_norm, stream_element_bytes
+
+    if lin.role not in ("ffn_in", "ffn_out") or _post_norm(card):
+        return 0
+    t, d = plan.tokens, card.d_model
+    if card.parallel_block:
+        out = next((x for x in layout(card).block_linears if x.role == "attn_out"), None)
+        return _rounded(_base_out_bytes(card, plan, out) * d * t) if out else 0
+    s = stream_element_bytes(plan, card)
+    if s == FP32 or (card.norm == "layernorm" and plan.autocast == "none"):
+        return 0
+    return _rounded(s * d * t)
 
 
 def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
@@ -457,7 +677,9 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     top block's recomputed tensors) and once in the lowest trained block (the other blocks' gradients written,
     that block's recomputed tensors beside it), each beside the gradient of the block's output and the block's own
     autocast copies (the head's copy died with the head's backward). Every moment also holds the module's
-    in-flight tensors (`in_flight_bytes`).
+    in-flight tensors (`in_flight_bytes`). Recomputed, the block holds only what it made before the module
+    (`recomputed_after_bytes`), the frame's residual (`residual_in_flight_bytes`), and each module has a second
+    moment after its norm, combining its outputs (`result_working_set`).
     `st`, `act`: memory.Static and memory.Activations; `grads_late`: gradients present when the lowest trained
     block runs backward (all of them under gradient accumulation)."""
     from peftplan.planning.memory import _memory, block_cache_bytes, shared_input_bytes
@@ -486,15 +708,29 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
     if ckpt:
         # the head's autocast copy died with its backward; the recomputed block saves its own copies again
         top_cache, low_cache = (block_cache_bytes(card, plan, lowest=x) for x in (False, True))
-        cands = []
+        cands, t = [], plan.tokens
         stream = output_gradient_bytes(card, plan, top_wrapped)
         shared = shared_input_bytes(card, plan)  # the top block's kept input, saved again by its first norm
-        for tr, lin in _transients(card, plan):
-            own = int(module_saved_bytes(card, plan, lin, False) + _later_saved(card, plan, lin, False))
-            tr += in_flight_bytes(card, plan, lin, top_wrapped) + stream
-            cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - own - shared,
-                              temporaries_bytes=tr + top_cache, gradients_bytes=accum),
-                      _memory("backward", st, activations_bytes=act.checkpoint_bytes + act.first_block_bytes - own,
-                              temporaries_bytes=tr + low_cache, gradients_bytes=max(accum, grads_late))]
+        for norm_set, lin in _transients(card, plan):
+            after, copies = recomputed_after_bytes(card, plan, lin, top_wrapped)
+            later = int(_later_saved(card, plan, lin, False)) + after
+            flight = (in_flight_bytes(card, plan, lin, top_wrapped)
+                      - in_flight_overcount_bytes(card, plan, lin, top_wrapped))
+            beside = (flight + stream + residual_in_flight_bytes(card, plan, lin)
+                      + autocast_input_in_flight_bytes(card, plan, lin)
+                      + recompute_lora_cache_bytes(card, plan, lin, top_wrapped))
+            # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
+            # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
+            own = int(module_saved_bytes(card, plan, lin, False))
+            same = 0 if plan.dropout or lin.bias else _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
+            at_norm, at_result = dropout_output_bytes(card, plan, lin)
+            for work, mine in ((norm_set + at_norm, later + own),
+                               (result_working_set(card, plan, lin) - same + at_result, later)):
+                cands += [_memory("backward", st, activations_bytes=inputs + act.top_block_bytes - mine - shared,
+                                  temporaries_bytes=work + beside + top_cache - copies, gradients_bytes=accum),
+                          _memory("backward", st,
+                                  activations_bytes=act.checkpoint_bytes + act.first_block_bytes - mine,
+                                  temporaries_bytes=work + beside + low_cache - copies,
+                                  gradients_bytes=max(accum, grads_late))]
         bwd = max([bwd, *cands], key=lambda m: m.tensor_bytes)
     return fwd, bwd
