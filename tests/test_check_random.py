@@ -223,6 +223,15 @@ KINDS = {
     "T5 SDPA autocast, fp32 trained bias": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
                                                                     dtype="fp32", optimizer="sgd", foreach=False,
                                                                     attention="sdpa", autocast="bf16")),
+    # mixed precision, a trained block's backward: the FFN output projection's autocast weight copy dies with its
+    # node (the cache was cleared when the autocast region ended), before the input projections' weight
+    # gradients (planning/autocast_copies.py; the 1,000 draw's row: was +3.06%; checkpointed Falcon: was +4.96%)
+    "mixed precision, FFN output copy freed": ("opt-6.7b", 1, dict(method="top", top_k=1, seq_len=59, dtype="fp32",
+                                                                    optimizer="adamw8bit", attention="flash",
+                                                                    autocast="fp16", logits_shift_copy=True)),
+    "mixed precision, FFN output copy freed, checkpointed": ("falcon-7b", 1, dict(
+        method="top", top_k=1, batch_size=2, seq_len=13, dtype="fp32", optimizer="adamw8bit",
+        grad_checkpointing=True, attention="eager", autocast="bf16", logits_shift_copy=True)),
     # LoRA on a layer that differs from the block (DeepSeek-V2's dense first layer, its fused expert stacks):
     # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
     "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",

@@ -19,6 +19,7 @@ from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
 from peftplan.planning import seq2seq
+from peftplan.planning import autocast_copies
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -891,8 +892,9 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     if trained_base and not card.moe:
         g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
         kept = g_out * (plan.grad_accum == 1)
-        low_ckpt = low = max(ffn_bwd_top + kept, ae * t * (2 * d + f) + g_out,
-                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
+        down = autocast_copies.down_copy_freed_bytes(card, plan)  # its copy died with its node (autocast_copies.py)
+        low_ckpt = low = max(ffn_bwd_top + kept - down, ae * t * (2 * d + f) + g_out,
+                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept - down)
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and
