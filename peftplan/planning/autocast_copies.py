@@ -30,3 +30,19 @@ def down_copy_freed_bytes(card: ModelCard, plan: Plan) -> int:
         return 0
     down = next((x for x in layout(card).block_linears if x.role == "ffn_out"), None)
     return 0 if down is None else DTYPES[plan.autocast] * (down.weight_numel + (down.d_out if down.bias else 0))
+
+
+# transformers' Olmo2DecoderLayer (models/olmo2/modeling_olmo2.py) and Olmo3's: h = x + norm(attn(x)),
+# out = h + norm(mlp(h)); the attention's input Linears read the block's input itself, no norm before them
+NORM_AFTER_SUBLAYER = ("olmo2", "olmo3")
+
+
+def attention_reads_block_input(card: ModelCard) -> bool:
+    """Whether a block's attention input Linears read the block's input itself, with no trained norm between:
+    post-norm blocks (BERT, RoBERTa, OPT-350m: `memory._post_norm`) and OLMo-2's norm-after-sublayer blocks.
+    Then, in the lowest trained block of top-k fine-tuning, their input needs no gradient, so autograd saves
+    none of their autocast weight copies (torch's mm backward keeps mat2 only for self's gradient), and the
+    copies cached through forward die when the autocast region ends (`memory.top_quiet_copies_bytes`)."""
+    from peftplan.planning.memory import _post_norm  # memory imports this module
+
+    return _post_norm(card) or card.model_type in NORM_AFTER_SUBLAYER

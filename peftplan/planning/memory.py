@@ -465,7 +465,7 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool 
     elif lowest and plan.uses_lora:
         _, wrapped = lowest_lora_block(card, plan)
         names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
-    elif lowest and plan.method == "top" and _post_norm(card):
+    elif lowest and plan.method == "top" and autocast_copies.attention_reads_block_input(card):
         names -= set(_groups(card)[0])  # they read the block's input, which needs no gradient
     if ffn_only:  # the FFN's (freed once its backward is done)
         _, _, ffn_in, ffn_out = _groups(card)
@@ -474,10 +474,10 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool 
 
 
 def top_quiet_copies_bytes(card: ModelCard, plan: Plan) -> int:
-    """Mixed precision, top-k, post-norm blocks: the lowest trained block's attention input Linears read its
+    """Mixed precision, top-k, post-norm (and OLMo-2) blocks: the lowest trained block's attention input Linears read its
     input, which needs no gradient, so their weight copies (cached through forward: trainable leaves) are not
     saved for backward. (A pre-norm block's trained norm comes first: its output needs a gradient.)"""
-    if plan.method != "top" or not plan.mixed_precision or not _post_norm(card):
+    if plan.method != "top" or not plan.mixed_precision or not autocast_copies.attention_reads_block_input(card):
         return 0
     attn_in = set(_groups(card)[0])
     return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
