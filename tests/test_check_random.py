@@ -239,6 +239,15 @@ KINDS = {
                                                                               seq_len=128, dtype="fp32",
                                                                               optimizer="sgd", attention="flash",
                                                                               autocast="bf16")),
+    # QLoRA, the lowest wrapped block (not checkpointed): a Linear4bit whose input needs no gradient runs no
+    # autograd node, so its weight is not dequantized in backward (planning/dequant.py; LoRA on the down
+    # projection alone: was +7.5%; the draw's Falcon row +18.5%)
+    "QLoRA lowest block, no dequantization": ("llama-2-7b", 1, dict(method="qlora", r=8, targets="down_proj",
+                                                                    seq_len=16)),
+    "QLoRA lowest block, no dequantization, autocast": ("falcon-7b", 1, dict(
+        method="qlora", r=8, alpha=8.0, targets="dense_4h_to_h", double_quant=False, kbit_prep=False, batch_size=2,
+        seq_len=16, optimizer="sgd-momentum", attention="eager", adapter_dtype="bf16", autocast="bf16",
+        logits_shift_copy=True)),
     # LoRA on a layer that differs from the block (DeepSeek-V2's dense first layer, its fused expert stacks):
     # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
     "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",

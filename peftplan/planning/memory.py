@@ -19,7 +19,7 @@ from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
 from peftplan.planning import seq2seq
-from peftplan.planning import autocast_copies
+from peftplan.planning import autocast_copies, dequant
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -873,6 +873,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
     # outweigh the FFN's gradients when tokens are few. The down projection's is dequantized first, beside the
     # FFN's whole working set; the wider input projections' (and attention's) after the FFN's intermediates died
+    quiet = dequant.quiet_block_ffn_backward(card, plan, ae, ffn_bwd_frozen)  # the lowest block's (dequant.py)
     deq = dequantized_weight_bytes(card, plan)
     if deq and not card.moe:
         out_numel, in_numel = _ffn_out_and_rest_numel(card)
@@ -889,6 +890,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # freed, else it stays as `.grad` (not among `late`)
     largest = moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)  # merged expert stacks: moe.py
     low_ckpt, low = ffn_bwd_top + largest, ffn_bwd + largest
+    if quiet is not None:  # QLoRA's lowest wrapped block dequantizes only where its input needs a gradient
+        low, ffn_bwd_top = quiet + largest, quiet if dequant.top_is_lowest(card, plan) else ffn_bwd_top
     if trained_base and not card.moe:
         g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
         kept = g_out * (plan.grad_accum == 1)
