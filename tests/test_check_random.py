@@ -248,6 +248,12 @@ KINDS = {
         method="qlora", r=8, alpha=8.0, targets="dense_4h_to_h", double_quant=False, kbit_prep=False, batch_size=2,
         seq_len=16, optimizer="sgd-momentum", attention="eager", adapter_dtype="bf16", autocast="bf16",
         logits_shift_copy=True)),
+    # QLoRA on T5 loaded in fp32 without k-bit preparation: the unquantized wo keeps the load dtype, fp32, so
+    # autocast copies it per call as after k-bit preparation (planning/seq2seq.py; was -11.6%, the draw's
+    # Flan-T5-large row -16.0%)
+    "T5 QLoRA fp32 load autocast": ("flan-t5-base", 1, dict(method="qlora", r=8, targets="all-linear", kbit_prep=False,
+                                                           seq_len=24, dtype="fp32", optimizer="sgd",
+                                                           autocast="fp16")),
     # LoRA on a layer that differs from the block (DeepSeek-V2's dense first layer, its fused expert stacks):
     # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
     "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",
