@@ -224,6 +224,37 @@ KINDS = {
     "T5 SDPA autocast, fp32 trained bias": ("flan-t5-base", 1, dict(method="full", batch_size=2, seq_len=340,
                                                                     dtype="fp32", optimizer="sgd", foreach=False,
                                                                     attention="sdpa", autocast="bf16")),
+    # mixed precision, a trained block's backward: the FFN output projection's autocast weight copy dies with its
+    # node (the cache was cleared when the autocast region ended), before the input projections' weight
+    # gradients (planning/autocast_copies.py; the 1,000 draw's row: was +3.06%; checkpointed Falcon: was +4.96%)
+    "mixed precision, FFN output copy freed": ("opt-6.7b", 1, dict(method="top", top_k=1, seq_len=59, dtype="fp32",
+                                                                    optimizer="adamw8bit", attention="flash",
+                                                                    autocast="fp16", logits_shift_copy=True)),
+    "mixed precision, FFN output copy freed, checkpointed": ("falcon-7b", 1, dict(
+        method="top", top_k=1, batch_size=2, seq_len=13, dtype="fp32", optimizer="adamw8bit",
+        grad_checkpointing=True, attention="eager", autocast="bf16", logits_shift_copy=True)),
+    # OLMo-2 normalises each sublayer's output: q, k and v read the block input, which needs no gradient in the
+    # lowest trained block, so their autocast copies are not saved for backward (was +1.57%; the draw's olmo-2
+    # top-1 row's backward +1.30%)
+    "mixed precision, OLMo-2 attention copies unsaved": ("olmo-2-7b", 1, dict(method="top", top_k=1, batch_size=4,
+                                                                              seq_len=128, dtype="fp32",
+                                                                              optimizer="sgd", attention="flash",
+                                                                              autocast="bf16")),
+    # QLoRA, the lowest wrapped block (not checkpointed): a Linear4bit whose input needs no gradient runs no
+    # autograd node, so its weight is not dequantized in backward (planning/dequant.py; LoRA on the down
+    # projection alone: was +7.5%; the draw's Falcon row +18.5%)
+    "QLoRA lowest block, no dequantization": ("llama-2-7b", 1, dict(method="qlora", r=8, targets="down_proj",
+                                                                    seq_len=16)),
+    "QLoRA lowest block, no dequantization, autocast": ("falcon-7b", 1, dict(
+        method="qlora", r=8, alpha=8.0, targets="dense_4h_to_h", double_quant=False, kbit_prep=False, batch_size=2,
+        seq_len=16, optimizer="sgd-momentum", attention="eager", adapter_dtype="bf16", autocast="bf16",
+        logits_shift_copy=True)),
+    # QLoRA on T5 loaded in fp32 without k-bit preparation: the unquantized wo keeps the load dtype, fp32, so
+    # autocast copies it per call as after k-bit preparation (planning/seq2seq.py; was -11.6%, the draw's
+    # Flan-T5-large row -16.0%)
+    "T5 QLoRA fp32 load autocast": ("flan-t5-base", 1, dict(method="qlora", r=8, targets="all-linear", kbit_prep=False,
+                                                           seq_len=24, dtype="fp32", optimizer="sgd",
+                                                           autocast="fp16")),
     # LoRA on a layer that differs from the block (DeepSeek-V2's dense first layer, its fused expert stacks):
     # planning/moe.py counts it, not dora.outside_saved_per_token's "outside the blocks" (was +122% after a merge)
     "LoRA on layers unlike the block": ("deepseek-v2-lite", 3, dict(method="lora", targets="all-linear",

@@ -19,6 +19,7 @@ from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
 from peftplan.planning import seq2seq
+from peftplan.planning import autocast_copies, dequant
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -466,7 +467,7 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool 
     elif lowest and plan.uses_lora:
         _, wrapped = lowest_lora_block(card, plan)
         names = set(_grad_input_linears(card, _needs_grad(card, plan, False, True, wrapped)))
-    elif lowest and plan.method == "top" and _post_norm(card):
+    elif lowest and plan.method == "top" and autocast_copies.attention_reads_block_input(card):
         names -= set(_groups(card)[0])  # they read the block's input, which needs no gradient
     if ffn_only:  # the FFN's (freed once its backward is done)
         _, _, ffn_in, ffn_out = _groups(card)
@@ -475,10 +476,10 @@ def block_cache_bytes(card: ModelCard, plan: Plan, lowest: bool, ffn_only: bool 
 
 
 def top_quiet_copies_bytes(card: ModelCard, plan: Plan) -> int:
-    """Mixed precision, top-k, post-norm blocks: the lowest trained block's attention input Linears read its
+    """Mixed precision, top-k, post-norm (and OLMo-2) blocks: the lowest trained block's attention input Linears read its
     input, which needs no gradient, so their weight copies (cached through forward: trainable leaves) are not
     saved for backward. (A pre-norm block's trained norm comes first: its output needs a gradient.)"""
-    if plan.method != "top" or not plan.mixed_precision or not _post_norm(card):
+    if plan.method != "top" or not plan.mixed_precision or not autocast_copies.attention_reads_block_input(card):
         return 0
     attn_in = set(_groups(card)[0])
     return DTYPES[plan.autocast] * sum(x.weight_numel + (x.d_out if x.bias else 0)
@@ -958,6 +959,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # QLoRA: each Linear4bit's backward dequantizes its weight; with the gradient arriving, this can
     # outweigh the FFN's gradients when tokens are few. The down projection's is dequantized first, beside the
     # FFN's whole working set; the wider input projections' (and attention's) after the FFN's intermediates died
+    quiet = dequant.quiet_block_ffn_backward(card, plan, ae, ffn_bwd_frozen)  # the lowest block's (dequant.py)
     deq = dequantized_weight_bytes(card, plan)
     if deq and not card.moe:
         out_numel, in_numel = _ffn_out_and_rest_numel(card)
@@ -974,11 +976,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # freed, else it stays as `.grad` (not among `late`)
     largest = moe.lowest_block_gradient(card, plan, st.largest_gradient_bytes)  # merged expert stacks: moe.py
     low_ckpt, low = ffn_bwd_top + largest, ffn_bwd + largest
+    if quiet is not None:  # QLoRA's lowest wrapped block dequantizes only where its input needs a gradient
+        low, ffn_bwd_top = quiet + largest, quiet if dequant.top_is_lowest(card, plan) else ffn_bwd_top
     if trained_base and not card.moe:
         g_out, g_in = _ffn_out_and_rest_gradient_bytes(card, plan)
         kept = g_out * (plan.grad_accum == 1)
-        low_ckpt = low = max(ffn_bwd_top + kept, ae * t * (2 * d + f) + g_out,
-                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept)
+        down = autocast_copies.down_copy_freed_bytes(card, plan)  # its copy died with its node (autocast_copies.py)
+        low_ckpt = low = max(ffn_bwd_top + kept - down, ae * t * (2 * d + f) + g_out,
+                             _after_ffn_bytes(card, plan, ae, True) + g_in + kept - down)
     inputs = act.saved_bytes - act.outside_bytes  # checkpointed: the blocks' kept inputs
     # the autocast cache (low-precision copies of the weights): through forward all of them (checkpointed: the
     # cached trainable ones and the head's; frozen weights' copies inside checkpointed blocks are not saved and

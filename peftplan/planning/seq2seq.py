@@ -47,11 +47,12 @@ def kept_in_fp32(card: ModelCard) -> tuple[str, ...]:
 def kept_fp32_copies(card: ModelCard, plan: Plan, blocks: bool = True) -> int:
     """Elements of the autocast copies of QLoRA's unquantized wo (`KEEP_IN_FP32`), for
     memory.autocast_cache_bytes (which counts no copies under QLoRA: 4-bit weights are dequantized, not cast).
-    k-bit preparation casts wo to fp32, so autocast casts its weight for each call and autograd saves the copy
-    when wo's input needs a gradient: encoder blocks from the lowest LoRA-wrapped one up, every decoder block
-    when the encoder (cross-attention's k/v input) or the decoder's lowest block trains. A checkpointed block
-    keeps none (`blocks=False`: the backward's count)."""
-    if not applies(card) or plan.method != "qlora" or not plan.kbit_prep or plan.autocast == "none" or not blocks:
+    k-bit preparation casts wo to fp32 (an fp32 load keeps it fp32), so autocast casts its weight for each call
+    and autograd saves the copy when wo's input needs a gradient: encoder blocks from the lowest LoRA-wrapped one
+    up, every decoder block when the encoder (cross-attention's k/v input) or the decoder's lowest block trains.
+    A checkpointed block keeps none (`blocks=False`: the backward's count)."""
+    wo_fp32 = plan.kbit_prep or plan.dtype == "fp32"  # k-bit preparation casts it; else it keeps the load dtype
+    if not applies(card) or plan.method != "qlora" or not wo_fp32 or plan.autocast == "none" or not blocks:
         return 0
     if plan.grad_checkpointing:
         return 0
