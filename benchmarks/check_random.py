@@ -12,6 +12,7 @@ benchmarks/results/check_random.json.
     python benchmarks/check_random.py --recheck flan-t5
         # after a fix to one family: trace again the draws of the same seed whose card name contains flan-t5,
         # replace their rows in the results file, summarise all again
+    python benchmarks/check_random.py --recheck-dora   # the same for the draws whose plan uses DoRA
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def main() -> None:
     ap.add_argument("--shard", default="", help="K/N: trace only draws i with i mod N == K, into a shard file")
     ap.add_argument("--merge", type=int, default=0, help="N: summarise the N shard files of a sharded run")
     ap.add_argument("--recheck", default="", help="comma list of card-name substrings: re-trace those draws only")
+    ap.add_argument("--recheck-dora", action="store_true", help="re-trace the draws whose plan uses DoRA")
     args = ap.parse_args()
     if args.merge:
         return merge(args)
-    if args.recheck:
+    if args.recheck or args.recheck_dora:
         return recheck(args)
     t0 = time.perf_counter()
 
@@ -92,19 +94,25 @@ def _card_of(row: dict) -> str:
 
 
 def recheck(args) -> None:
-    """Re-trace the draws (same n, seed) whose card name contains one of `args.recheck`, replacing their rows."""
+    """Re-trace the draws (same n, seed) whose card name contains one of `args.recheck` (or, --recheck-dora,
+    whose plan uses DoRA), replacing their rows."""
     names = [x for x in args.recheck.split(",") if x]
+    dora = args.recheck_dora
     data = json.loads(args.out.read_text())
     if data["summary"].get("partial") or data["summary"]["seed"] != args.seed:
         raise SystemExit(f"{args.out} is not a finished run of seed {args.seed}")
     t0 = time.perf_counter()
     old_n = data["summary"]["n"] + data["summary"]["failed"]  # that run's draws: indices 0 .. old_n - 1
     configs = [(card, plan) for i, card, plan in indexed_draws(args.n, args.seed)
-               if any(x in card.name for x in names) or i >= old_n]  # and any drawn in place of a skipped one
+               if any(x in card.name for x in names) or (dora and plan.use_dora)
+               or i >= old_n]  # and any drawn in place of a skipped one
     results, failures = check(configs)
-    kept = [r for r in data["results"] if not any(x in _card_of(r) for x in names)]
-    failures += [f for f in data["failures"] if not any(x in f.split(":")[0] for x in names)]
-    print(f"re-traced {len(configs)} draws of {', '.join(names)} in {time.perf_counter() - t0:.0f} s")
+    kept = [r for r in data["results"] if not (any(x in _card_of(r) for x in names)
+                                               or (dora and " --dora" in r["command"]))]
+    failures += [f for f in data["failures"] if not (any(x in f.split(":")[0] for x in names)
+                                                     or (dora and " --dora" in f.split(":")[0]))]
+    what = ", ".join(names + (["DoRA plans"] if dora else []))
+    print(f"re-traced {len(configs)} draws of {what} in {time.perf_counter() - t0:.0f} s")
     report(sorted(kept + _rows(results), key=lambda r: -abs(r["peak_error"])), failures, args.seed,
            data["summary"]["seconds"], args.out)
 
