@@ -344,6 +344,11 @@ KINDS = {
     "QLoRA down projection before the recompute": ("gpt-j-6b", 2, dict(
         method="qlora", r=256, dropout=0.1, double_quant=False, kbit_prep=False, batch_size=8, seq_len=64,
         dtype="fp32", optimizer="adamw8bit", grad_checkpointing=True, attention="eager", use_dora=True)),
+    # DoRA recompute, QLoRA under autocast without dropout: the caller's fp32 x of the FFN output projection is
+    # in flight once (dora.in_flight_bytes), not again in autocast_input_in_flight_bytes (was +2.57%)
+    "DoRA recompute, QLoRA autocast input counted once": ("gpt-j-6b", 2, dict(
+        method="qlora", targets="all-linear", double_quant=False, batch_size=5, seq_len=453, optimizer="sgd",
+        grad_checkpointing=True, attention="flash", use_dora=True, autocast="bf16", logits_shift_copy=True)),
 }
 
 
