@@ -369,6 +369,17 @@ KINDS = {
         targets=r"re:.*\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|fc1|fc2)",
         batch_size=7, seq_len=207, dtype="fp32", foreach=False, grad_checkpointing=True, use_dora=True,
         grad_accum=4, logits_shift_copy=True)),
+    # QLoRA, checkpointed, a frozen 4-bit down projection: bitsandbytes' MatMul4Bit saves nothing through
+    # save_for_backward, so GPT-J's fc_out dequantizes its weight before the block is recomputed, beside the kept
+    # input alone (qlora_backward.down_proj_before_recompute; was +4.70% with DoRA, +5.00% without)
+    "QLoRA down projection before the recompute": ("gpt-j-6b", 2, dict(
+        method="qlora", r=256, dropout=0.1, double_quant=False, kbit_prep=False, batch_size=8, seq_len=64,
+        dtype="fp32", optimizer="adamw8bit", grad_checkpointing=True, attention="eager", use_dora=True)),
+    # DoRA recompute, QLoRA under autocast without dropout: the caller's fp32 x of the FFN output projection is
+    # in flight once (dora.in_flight_bytes), not again in autocast_input_in_flight_bytes (was +2.57%)
+    "DoRA recompute, QLoRA autocast input counted once": ("gpt-j-6b", 2, dict(
+        method="qlora", targets="all-linear", double_quant=False, batch_size=5, seq_len=453, optimizer="sgd",
+        grad_checkpointing=True, attention="flash", use_dora=True, autocast="bf16", logits_shift_copy=True)),
 }
 
 

@@ -590,6 +590,8 @@ def autocast_input_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
     module runs (`in_flight_bytes` counts it only where peft's cast or the dropout copies it)."""
     if plan.method != "qlora" or plan.autocast == "none" or plan.dropout:
         return 0
+    if not _reads_as_is(card, plan, lin):  # in_flight_bytes counts the caller's x already (merged in twice)
+        return 0
     x = _x_bytes(card, plan, lin)
     return 0 if x == DTYPES[plan.autocast] else _rounded(x * lin.d_in * plan.tokens)
 

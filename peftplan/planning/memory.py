@@ -18,8 +18,7 @@ from functools import lru_cache
 from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
-from peftplan.planning import seq2seq
-from peftplan.planning import autocast_copies, dequant
+from peftplan.planning import autocast_copies, dequant, qlora_backward, seq2seq
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -961,11 +960,14 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # FFN's whole working set; the wider input projections' (and attention's) after the FFN's intermediates died
     quiet = dequant.quiet_block_ffn_backward(card, plan, ae, ffn_bwd_frozen)  # the lowest block's (dequant.py)
     deq = dequantized_weight_bytes(card, plan)
+    early_out = 0
     if deq and not card.moe:
         out_numel, in_numel = _ffn_out_and_rest_numel(card)
         deq_out = dequantized_weight_bytes(card, plan, out_numel) + ae * d * t
-        deq_in = dequantized_weight_bytes(card, plan, in_numel) + _after_ffn_bytes(card, plan, ae, trained_base)
-        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq_out, deq_in)
+        deq_in = (dequantized_weight_bytes(card, plan, in_numel) + _after_ffn_bytes(card, plan, ae, trained_base)
+                  - qlora_backward.input_grad_overcount(card, plan))
+        early_out = deq_out if qlora_backward.down_proj_before_recompute(card, plan) else 0
+        ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, 0 if early_out else deq_out, deq_in)
                                                 for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
     elif deq:
         ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, deq + ae * card.d_model * t)
@@ -1027,6 +1029,13 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
                             temporaries_bytes=act.first_block_bytes + low_ckpt
                             + low_copies))
+        if early_out:  # a 4-bit down projection's backward before its block is recomputed (qlora_backward.py)
+            moments += [dict(activations_bytes=inputs, temporaries_bytes=early_out),
+                        dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
+                             temporaries_bytes=early_out)]
+            if act.frozen_below:
+                moments.append(dict(activations_bytes=act.checkpoint_bytes * act.frozen_below,
+                                    gradients_bytes=st.gradients_bytes, temporaries_bytes=early_out))
         # the frozen blocks' recomputation and backward, every gradient made; the highest frozen one runs with
         # the kept inputs of every frozen block (its own and those below)
         if act.frozen_below:
