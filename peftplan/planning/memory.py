@@ -796,18 +796,9 @@ def _after_ffn_bytes(card: ModelCard, plan: Plan, ae: int, trainable_block: bool
     return int((ae * (card.d_model + width) - freed) * plan.tokens)
 
 
-def frozen_product_grads(card: ModelCard, plan: Plan, ae: int) -> int:
-    """Bytes beyond the generic frozen FFN working set (`ffn_bwd_frozen`) while a recomputed frozen block below
-    the trained ones runs its FFN's backward (reentrant checkpointing makes the blocks' inputs require grad): the
-    FFN's product of two saved tensors — the gated MLP's act(gate)·up, GPT-2/GPT-J's "gelu_new"
-    (0.5·x)·(1 + tanh(·)) — has its mul backward make both factors' gradients while the incoming gradient (the
-    down projection's input gradient) is still alive: 3 f-wide tensors where the generic set has 2 (gated) or 1.
-    Dense FFNs only (MoE's working set is moe.py's). Source: transformers activations.py NewGELUActivation, the
-    Llama-family MLP; torch's mul backward (derivatives.yaml); autograd's engine frees a node's input buffer
-    after the node ran."""
-    if card.moe:
-        return 0
-    return ae * card.d_ff * plan.tokens if card.gated_mlp else 0  # gelu_new's: in `phases` (ffn_bwd_frozen)
+def _down_wrapped(card: ModelCard, plan: Plan) -> bool:
+    """Does LoRA wrap the FFN output (down) projection (its lora_A then saves the FFN product)?"""
+    return plan.uses_lora and _groups(card)[3] in _lora_wrapped(card, plan)
 
 
 def lora_down_proj_grads(card: ModelCard, plan: Plan, ae: int) -> int:
@@ -934,7 +925,10 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
     # the top block's backward begins with its FFN's: a trained down projection's input gradient and the
     # gated product's two factor gradients; a frozen one (LoRA/QLoRA/adapter) adds base and LoRA input gradients
     trained_base = plan.method in ("full", "top")
-    ffn_bwd_frozen = ((2 if card.gated_mlp else 1) * ae * f + ae * d) * t
+    # a gated product's mul backward makes both factors' gradients while the incoming one (the down projection's
+    # input gradient) is still alive: 3 f-wide; a LoRA-wrapped down projection's saved input (lora_A's) is freed by
+    # its backward just before, which leaves 2 more than that freed copy
+    ffn_bwd_frozen = ((3 - _down_wrapped(card, plan) if card.gated_mlp else 1) * ae * f + ae * d) * t
     ffn_bwd_top = ffn_bwd if trained_base else ffn_bwd_frozen
     if trained_base and card.gated_mlp:
         # a trained down projection's saved input (the gated product) is freed by its backward, before the
@@ -1041,8 +1035,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         if act.frozen_below:
             moments.append(dict(activations_bytes=act.checkpoint_bytes * act.frozen_below,
                                 gradients_bytes=st.gradients_bytes,
-                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies
-                                + frozen_product_grads(card, plan, ae)))
+                                temporaries_bytes=act.frozen_block_bytes + ffn_bwd_frozen + top_copies))
         if plan.attention == "eager" or families.sdpa_math(card, plan):  # attention's backward, after the FFN's
             moments.append(dict(activations_bytes=inputs, gradients_bytes=ffn_grads,
                                 temporaries_bytes=act.top_attention_bytes + top_copies - ffn_copies))
