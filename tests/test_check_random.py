@@ -369,6 +369,13 @@ KINDS = {
         targets=r"re:.*\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|fc1|fc2)",
         batch_size=7, seq_len=207, dtype="fp32", foreach=False, grad_checkpointing=True, use_dora=True,
         grad_accum=4, logits_shift_copy=True)),
+    # DoRA recompute, QLoRA under autocast in OPT: the caller's fp32 x of fc2 (lora_A saves autocast's copy) is
+    # counted once, by in_flight_bytes, and cancelled where ReLU saves it; the LayerNorm's fp32 output is gone
+    # once fc1 returns (dora.in_flight_overcount_bytes; was +2.86% after merging the forward and backward fixes)
+    "DoRA recompute, QLoRA autocast OPT inputs counted once": ("opt-6.7b", 1, dict(
+        method="qlora", r=64, alpha=8.0, targets="all-linear", double_quant=False, batch_size=2, seq_len=211,
+        optimizer="adamw8bit", foreach=False, grad_checkpointing=True, adapter_dtype="bf16", use_dora=True,
+        autocast="bf16", grad_accum=4, logits_shift_copy=True)),
 }
 
 
