@@ -263,7 +263,9 @@ def in_flight_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -
     (peft's lora.Linear.forward; without dropout it is base_result, which `module_saved_bytes` counts once the
     module returns); the input as the caller passed it and its cast to the adapter dtype, unless lora_A saves it
     (no dropout); for an output projection, the input of its attention / MLP (a local of the module's forward)
-    unless the wrapped input projections save it. Per module, bytes over the step's tokens."""
+    unless the wrapped input projections save it. Under autocast lora_A saves autocast's copy of x, so x counts
+    here unless it already is in the autocast dtype (QLoRA: peft's 4-bit Linear skips its cast, and the frozen
+    Linear4bit keeps no input, bitsandbytes MatMul4Bit). Per module, bytes over the step's tokens."""
     t = plan.tokens
     a, cast, copy = DTYPES[plan.adapter_dtype], _caller_x_bytes(card, plan, lin), _cast_copies(card, plan, lin)
     total = _rounded(_base_out_bytes(card, plan, lin) * lin.d_out * t)
@@ -498,7 +500,8 @@ def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[
     projection of the FFN, what the MLP and the output projection save (memory's part "mlp") except the LoRA
     branches of the FFN input projections that ran before it; for the attention output projection, the whole
     FFN side (its input as kept, the post-attention norm, the MLP); for an attention input projection,
-    everything but the block's first norm, the kept normed input and the earlier input projections' branches.
+    everything but the block's first norm, the kept normed input and the earlier input projections' branches;
+    for the FFN output projection, its own LoRA branch.
     The sublayer-output dropout masks and the weight copies of the Linears after `lin` follow the same order."""
     from peftplan.planning.memory import (_groups, _needs_grad, _norm_inputs_grad, _post_norm,
                                           activation_element_bytes, block_saved_per_token, norm_saved)
@@ -514,8 +517,11 @@ def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[
     mask = lin.d_in if plan.dropout else 0  # lin's LoRA-dropout mask is made before the norm
     masks = card.d_model * (card.hidden_dropout > 0)  # one bool mask per sublayer output
     copies = _copy_bytes(card, plan, later)
-    if lin.role == "ffn_out":
-        return int(masks * t), copies
+    if lin.role == "ffn_out":  # and its own LoRA branch, which DoRA runs after the norm (`lora_branch_per_token`),
+        # where peft's cast copies nothing (else `in_flight_bytes` places the copy; with LoRA dropout
+        # `dropout_output_bytes` places lora_A's input)
+        own = 0 if plan.dropout or _cast_copies(card, plan, lin) else lora_branch_per_token(card, plan, lin)
+        return int((masks + own) * t), copies
     mlp = block_saved_per_token(card, plan, False, False, wrapped, part="mlp")
     if lin.role == "ffn_in":
         # a gated MLP runs act(gate_proj(x)) before up_proj(x): the gate's output and its activation are made
@@ -583,35 +589,23 @@ def result_working_set(card: ModelCard, plan: Plan, lin) -> int:
     return graph + weight + max(wide[0] + 2 * wide[1], wide[0] + wide[1] + wide[2])
 
 
-def autocast_input_in_flight_bytes(card: ModelCard, plan: Plan, lin) -> int:
-    """QLoRA under autocast without LoRA dropout: peft's 4-bit Linear skips its cast, so lora_A reads x as is,
-    and its F.linear saves autocast's copy of x, not x; the frozen Linear4bit keeps no input (bitsandbytes
-    MatMul4Bit). Unless x is already in the autocast dtype, x then lives only in the caller's frame while the
-    module runs (`in_flight_bytes` counts it only where peft's cast or the dropout copies it)."""
-    if plan.method != "qlora" or plan.autocast == "none" or plan.dropout:
-        return 0
-    if not _reads_as_is(card, plan, lin):  # in_flight_bytes counts the caller's x already (merged in twice)
-        return 0
-    x = _x_bytes(card, plan, lin)
-    return 0 if x == DTYPES[plan.autocast] else _rounded(x * lin.d_in * plan.tokens)
-
-
 def in_flight_overcount_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[str]) -> int:
     """What `in_flight_bytes` counts for an FFN output projection that is not in flight beside the block's saved
     tensors: its input when that is a ReLU's output (ReLU saves its output, counted among the block's saved
     tensors; OPT), and the MLP's input where the block calls the FFN's Linears itself, rebinding one local
     (transformers models/opt OPTDecoderLayer.forward: `hidden_states = self.fc1(hidden_states)`), so the norm's
-    output dies once the input projection returns. Bytes over the step's tokens."""
+    output dies once the input projection returns. Each under the very condition `in_flight_bytes` counts it
+    (`_reads_as_is`: under autocast lora_A saves autocast's copy, not x). Bytes over the step's tokens."""
     from peftplan.planning.memory import _post_norm
 
     if lin.role != "ffn_out":
         return 0
     t, over = plan.tokens, 0
-    if card.activation == "relu" and not card.gated_mlp and (plan.dropout or _cast_copies(card, plan, lin)):
+    if card.activation == "relu" and not card.gated_mlp and (plan.dropout or not _reads_as_is(card, plan, lin)):
         over += _rounded(_caller_x_bytes(card, plan, lin) * lin.d_in * t)
     feeders = [x for x in layout(card).block_linears if x.role == "ffn_in"]
     saved = (any(x.name in wrapped for x in feeders) and not plan.dropout
-             and not (feeders and _cast_copies(card, plan, feeders[0])))
+             and _reads_as_is(card, plan, feeders[0]))  # as in `in_flight_bytes`, which this cancels
     inline = feeders and "." not in feeders[0].name and not _post_norm(card)  # no MLP module; post-norm: the
     if inline and not saved:  # FFN's input is the residual too
         over += _rounded(_caller_x_bytes(card, plan, feeders[0]) * feeders[0].d_in * t)
@@ -719,7 +713,6 @@ def moments(card: ModelCard, plan: Plan, st, act, grads_late: int, fwd, bwd):
             flight = (in_flight_bytes(card, plan, lin, top_wrapped)
                       - in_flight_overcount_bytes(card, plan, lin, top_wrapped))
             beside = (flight + stream + residual_in_flight_bytes(card, plan, lin)
-                      + autocast_input_in_flight_bytes(card, plan, lin)
                       + recompute_lora_cache_bytes(card, plan, lin, top_wrapped))
             # two moments of the module: its weight norm (its own saved tensors not yet made), and the outputs'
             # combination (made; without dropout or bias base_result is `result` itself, counted in flight)
