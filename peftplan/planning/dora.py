@@ -500,8 +500,7 @@ def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[
     projection of the FFN, what the MLP and the output projection save (memory's part "mlp") except the LoRA
     branches of the FFN input projections that ran before it; for the attention output projection, the whole
     FFN side (its input as kept, the post-attention norm, the MLP); for an attention input projection,
-    everything but the block's first norm, the kept normed input and the earlier input projections' branches;
-    for the FFN output projection, its own LoRA branch.
+    everything but the block's first norm, the kept normed input and the earlier input projections' branches.
     The sublayer-output dropout masks and the weight copies of the Linears after `lin` follow the same order."""
     from peftplan.planning.memory import (_groups, _needs_grad, _norm_inputs_grad, _post_norm,
                                           activation_element_bytes, block_saved_per_token, norm_saved)
@@ -517,11 +516,8 @@ def recomputed_after_bytes(card: ModelCard, plan: Plan, lin, wrapped: frozenset[
     mask = lin.d_in if plan.dropout else 0  # lin's LoRA-dropout mask is made before the norm
     masks = card.d_model * (card.hidden_dropout > 0)  # one bool mask per sublayer output
     copies = _copy_bytes(card, plan, later)
-    if lin.role == "ffn_out":  # and its own LoRA branch, which DoRA runs after the norm (`lora_branch_per_token`),
-        # where peft's cast copies nothing (else `in_flight_bytes` places the copy; with LoRA dropout
-        # `dropout_output_bytes` places lora_A's input)
-        own = 0 if plan.dropout or _cast_copies(card, plan, lin) else lora_branch_per_token(card, plan, lin)
-        return int((masks + own) * t), copies
+    if lin.role == "ffn_out":
+        return int(masks * t), copies
     mlp = block_saved_per_token(card, plan, False, False, wrapped, part="mlp")
     if lin.role == "ffn_in":
         # a gated MLP runs act(gate_proj(x)) before up_proj(x): the gate's output and its activation are made
