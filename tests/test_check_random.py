@@ -543,3 +543,29 @@ def test_replay_commands_carry_no_idle_options():
     assert not [c for card, c in cmds if "--moe-routing" in c and not card.moe]
     assert not [c for card, c in cmds if "--logits-shift-copy" in c and (card.encoder or card.cross_attention)]
     assert any("--moe-routing" in c for _, c in cmds) and any("--logits-shift-copy" in c for _, c in cmds)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--random", "0", "--seed", "7"), "--random must be at least 1, got 0"),
+    (("--seed", "7"), "--seed applies only to a random draw"),
+])
+def test_check_random_bad_input_is_one_line(args, says):
+    """`check --random 0` used to fall through to the whole default grid; `--seed` alone did the same."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "peftplan", "check", *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_trace_names_no_stale_module_after_checkpointed_recompute():
+    """Non-reentrant checkpointing stops a block's recomputation early, so its modules' forward hooks never
+    close: the loss and the optimizer step were attributed to the last recomputed Linear."""
+    from peftplan.trace.run import trace
+
+    card, plan = cut(load_card("llama-3.2-1b"), 1), Plan(method="adapter", grad_checkpointing=True,
+                                                          batch_size=1, seq_len=64)
+    tr = trace(card, plan)
+    assert all(".mlp" not in p.module for p in tr.phases if p.phase in ("forward", "optimizer")), \
+        [(p.phase, p.op, p.module) for p in tr.phases]

@@ -173,9 +173,11 @@ def check_cmd(
     checkpointing: str = typer.Option("off,on", help="comma list: off,on"),
     optimizers: str = typer.Option("adamw", help="comma list"),
     tolerance: float = typer.Option(0.02, help="relative error bound for the summary"),
-    random_n: int = typer.Option(0, "--random", help="instead of the grid: N configurations drawn at random "
-                                 "over every card family and Plan option (small cuts of the cards)"),
-    seed: int = typer.Option(0, help="--random: the seed of the draw (the same seed draws the same list)"),
+    random_n: Optional[int] = typer.Option(None, "--random", help="instead of the grid: N configurations drawn "
+                                           "at random over every card family and Plan option (small cuts of "
+                                           "the cards)"),
+    seed: Optional[int] = typer.Option(None, help="--random: the seed of the draw (the same seed draws the same "
+                                       "list; default 0)"),
     n_layers: Optional[int] = typer.Option(None, "--n-layers", help="keep only each card's first N blocks"),
     json_out: Json = False, yes: Yes = False,
 ) -> None:
@@ -184,11 +186,15 @@ def check_cmd(
     A configuration that cannot be estimated or traced is a FAIL row with its reason and the others go on;
     then one line on stderr says how many failed, and the exit code is 2.
     """
-    if random_n:
+    if random_n is not None:
         from peftplan.planning.validate import MAX_CHECK_CONFIGS, check_work
 
+        if random_n < 1:
+            fail(f"--random must be at least 1, got {random_n}")
         check_work("the random draw (configurations)", random_n, MAX_CHECK_CONFIGS, yes)
-        return _check_random(random_n, seed, tolerance, json_out)
+        return _check_random(random_n, seed or 0, tolerance, json_out)
+    if seed is not None:
+        fail("--seed applies only to a random draw: add --random N")
     from peftplan.planning.cards import load_card
     from peftplan.planning import estimate
     from peftplan.planning.validate import (MAX_CHECK_CONFIGS, MAX_TRACE_OPS, check_float, check_work,

@@ -59,6 +59,7 @@ class LiveBytes(TorchDispatchMode):
         self.total = 0
         self.phase = "setup"
         self.module = ""
+        self.module_stack: list[str] = []  # the running modules, outermost first (module_hooks keeps it)
         self.in_head = False  # allocations after the output head started belong to the logits and loss
         self.ops = 0
         self.peaks: dict[str, PhasePeak] = {}
@@ -125,6 +126,10 @@ class LiveBytes(TorchDispatchMode):
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self.in_head = False
+        # a phase starts outside every module; non-reentrant checkpointing stops a block's recomputation early
+        # (torch.utils.checkpoint's _StopRecomputationError), so its modules' forward hooks never close
+        self.module_stack.clear()
+        self.module = ""
         self._phase_start = self.total
         self.peaks[phase] = PhasePeak(phase, self.total, dict(self.by_category), "(start)", self.module, self.ops,
                                       self.total)
@@ -160,23 +165,27 @@ def module_hooks(model: torch.nn.Module, counter: LiveBytes, head_name: str) -> 
 
     No backward hooks: full backward hooks wrap tensors and would change what autograd saves.
     """
-    handles, stack = [], []
+    handles, stack = [], counter.module_stack
 
     def pre(name):
         def hook(mod, args):
+            if name in stack:  # re-entered after a recomputation stopped early: drop what it left open
+                del stack[stack.index(name):]
             stack.append(name)
             counter.module = name
             if name == head_name or name.endswith("." + head_name):  # peft prefixes "base_model.model."
                 counter.in_head = True
         return hook
 
-    def post(mod, args, out):
-        if stack:
-            stack.pop()
-        counter.module = stack[-1] if stack else ""
+    def post(name):
+        def hook(mod, args, out):
+            if name in stack:  # close this module and anything left open inside it
+                del stack[stack.index(name):]
+            counter.module = stack[-1] if stack else ""
+        return hook
 
     for name, mod in model.named_modules():
         if name:
             handles.append(mod.register_forward_pre_hook(pre(name)))
-            handles.append(mod.register_forward_hook(post))
+            handles.append(mod.register_forward_hook(post(name)))
     return handles
