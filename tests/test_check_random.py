@@ -429,7 +429,7 @@ def _draw_40():
     return seed, [(abs(c.peak_error), f"{100 * c.peak_error:+.2f}% {command(card, c.plan)}") for card, c in results]
 
 
-@pytest.mark.slow  # the issue's target; not met yet (benchmarks/check_random.py: README, "Off the grid")
+@pytest.mark.slow  # the issue's 2% on a fresh seed (the 1,000-draw benchmark meets it; README "Off the grid")
 def test_random_draw_within_2pct():
     """A fresh seed every run (printed; set PEFTPLAN_SEED to replay): 40 random configurations within 2%."""
     seed, rows = _draw_40()
@@ -437,7 +437,7 @@ def test_random_draw_within_2pct():
     assert not bad, f"seed {seed}:\n" + "\n".join(bad)
 
 
-GUARD_TOL = 0.10  # 2.6× the 1,000-draw maximum (3.84%, README "Off the grid"): a regression guard
+GUARD_TOL = 0.05  # 2.8× the 1,000-draw maximum (1.79%, README "Off the grid"): a regression guard
 
 
 def test_random_draw_runs_everywhere():

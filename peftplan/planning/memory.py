@@ -804,9 +804,9 @@ def _down_wrapped(card: ModelCard, plan: Plan) -> bool:
 def lora_down_proj_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     """Bytes beyond the generic frozen FFN working set while LoRA on the FFN output projection runs its backward
     with LoRA dropout and adapter weights wider than the activations (peft's fp32 default, no autocast): the
-    output gradient cast to the adapter dtype and scaled (d-wide; reentrant recomputation holds both), lora_A's input gradient and the dropout
-    backward's output, f-wide each in the adapter dtype, where the generic set has two f-wide activation-dtype
-    gradients. (Without dropout the generic set holds: measured.)
+    output gradient cast to the adapter dtype and scaled (d-wide; reentrant recomputation holds both), lora_A's
+    input gradient and the dropout backward's output, f-wide each in the adapter dtype, where the generic set has
+    two f-wide activation-dtype gradients. (Without dropout the generic set holds: measured.)
     Source: peft tuners/lora/layer.py Linear.forward (`_cast_input_dtype`, `lora_dropout`); torch's mm and
     native_dropout backward (derivatives.yaml)."""
     lb = trainable_element_bytes(plan)
