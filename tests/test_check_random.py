@@ -376,7 +376,7 @@ KINDS = {
         grad_accum=4, logits_shift_copy=True)),
     # QLoRA, checkpointed, a frozen 4-bit down projection: bitsandbytes' MatMul4Bit saves nothing through
     # save_for_backward, so GPT-J's fc_out dequantizes its weight before the block is recomputed, beside the kept
-    # input alone (qlora_backward.down_proj_before_recompute; was +4.70% with DoRA, +5.00% without)
+    # input alone (dequant.down_proj_before_recompute; was +4.70% with DoRA, +5.00% without)
     "QLoRA down projection before the recompute": ("gpt-j-6b", 2, dict(
         method="qlora", r=256, dropout=0.1, double_quant=False, kbit_prep=False, batch_size=8, seq_len=64,
         dtype="fp32", optimizer="adamw8bit", grad_checkpointing=True, attention="eager", use_dora=True)),

@@ -18,7 +18,7 @@ from functools import lru_cache
 from peftplan.planning import families, moe
 from peftplan.planning.cards import ModelCard
 from peftplan.planning import dora
-from peftplan.planning import autocast_copies, dequant, qlora_backward, seq2seq
+from peftplan.planning import autocast_copies, dequant, seq2seq
 from peftplan.planning.layout import layout
 from peftplan.planning.loss import shift_copy_bytes, shifted_rows_bytes
 from peftplan.planning.scaler import with_scaler
@@ -813,7 +813,7 @@ def lora_down_proj_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     if not plan.uses_lora or not plan.dropout or plan.mixed_precision or card.moe or lb <= ae \
             or plan.method == "qlora":
         return 0
-    if _groups(card)[3] not in _lora_wrapped(card, plan):
+    if not _down_wrapped(card, plan):
         return 0
     f, d = card.d_ff, card.d_model
     held = 2 if plan.grad_checkpointing and plan.use_reentrant else 1  # reentrant: the unscaled cast still held
@@ -839,7 +839,8 @@ def frozen_attention_grads(card: ModelCard, plan: Plan, ae: int) -> int:
     gradients are summed in its input buffer); torch's bmm backward (derivatives.yaml)."""
     if plan.attention != "eager" or card.moe:
         return 0
-    return (3 * ae * card.d_model + ae * card.d_q) * plan.tokens
+    # attention_grads_in_flight's two (the sublayer output's, v's), and the residual's and FFN branch's
+    return attention_grads_in_flight(card, plan, ae) + 2 * ae * card.d_model * plan.tokens
 
 
 def top_end_in_flight(card: ModelCard, plan: Plan, ae: int, kept: int) -> int:
@@ -959,8 +960,8 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         out_numel, in_numel = _ffn_out_and_rest_numel(card)
         deq_out = dequantized_weight_bytes(card, plan, out_numel) + ae * d * t
         deq_in = (dequantized_weight_bytes(card, plan, in_numel) + _after_ffn_bytes(card, plan, ae, trained_base)
-                  - qlora_backward.input_grad_overcount(card, plan))
-        early_out = deq_out if qlora_backward.down_proj_before_recompute(card, plan) else 0
+                  - dequant.input_grad_overcount(card, plan))
+        early_out = deq_out if dequant.down_proj_before_recompute(card, plan) else 0
         ffn_bwd, ffn_bwd_top, ffn_bwd_frozen = (max(x, 0 if early_out else deq_out, deq_in)
                                                 for x in (ffn_bwd, ffn_bwd_top, ffn_bwd_frozen))
     elif deq:
@@ -1023,7 +1024,7 @@ def phases(card: ModelCard, plan: Plan) -> tuple[Memory, Memory, Memory]:
         moments.append(dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
                             temporaries_bytes=act.first_block_bytes + low_ckpt
                             + low_copies))
-        if early_out:  # a 4-bit down projection's backward before its block is recomputed (qlora_backward.py)
+        if early_out:  # a 4-bit down projection's backward before its block is recomputed (dequant.py)
             moments += [dict(activations_bytes=inputs, temporaries_bytes=early_out),
                         dict(activations_bytes=act.checkpoint_bytes * (act.frozen_below + 1), gradients_bytes=late,
                              temporaries_bytes=early_out)]
